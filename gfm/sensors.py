@@ -344,16 +344,16 @@ def _build_presets() -> dict[str, Sensor]:
         ),
         _preset("landsat5", _TM_TABLE, "Landsat 4-5 Thematic Mapper", nodata=0,
                 quality=Band("BQA", "landsat5", 500.0, 1.0, "quality", 30.0),
-                invalid_quality={"bits": [0, 3, 4]}, file_patterns=_LANDSAT_PATTERNS),
+                invalid_quality={"bits": [0]}, file_patterns=_LANDSAT_PATTERNS),
         _preset("landsat7", _ETM_TABLE, "Landsat 7 Enhanced Thematic Mapper Plus", nodata=0,
                 quality=Band("BQA", "landsat7", 500.0, 1.0, "quality", 30.0),
-                invalid_quality={"bits": [0, 3, 4]}, file_patterns=_LANDSAT_PATTERNS),
+                invalid_quality={"bits": [0]}, file_patterns=_LANDSAT_PATTERNS),
         _preset("landsat8", _LANDSAT89_TABLE, "Landsat 8 OLI/TIRS", nodata=0,
                 quality=Band("BQA", "landsat8", 500.0, 1.0, "quality", 30.0),
-                invalid_quality={"bits": [0, 3, 4]}, file_patterns=_LANDSAT_PATTERNS),
+                invalid_quality={"bits": [0]}, file_patterns=_LANDSAT_PATTERNS),
         _preset("landsat9", _LANDSAT89_TABLE, "Landsat 9 OLI-2/TIRS-2", nodata=0,
                 quality=Band("BQA", "landsat9", 500.0, 1.0, "quality", 30.0),
-                invalid_quality={"bits": [0, 3, 4]}, file_patterns=_LANDSAT_PATTERNS),
+                invalid_quality={"bits": [0]}, file_patterns=_LANDSAT_PATTERNS),
         _preset("hls", _HLS_TABLE, "Harmonized Landsat Sentinel-2 (HLS v2) surface reflectance",
                 nodata=-9999, scale=1e-4,
                 quality=Band("FMASK", "hls", 500.0, 1.0, "quality", 30.0),
@@ -558,7 +558,10 @@ def guess_sensor(paths: Sequence[str | Path]) -> str | None:
 
 def format_sensor_table(sensor: Sensor) -> str:
     """A fixed-width band table for ``gfm sensors NAME``."""
-    lines = [f"{sensor.name}: {sensor.description}", f"{'band':<6} {'centre nm':>12} {'fwhm nm':>10} {'kind':<12} {'gsd m':>6}"]
+    lines = [
+        f"{sensor.name}: {sensor.description}",
+        f"{'band':<6} {'centre nm':>12} {'fwhm nm':>10} {'kind':<12} {'gsd m':>6}",
+    ]
     for b in sensor.bands + ((sensor.quality,) if sensor.quality else ()):
         centre = f"{b.center_nm:.4g}" if b.center_nm >= 1e5 else f"{b.center_nm:.1f}"
         fwhm = f"{b.fwhm_nm:.4g}" if b.fwhm_nm >= 1e5 else f"{b.fwhm_nm:.1f}"

@@ -1,0 +1,1 @@
+"""The shard-building program: any scene, any sensor → WebDataset shards (``gfm shards``)."""
