@@ -59,4 +59,5 @@ class Batch:
 
     def pin_memory(self) -> Batch:
         """A copy with every tensor in pinned memory (called by DataLoader with ``pin_memory=True``)."""
-        return replace(self, **{k: v.pin_memory() for k, v in self.tensors().items()})
+        pinned: dict[str, Any] = {k: v.pin_memory() for k, v in self.tensors().items()}
+        return replace(self, **pinned)

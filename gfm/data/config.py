@@ -1,0 +1,168 @@
+"""``LoaderConfig``: the typed settings of the streaming loader, and ``build()`` for one rank."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+from gfm.data.pipeline import Plan, ShardLoader
+from gfm.data.sources import LoaderError, resolve_shards
+from gfm.data.transforms import Augment
+
+log = logging.getLogger("gfm.data")
+
+MODES = ("resampled", "epoch")
+
+
+@dataclass
+class LoaderConfig:
+    """Settings of the streaming loader (all primitive, YAML-friendly).
+
+    Attributes:
+        shards: dataset directory, brace pattern, ``::`` list, list file (``.txt``) or URL (``s3://``,
+            ``pipe:``...) — see :mod:`gfm.data.sources`.
+        index: ``index.json`` location; default: in the dataset root / next to the first shard.
+        mode: ``"resampled"`` (shards drawn with replacement per worker; pretraining at scale) or
+            ``"epoch"`` (every sample at most once per epoch, split by rank and worker).
+        batch_size: samples per batch per rank.
+        num_workers: DataLoader worker processes per rank (0 = read in the training process).
+        crop_size: side of the random square crop in pixels; None/0 keeps the whole tile.
+        shuffle_buffer: samples held per worker for shuffling. Memory per worker ≈ shuffle_buffer ×
+            the mean sample size in the tars (``index.json`` bytes / samples), e.g. 1000 × 0.4 MB for
+            13-band 128² uint16 tiles = 400 MB; 0 or 1 disables shuffling.
+        seed: base seed; the stream is a function of (seed, rank, worker, epoch, restart count).
+        hflip, vflip, rot90: random flips and quarter turns.
+        obs_dropout: probability of dropping each observation (spectral dropout), same for a batch.
+        time_dropout: probability of dropping all observations of one date (temporal dropout).
+        min_obs: observations always kept by the dropouts.
+        error_budget: corrupt samples + unreadable shards tolerated per rank per epoch; one more stops
+            the run with :class:`~gfm.data.sources.LoaderError`.
+        samples_per_epoch: resampled mode: samples per epoch over all ranks (default: the index total).
+        pin_memory: pin batches when CUDA is present.
+        prefetch_factor: batches each worker prepares ahead.
+    """
+
+    shards: str = ""
+    index: str | None = None
+    mode: str = "resampled"
+    batch_size: int = 32
+    num_workers: int = 2
+    crop_size: int | None = None
+    shuffle_buffer: int = 1000
+    seed: int = 0
+    hflip: bool = True
+    vflip: bool = True
+    rot90: bool = True
+    obs_dropout: float = 0.0
+    time_dropout: float = 0.0
+    min_obs: int = 1
+    error_budget: int = 100
+    samples_per_epoch: int | None = None
+    pin_memory: bool = True
+    prefetch_factor: int = 2
+
+    def validate(self) -> None:
+        """Raise :class:`ValueError` naming the first bad key."""
+        checks: list[tuple[bool, str]] = [
+            (self.mode in MODES, f"loader.mode must be one of {MODES}, got {self.mode!r}"),
+            (self.batch_size >= 1, f"loader.batch_size must be >= 1, got {self.batch_size}"),
+            (self.num_workers >= 0, f"loader.num_workers must be >= 0, got {self.num_workers}"),
+            (
+                self.crop_size is None or self.crop_size >= 0,
+                f"loader.crop_size must be >= 0, got {self.crop_size}",
+            ),
+            (self.shuffle_buffer >= 0, f"loader.shuffle_buffer must be >= 0, got {self.shuffle_buffer}"),
+            (0.0 <= self.obs_dropout < 1.0, f"loader.obs_dropout in [0, 1) expected: {self.obs_dropout}"),
+            (0.0 <= self.time_dropout < 1.0, f"loader.time_dropout in [0, 1) expected: {self.time_dropout}"),
+            (self.min_obs >= 1, f"loader.min_obs must be >= 1, got {self.min_obs}"),
+            (self.error_budget >= 0, f"loader.error_budget must be >= 0, got {self.error_budget}"),
+            (
+                self.samples_per_epoch is None or self.samples_per_epoch >= 1,
+                f"loader.samples_per_epoch must be >= 1, got {self.samples_per_epoch}",
+            ),
+            (self.prefetch_factor >= 1, f"loader.prefetch_factor must be >= 1, got {self.prefetch_factor}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+
+    def build(self, rank: int | None = None, world_size: int | None = None) -> ShardLoader:
+        """The loader of one rank.
+
+        Args:
+            rank: this process's rank; None reads ``RANK`` (torchrun), else 0.
+            world_size: number of ranks; None reads ``WORLD_SIZE``, else 1. No process group is needed
+                or created.
+
+        Raises:
+            LoaderError: no shards or index; counts that leave a (rank, worker) slot without a full
+                batch (the message gives samples, shards, ranks and workers); crops larger than tiles.
+        """
+        self.validate()
+        if world_size is None:
+            world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if rank is None:
+            rank = int(os.environ.get("RANK", "0"))
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        shards = resolve_shards(self.shards, self.index)
+        idx = shards.index
+        workers = max(1, self.num_workers)
+        slots = world_size * workers
+        tile = idx.raw.get("tile_size")
+        if self.crop_size and isinstance(tile, int) and tile < self.crop_size:
+            raise LoaderError(f"loader.crop_size={self.crop_size} exceeds the tiles ({tile} px) of {idx.url}")
+        if idx.raw.get("missing_shards"):
+            log.warning("%s lists missing shards: %s", idx.url, idx.raw["missing_shards"])
+        for key in idx.raw.get("bands", {}):  # fail at start-up, not at the first batch
+            sensor, _, band = key.partition("/")
+            idx.norm(sensor, band)
+        exact = self.mode == "epoch"
+        if exact:
+            unknown = [u for u, c in zip(shards.urls, shards.counts) if c is None]
+            if unknown:
+                raise LoaderError(
+                    f"exact epochs need sample counts, but {idx.url} does not list {len(unknown)} of the "
+                    f"shards (first: {unknown[0]})"
+                )
+            slot_samples = shards.total // slots
+            per_slot = slot_samples // self.batch_size
+            what = (
+                f"{shards.total} samples in {len(shards.urls)} shards over {world_size} ranks × {workers} "
+                f"workers = {slot_samples} samples per worker"
+            )
+        else:
+            wanted = self.samples_per_epoch or idx.samples
+            slot_samples = 0
+            per_slot = wanted // (slots * self.batch_size)
+            what = f"samples_per_epoch={wanted} over {world_size} ranks × {workers} workers"
+        if per_slot < 1:
+            raise LoaderError(
+                f"rank {rank} would get no full batch: {what}, batch_size={self.batch_size}; use fewer "
+                "ranks or workers, a smaller batch, more data" + (" or mode='resampled'" if exact else "")
+            )
+        if exact:
+            dropped = shards.total - per_slot * self.batch_size * slots
+            log.info("exact epoch: %d batches per rank; %d of %d samples left out per epoch (changes "
+                     "with the epoch)", per_slot * workers, dropped, shards.total)
+        if self.shuffle_buffer > 1 and idx.mean_sample_bytes:
+            log.info("shuffle buffer: ~%.0f MB per worker", self.shuffle_buffer * idx.mean_sample_bytes / 1e6)
+        plan = Plan(
+            shards=shards,
+            rank=rank,
+            world_size=world_size,
+            workers=workers,
+            exact=exact,
+            batch_size=self.batch_size,
+            per_slot=per_slot,
+            slot_samples=slot_samples,
+            seed=self.seed,
+            shuffle_buffer=self.shuffle_buffer,
+            augment=Augment(self.crop_size or None, self.hflip, self.vflip, self.rot90),
+            obs_dropout=self.obs_dropout,
+            time_dropout=self.time_dropout,
+            min_obs=self.min_obs,
+            error_budget=self.error_budget,
+        )
+        return ShardLoader(self, plan)

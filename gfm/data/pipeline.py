@@ -1,0 +1,411 @@
+"""The streaming loader: one deterministic sample stream per (rank, worker) slot, batched in the worker.
+
+Stages inside each DataLoader worker (or the main process with ``num_workers=0``)::
+
+    segments of shards ─ read tar (webdataset) ─ shuffle buffer (raw bytes) ─ decode (.npy/.json only)
+      ─ draw crop/flip/rot90 ─ bucket by band set ─ normalise + mask + collate ─ (Batch, faults, slot)
+
+Every random choice comes from generators seeded with (seed, epoch, rank, slot, restart), so a
+stream is a pure function of those numbers and the data. Each slot yields exactly
+``batches_per_epoch / num_workers`` batches per epoch, so every rank yields the same count.
+
+Resuming mid-epoch (``load_state_dict``): in exact-epoch mode the epoch's streams are replayed from
+the start and the already consumed batches are dropped before collation, so the run continues with
+exactly the batches it would have seen, none repeated; in resampled mode each slot starts a fresh
+stream seeded with the incremented restart count and yields only the batches still owed to the epoch
+(re-reading would cost IO for nothing, since resampled draws repeat by design).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from gfm.data.batch import Batch
+from gfm.data.sources import LoaderError, Segment, ShardSet, epoch_order, open_url, slot_segments
+from gfm.data.transforms import Augment, BandTable, Geometry, check_tile, collate, draw_keep
+from gfm.schema import SchemaError, Tile, bandset_signature, decode
+
+if TYPE_CHECKING:
+    from gfm.data.config import LoaderConfig
+
+log = logging.getLogger("gfm.data")
+
+Pending = list[tuple[Tile, Geometry]]
+
+
+class Faults:
+    """Corrupt samples and unreadable shards seen by one slot; raises once the budget is exceeded."""
+
+    def __init__(self, budget: int, where: str) -> None:
+        self.budget = budget
+        self.where = where
+        self.samples = 0
+        self.shards = 0
+
+    @property
+    def total(self) -> int:
+        """All faults counted so far."""
+        return self.samples + self.shards
+
+    def as_dict(self) -> dict[str, int]:
+        """Counts by kind (sent with every batch to the main process)."""
+        return {"samples": self.samples, "shards": self.shards}
+
+    def sample(self, url: str, key: str, err: BaseException) -> None:
+        """Count and log one skipped sample."""
+        self.samples += 1
+        log.warning("%s: skipped corrupt sample %r in shard %s: %s", self.where, key, url, err)
+        self._check(f"last: sample {key!r} in {url}: {err}")
+
+    def shard(self, url: str, err: BaseException, after: str | None) -> None:
+        """Count and log a shard that could not be (fully) read."""
+        self.shards += 1
+        pos = f"after sample {after!r}" if after else "at its start"
+        log.warning("%s: shard %s unreadable %s, rest skipped: %s", self.where, url, pos, err)
+        self._check(f"last: shard {url} {pos}: {err}")
+
+    def _check(self, last: str) -> None:
+        if self.total > self.budget:
+            raise LoaderError(
+                f"{self.where}: {self.total} faults ({self.samples} corrupt samples, "
+                f"{self.shards} unreadable shards) exceed loader.error_budget={self.budget}; {last}"
+            )
+
+
+@dataclass
+class Plan:
+    """Everything a slot needs to produce its stream; fixed at build time, shipped to the workers.
+
+    Attributes:
+        per_slot: batches each slot yields in a full epoch (K).
+        slot_samples: samples each slot owns per exact epoch (Q); 0 in resampled mode.
+    """
+
+    shards: ShardSet
+    rank: int
+    world_size: int
+    workers: int  # slots per rank: max(1, num_workers)
+    exact: bool
+    batch_size: int
+    per_slot: int
+    slot_samples: int
+    seed: int
+    shuffle_buffer: int
+    augment: Augment
+    obs_dropout: float
+    time_dropout: float
+    min_obs: int
+    error_budget: int
+
+
+class SlotStream(IterableDataset):  # type: ignore[type-arg]
+    """The iterable each DataLoader worker runs: yields ``(Batch, faults, slot)`` for one epoch.
+
+    ``epoch``, ``restart`` and ``consumed`` (batches of this rank's epoch already used) are set by
+    :class:`ShardLoader` before every epoch's DataLoader is created.
+    """
+
+    def __init__(self, plan: Plan) -> None:
+        super().__init__()
+        self.plan = plan
+        self.epoch = 0
+        self.restart = 0
+        self.consumed = 0
+        self._tables: dict[str, BandTable] = {}
+
+    # --- which slot, how many batches ---------------------------------------------------------
+
+    def _slot(self) -> int:
+        info = get_worker_info()
+        if info is None:
+            return 0
+        if info.num_workers != self.plan.workers:
+            raise LoaderError(f"DataLoader has {info.num_workers} workers, the plan {self.plan.workers}")
+        # rotate so that the first worker continues where the interrupted round robin stopped
+        return (info.id + self.consumed) % self.plan.workers
+
+    def _skip(self, slot: int) -> int:
+        """Batches of ``slot`` among the first ``consumed`` batches of the epoch (round robin)."""
+        n, w = self.consumed, self.plan.workers
+        return (n - slot + w - 1) // w if n > slot else 0
+
+    def __iter__(self) -> Iterator[tuple[Batch, dict[str, int], int]]:
+        p = self.plan
+        slot = self._slot()
+        skip = self._skip(slot)
+        restart = 0 if p.exact else self.restart  # exact epochs replay their own stream to resume
+        where = f"rank {p.rank} worker {slot}"
+        faults = Faults(p.error_budget, where)
+        ident = (p.seed, self.epoch, p.rank, slot, restart)
+        rng = random.Random("gfm-stream/" + "/".join(map(str, ident)))
+        geo_rng = np.random.default_rng([*ident, 1])
+        keep_rng = np.random.default_rng([*ident, 2])
+        remaining = p.per_slot - skip
+        if remaining <= 0:
+            return
+        dropped = skip if p.exact else 0  # exact epochs replay their stream and drop what was consumed
+        emitted = 0
+        for pending in self._batches(slot, rng, geo_rng, faults, where):
+            keep = draw_keep(
+                keep_rng, [b["time"] for b in pending[0][0].meta["bands"]],
+                p.obs_dropout, p.time_dropout, p.min_obs,
+            )
+            if dropped:
+                dropped -= 1  # consumed before the restart: dropped before the costly part
+                continue
+            tiles = [t for t, _ in pending]
+            batch = collate(tiles, [g for _, g in pending], self._table(tiles[0]), keep)
+            yield batch, faults.as_dict(), slot
+            emitted += 1
+            if emitted >= remaining:
+                return
+
+    def _table(self, tile: Tile) -> BandTable:
+        sig = bandset_signature(tile.meta["bands"])
+        table = self._tables.get(sig)
+        if table is None:
+            table = self._tables[sig] = BandTable.from_bands(tile.meta["bands"], self.plan.shards.index)
+        return table
+
+    # --- samples → pending batches -------------------------------------------------------------
+
+    def _batches(
+        self, slot: int, rng: random.Random, geo_rng: np.random.Generator, faults: Faults, where: str
+    ) -> Iterator[Pending]:
+        p = self.plan
+        if not p.exact:
+            yield from self._fill(self._resampled_segments(rng), rng, geo_rng, faults, flush=False)
+            return
+        urls, counts = p.shards.urls, [int(c or 0) for c in p.shards.counts]
+        order = epoch_order(len(urls), p.seed, self.epoch)
+        s = p.rank * p.workers + slot
+        start, stop = s * p.slot_samples, (s + 1) * p.slot_samples
+        n = 0
+        own = slot_segments(urls, counts, order, start, stop)
+        for pending in self._fill(own, rng, geo_rng, faults, True):
+            n += 1
+            yield pending
+            if n >= p.per_slot:
+                return
+        # Faults ate into this slot's samples: top up from the following ranges so that every rank
+        # still yields the same number of batches (the alternative is a hang at the epoch's end).
+        log.warning(
+            "%s: epoch %d short of %d batches after faults; topping up from the next slots' samples "
+            "(they repeat within this epoch)", where, self.epoch, p.per_slot - n,
+        )
+        others = slot_segments(urls, counts, order, stop, stop + sum(counts))
+        for pending in self._fill(others, rng, geo_rng, faults, True):
+            n += 1
+            yield pending
+            if n >= p.per_slot:
+                return
+        raise LoaderError(f"{where}: no readable samples left for epoch {self.epoch} ({faults.as_dict()})")
+
+    def _resampled_segments(self, rng: random.Random) -> Iterator[Segment]:
+        urls, counts = self.plan.shards.urls, self.plan.shards.counts
+        weights = [float(c) if c is not None else 1.0 for c in counts]  # uniform over samples when known
+        while True:
+            url = rng.choices(urls, weights)[0]
+            yield Segment(url, 0, 1 << 62)
+
+    def _fill(
+        self,
+        segments: Iterator[Segment],
+        rng: random.Random,
+        geo_rng: np.random.Generator,
+        faults: Faults,
+        flush: bool,
+    ) -> Iterator[Pending]:
+        """Raw samples → shuffle → decode → geometry → buckets; full buckets come out as batches.
+
+        With ``flush`` the partly filled buckets are emitted too when the samples run out, largest
+        first (only happens when a slot's samples hold several band sets).
+        """
+        p = self.plan
+        buckets: dict[tuple[Any, ...], Pending] = {}
+        for raw in _shuffled(_read(segments, faults), p.shuffle_buffer, rng):
+            key, url = str(raw.get("__key__")), str(raw.get("__url__"))
+            try:
+                tile = decode(raw)
+                check_tile(tile, p.augment.crop_size)
+            except SchemaError as e:
+                faults.sample(url, key, e)
+                continue
+            h, w = tile.pixels.shape[-2:]
+            g = p.augment.draw(geo_rng, h, w)
+            label_kind = type(tile.label).__name__
+            out_hw = (g.w, g.h) if g.k % 2 else (g.h, g.w)  # a quarter turn swaps the sides
+            bkey = (bandset_signature(tile.meta["bands"]), *out_hw, label_kind)
+            bucket = buckets.setdefault(bkey, [])
+            bucket.append((tile, g))
+            if len(bucket) == p.batch_size:
+                del buckets[bkey]
+                yield bucket
+        if flush:
+            for bucket in sorted(buckets.values(), key=len, reverse=True):
+                yield bucket
+
+
+def _read(segments: Iterator[Segment], faults: Faults) -> Iterator[dict[str, Any]]:
+    """Raw samples (``__key__``, ``__url__`` and bytes per member) of each segment, in tar order."""
+    for seg in segments:
+        last: list[str | None] = [None]
+
+        def handler(exn: BaseException, url: str = seg.url, last: list[str | None] = last) -> bool:
+            faults.shard(url, exn, last[0])
+            return True  # skip the rest of this shard, go on with the next
+
+        try:
+            stream = open_url(seg.url)
+        except Exception as e:  # missing file, failed command, network error: a fault, not a crash
+            handler(e)
+            continue
+        try:
+            files = tar_file_expander([{"url": seg.url, "stream": stream}], handler=handler)
+            for i, sample in enumerate(group_by_keys(files, handler=handler)):
+                if i >= seg.stop:
+                    break
+                last[0] = sample.get("__key__")
+                if i >= seg.start:
+                    yield sample
+        finally:
+            stream.close()
+
+
+def _shuffled(items: Iterator[dict[str, Any]], size: int, rng: random.Random) -> Iterator[dict[str, Any]]:
+    """A shuffle buffer of ``size`` samples (0 or 1: no shuffling)."""
+    if size <= 1:
+        yield from items
+        return
+    buf: list[dict[str, Any]] = []
+    for x in items:
+        if len(buf) < size:
+            buf.append(x)
+            continue
+        j = rng.randrange(size)
+        yield buf[j]
+        buf[j] = x
+    rng.shuffle(buf)
+    yield from buf
+
+
+class ShardLoader:
+    """One rank's loader: iterate it for one epoch of :class:`Batch` objects.
+
+    ``for batch in loader`` runs the current epoch from where it stands and then moves to the next
+    epoch; ``len(loader) == loader.batches_per_epoch`` on every rank. Made by :meth:`LoaderConfig.build`.
+    """
+
+    def __init__(self, cfg: LoaderConfig, plan: Plan) -> None:
+        self.cfg = cfg
+        self.plan = plan
+        self.dataset = SlotStream(plan)
+        self.epoch = 0
+        self.batches = 0  # batches of the current epoch handed out
+        self.restart = 0
+        self._faults: dict[int, dict[str, int]] = {}
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches every rank yields per epoch (identical on all ranks)."""
+        return self.plan.per_slot * self.plan.workers
+
+    @property
+    def samples_per_epoch(self) -> int:
+        """Samples every rank yields per epoch with full batches."""
+        return self.batches_per_epoch * self.plan.batch_size
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    @property
+    def faults(self) -> dict[str, int]:
+        """Corrupt samples and unreadable shards this rank has skipped in the current iteration."""
+        out = {"samples": 0, "shards": 0}
+        for f in self._faults.values():
+            for k in out:
+                out[k] += f[k]
+        return out
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` from its beginning (a no-op when already positioned inside that epoch)."""
+        if epoch != self.epoch:
+            self.epoch, self.batches = epoch, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint needs to resume the data stream without replay."""
+        return {
+            "epoch": self.epoch,
+            "batches": self.batches,
+            "restart": self.restart,
+            "faults": self.faults,
+            "layout": self._layout(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict` output; counts as a restart.
+
+        With a different layout (ranks, workers, batch size, mode, seed), the exact-epoch stream cannot
+        be continued without repeats, so the rest of that epoch is skipped; a resampled stream carries
+        on with the samples still owed to the epoch.
+        """
+        self.restart = int(state.get("restart", 0)) + 1
+        self.epoch, self.batches = int(state["epoch"]), int(state["batches"])
+        old = state.get("layout", {})
+        if old and old != self._layout():
+            if self.plan.exact and self.batches:
+                log.warning("loader layout changed (%s → %s): skipping the rest of epoch %d to avoid "
+                            "repeating samples", old, self._layout(), self.epoch)
+                self.epoch, self.batches = self.epoch + 1, 0
+            elif not self.plan.exact:
+                seen = self.batches * old.get("batch_size", 1) * old.get("world_size", 1)
+                per_step = self.plan.batch_size * self.plan.world_size
+                self.batches = min(self.batches_per_epoch, -(-seen // per_step))
+        if self.batches >= self.batches_per_epoch:
+            self.epoch, self.batches = self.epoch + 1, 0
+
+    def _layout(self) -> dict[str, Any]:
+        p = self.plan
+        return {
+            "mode": "epoch" if p.exact else "resampled", "world_size": p.world_size, "workers": p.workers,
+            "batch_size": p.batch_size, "seed": p.seed,
+        }
+
+    def __iter__(self) -> Iterator[Batch]:
+        ds = self.dataset
+        ds.epoch, ds.restart, ds.consumed = self.epoch, self.restart, self.batches
+        self._faults = {}
+        workers = self.cfg.num_workers
+        loader = DataLoader(
+            ds,
+            batch_size=None,
+            num_workers=workers,
+            pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
+            prefetch_factor=self.cfg.prefetch_factor if workers > 0 else None,
+            persistent_workers=False,
+        )
+        for batch, faults, slot in loader:
+            self._faults[slot] = faults
+            total = sum(self.faults.values())
+            if total > self.plan.error_budget:
+                raise LoaderError(
+                    f"rank {self.plan.rank}: {total} faults ({self.faults}) exceed "
+                    f"loader.error_budget={self.plan.error_budget}; see the warnings logged by gfm.data"
+                )
+            self.batches += 1  # counted before the hand-out so a checkpoint taken now includes it
+            yield batch
+        if self.batches != self.batches_per_epoch:
+            raise LoaderError(
+                f"rank {self.plan.rank}: epoch {self.epoch} gave {self.batches} batches, expected "
+                f"{self.batches_per_epoch}"
+            )
+        self.epoch, self.batches = self.epoch + 1, 0

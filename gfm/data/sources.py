@@ -1,0 +1,238 @@
+"""Where the samples are: shard URLs, the dataset's ``index.json``, and who reads which samples.
+
+A shard spec is one of
+
+* a dataset root (local directory, or a URL ending in ``/``): the shards are the ones its
+  ``index.json`` lists;
+* a brace pattern or ``::``-separated list (``/data/gfm-{000000..000099}.tar``);
+* a list file (``*.txt``): one shard path or URL per line, relative paths taken from the file's folder;
+* a single URL. ``pipe:`` commands and the schemes webdataset's ``gopen`` knows (http, gs, hf, ...)
+  go through webdataset; other ``scheme://`` URLs (``s3://``, ``az://``) through fsspec.
+
+URLs are passed through untouched. The ``index.json`` (format in docs/DESIGN.md) is found at the root,
+or next to the first shard, unless given explicitly; it supplies sample counts and band statistics.
+
+Exact epochs split **samples**, not shards: the shards, in an order shuffled per epoch, are laid end to
+end and cut into ``world_size * num_workers`` equal contiguous ranges, one per (rank, worker) *slot*. A
+slot reads whole shards plus at most a head and a tail part of two boundary shards, so every slot gets
+exactly the same number of samples however unevenly the shards are filled, and no slot is empty while
+there are enough samples.
+"""
+
+from __future__ import annotations
+
+import bisect
+import io
+import json
+import os
+import random
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from webdataset import gopen as wds_gopen
+from webdataset.shardlists import expand_urls
+
+_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
+
+
+class LoaderError(RuntimeError):
+    """A loader set-up or run-time failure that must stop training (message says what and where)."""
+
+
+def _scheme(url: str) -> str | None:
+    if url.startswith("pipe:"):
+        return "pipe"
+    m = _SCHEME_RE.match(url)
+    return m.group(1).lower() if m else None
+
+
+def open_url(url: str) -> IO[bytes]:
+    """A binary stream for a local path, a ``pipe:`` command or a remote URL.
+
+    Local paths and ``file://`` open directly; ``pipe:`` and the schemes in webdataset's ``gopen``
+    table go through webdataset; anything else with a scheme goes through ``fsspec`` (which must have
+    the scheme's backend installed, e.g. ``s3fs`` for ``s3://``).
+    """
+    scheme = _scheme(url)
+    if scheme is None:
+        return open(url, "rb")
+    if scheme == "file":
+        return open(url[len("file://") :], "rb")
+    if scheme in wds_gopen.gopen_schemes:
+        return wds_gopen.gopen(url, "rb")  # type: ignore[no-any-return]
+    import fsspec
+
+    return fsspec.open(url, "rb").open()  # type: ignore[no-any-return]
+
+
+def _join(root: str, name: str) -> str:
+    if _scheme(name) is not None or os.path.isabs(name):
+        return name
+    if _scheme(root) is not None:
+        return root.rstrip("/") + "/" + name
+    return os.path.join(root, name)
+
+
+def _dirname(url: str) -> str:
+    if _scheme(url) is not None and not url.startswith("pipe:"):
+        return url.rsplit("/", 1)[0]
+    return os.path.dirname(url) or "."
+
+
+def _basename(url: str) -> str:
+    return url.rstrip("/").rsplit("/", 1)[-1]
+
+
+@dataclass
+class DatasetIndex:
+    """The parsed ``index.json`` of a dataset root.
+
+    Attributes:
+        url: where it was read from.
+        counts: shard file name → number of samples.
+        stats: ``"<sensor>/<band>"`` → ``{"mean", "std", ...}``.
+        raw: the whole document.
+    """
+
+    url: str
+    counts: dict[str, int]
+    stats: dict[str, dict[str, float]]
+    raw: dict[str, Any] = field(repr=False)
+
+    @property
+    def samples(self) -> int:
+        """Total number of samples the index lists."""
+        return int(self.raw.get("samples", sum(self.counts.values())))
+
+    @property
+    def mean_sample_bytes(self) -> float:
+        """Average bytes per sample in the tars (for memory estimates); 0 when unknown."""
+        nbytes = self.raw.get("bytes")
+        return float(nbytes) / max(1, self.samples) if nbytes else 0.0
+
+    def norm(self, sensor: str, band: str) -> tuple[float, float]:
+        """``(mean, std)`` of one band. Raises :class:`LoaderError` naming the band when absent."""
+        key = f"{sensor}/{band}"
+        entry = self.stats.get(key)
+        if entry is None or "mean" not in entry or "std" not in entry:
+            known = ", ".join(sorted(self.stats)) or "none"
+            raise LoaderError(
+                f"band {key!r} has no statistics in {self.url} (it has: {known}); rebuild the index over "
+                "data that includes this band, or drop it from the shards"
+            )
+        return float(entry["mean"]), float(entry["std"])
+
+
+def load_index(url: str) -> DatasetIndex:
+    """Read and check an ``index.json`` (local path or URL)."""
+    try:
+        with open_url(url) as f:
+            raw = json.load(io.TextIOWrapper(f, encoding="utf-8"))
+    except FileNotFoundError:
+        raise LoaderError(
+            f"no index.json at {url}: build the shards with `gfm shards build` (or merge parts with "
+            "`gfm shards index DIR`), or set the loader's `index` to its location"
+        ) from None
+    except (OSError, ValueError) as e:
+        raise LoaderError(f"cannot read index {url}: {e}") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("shards"), list):
+        raise LoaderError(f"{url} is not a gfm index.json (no 'shards' list)")
+    counts = {str(s["name"]): int(s["samples"]) for s in raw["shards"]}
+    stats = raw.get("stats") or {}
+    return DatasetIndex(url=url, counts=counts, stats=stats, raw=raw)
+
+
+@dataclass
+class ShardSet:
+    """The resolved shards of one dataset.
+
+    Attributes:
+        urls: shard URLs in their listed order.
+        counts: samples per shard, aligned with ``urls`` (from the index; None where it does not list it).
+        index: the dataset index.
+    """
+
+    urls: list[str]
+    counts: list[int | None]
+    index: DatasetIndex
+
+    @property
+    def total(self) -> int:
+        """Samples over all shards with a known count."""
+        return sum(c for c in self.counts if c is not None)
+
+
+def resolve_shards(spec: str, index: str | None = None) -> ShardSet:
+    """Turn a shard spec (see the module docstring) into URLs plus their index."""
+    if not spec:
+        raise LoaderError("loader.shards is empty: give a dataset directory, brace pattern, list file or URL")
+    root: str | None = None
+    if spec.endswith("index.json"):
+        root = _dirname(spec)
+        index = index or spec
+    elif os.path.isdir(spec) if _scheme(spec) is None else spec.endswith("/"):
+        root = spec
+    if root is not None:
+        idx = load_index(index or _join(root, "index.json"))
+        urls = [_join(root, name) for name in idx.counts]
+        if not urls:
+            raise LoaderError(f"{idx.url} lists no shards")
+    else:
+        if _scheme(spec) is None and spec.endswith((".txt", ".list")) and os.path.isfile(spec):
+            base = os.path.dirname(spec)
+            with open(spec, encoding="utf-8") as f:
+                lines = [ln.strip() for ln in f]
+            urls = [_join(base, ln) for ln in lines if ln and not ln.startswith("#")]
+        else:
+            urls = list(expand_urls(spec))
+        if not urls:
+            raise LoaderError(f"shard spec {spec!r} names no shards")
+        idx = load_index(index or _join(_dirname(urls[0]), "index.json"))
+    counts = [idx.counts.get(_basename(u)) for u in urls]
+    return ShardSet(urls=urls, counts=counts, index=idx)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Samples ``[start, stop)`` of one shard (by position in the tar)."""
+
+    url: str
+    start: int
+    stop: int
+
+
+def epoch_order(n_shards: int, seed: int, epoch: int) -> list[int]:
+    """Shard order for an exact epoch: a permutation that depends only on (seed, epoch)."""
+    order = list(range(n_shards))
+    random.Random(f"gfm-shards/{seed}/{epoch}").shuffle(order)
+    return order
+
+
+def slot_segments(
+    urls: list[str], counts: list[int], order: list[int], start: int, stop: int
+) -> Iterator[Segment]:
+    """The segments covering global samples ``[start, stop)`` of the shards laid end to end in ``order``.
+
+    Positions past the end wrap around (used only to top up a slot that lost samples to faults).
+    """
+    total = sum(counts)
+    if total == 0 or stop <= start:
+        return
+    offsets = []
+    acc = 0
+    for i in order:
+        offsets.append(acc)
+        acc += counts[i]
+    pos = start
+    while pos < stop:
+        p = pos % total
+        # the shard holding global position p: the last one starting at or before p (never an empty one,
+        # since an empty shard starts where the next one does)
+        k = bisect.bisect_right(offsets, p) - 1
+        i = order[k]
+        local = p - offsets[k]
+        take = min(counts[i] - local, stop - pos)
+        yield Segment(urls[i], local, local + take)
+        pos += take

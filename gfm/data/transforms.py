@@ -1,0 +1,221 @@
+"""Per-sample geometry (crop, flips, rot90) and per-batch work (normalise, observation dropout, collate).
+
+Geometry is applied to the raw ``[C, H, W]`` source-dtype arrays *before* normalisation, so only the
+cropped pixels are ever converted to float. Normalisation, the valid mask and the band descriptor
+tensors are built once per batch with vectorised numpy, which is where the pipeline's time goes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from gfm.data.batch import Batch
+from gfm.data.sources import DatasetIndex
+from gfm.schema import SchemaError, Tile
+from gfm.sensors import KIND_CODE
+
+_EPOCH_DAY = np.datetime64("1970-01-01", "D")
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where and how one sample is cut: window ``[top:top+h, left:left+w]``, then flips, then rot90 ``k``."""
+
+    top: int
+    left: int
+    h: int
+    w: int
+    hflip: bool
+    vflip: bool
+    k: int
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Random geometry settings. ``crop_size`` None or 0 keeps the full tile."""
+
+    crop_size: int | None = None
+    hflip: bool = False
+    vflip: bool = False
+    rot90: bool = False
+
+    def draw(self, rng: np.random.Generator, h: int, w: int) -> Geometry:
+        """Draw one sample's geometry for a tile of ``h × w`` pixels (always the same number of draws)."""
+        size = self.crop_size or 0
+        ch, cw = (min(size, h), min(size, w)) if size else (h, w)
+        u = rng.random(5)  # fixed draw count keeps the stream aligned whatever the settings
+        top = int(u[0] * (h - ch + 1))
+        left = int(u[1] * (w - cw + 1))
+        k = int(u[4] * 4) if self.rot90 else 0
+        if ch != cw:
+            k = 2 * (k // 2)  # a quarter turn would change the shape of a non-square window
+        hflip, vflip = bool(self.hflip and u[2] < 0.5), bool(self.vflip and u[3] < 0.5)
+        return Geometry(top, left, ch, cw, hflip, vflip, k)
+
+
+def apply_geometry(a: np.ndarray, g: Geometry) -> np.ndarray:
+    """Cut and turn an array ``[..., H, W]`` → ``[..., h, w]`` (a view where possible)."""
+    out = a[..., g.top : g.top + g.h, g.left : g.left + g.w]
+    if g.hflip:
+        out = out[..., :, ::-1]
+    if g.vflip:
+        out = out[..., ::-1, :]
+    if g.k:
+        out = np.rot90(out, g.k, axes=(-2, -1))
+    return out
+
+
+def days_since_epoch(date: str | None) -> float:
+    """``"YYYY-MM-DD"`` → days since 1970-01-01 (float); None → NaN."""
+    if date is None:
+        return math.nan
+    return float((np.datetime64(date, "D") - _EPOCH_DAY).astype(np.int64))
+
+
+@dataclass
+class BandTable:
+    """Descriptor vectors and normalisation constants for one band-set signature.
+
+    Attributes:
+        wavelength, bandwidth: ``[C]`` float32 nm.
+        kind: ``[C]`` int64 kind codes.
+        mean, std: ``[C]`` float32 statistics from ``index.json`` (std ≤ 0 replaced by 1).
+    """
+
+    wavelength: np.ndarray
+    bandwidth: np.ndarray
+    kind: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
+
+    @classmethod
+    def from_bands(cls, bands: Sequence[dict[str, Any]], index: DatasetIndex) -> BandTable:
+        """Build from a tile's ``meta["bands"]``; a band without statistics is an error naming it."""
+        norms = [index.norm(b["sensor"], b["name"]) for b in bands]
+        std = np.array([s for _, s in norms], dtype=np.float32)
+        return cls(
+            wavelength=np.array([b["center_nm"] for b in bands], dtype=np.float32),
+            bandwidth=np.array([b["fwhm_nm"] for b in bands], dtype=np.float32),
+            kind=np.array([KIND_CODE[b["kind"]] for b in bands], dtype=np.int64),
+            mean=np.array([m for m, _ in norms], dtype=np.float32),
+            std=np.where(std > 0, std, np.float32(1.0)).astype(np.float32),
+        )
+
+
+def _nodata(value: Any, c: int) -> np.ndarray | None:
+    """The ``nodata`` of meta.json (one value, or one per observation with None for "none") as ``[C, 1, 1]``."""
+    if value is None:
+        return None
+    vals = value if isinstance(value, list) else [value] * c
+    if len(vals) != c:
+        raise SchemaError(f"meta.json nodata lists {len(vals)} values for {c} observations")
+    arr = np.array([math.nan if v is None else float(v) for v in vals], dtype=np.float64)
+    if np.isnan(arr).all():
+        return None
+    return arr[:, None, None]
+
+
+def check_tile(tile: Tile, crop_size: int | None) -> None:
+    """Reader-side checks beyond the schema: big enough to crop, usable nodata. Raises SchemaError."""
+    c, h, w = tile.pixels.shape
+    if crop_size and (h < crop_size or w < crop_size):
+        raise SchemaError(f"sample {tile.key!r}: tile {h}x{w} is smaller than crop_size {crop_size}")
+    _nodata(tile.meta.get("nodata"), c)
+
+
+def valid_mask(tile: Tile, g: Geometry) -> np.ndarray:
+    """``[C, h, w]`` bool: the tile's ``valid.npy`` (if any), minus nodata and non-finite pixels."""
+    px = apply_geometry(tile.pixels, g)
+    mask = np.ones(px.shape, dtype=bool)
+    if tile.valid is not None:
+        mask &= apply_geometry(tile.valid, g).astype(bool)  # [H, W] broadcasts over C
+    nodata = _nodata(tile.meta.get("nodata"), px.shape[0])
+    if nodata is not None:
+        mask &= px != nodata  # NaN entries (no nodata value) never match
+    if px.dtype.kind == "f":
+        mask &= np.isfinite(px)
+    return mask
+
+
+def collate(
+    tiles: Sequence[Tile], geoms: Sequence[Geometry], table: BandTable, keep: np.ndarray | None = None
+) -> Batch:
+    """Normalise, mask and stack tiles of one signature into a :class:`Batch`.
+
+    Args:
+        tiles: B tiles with the same band set and the same geometry size.
+        geoms: one :class:`Geometry` per tile.
+        table: the signature's descriptors and statistics.
+        keep: optional ``[C']`` observation indices kept (spectral/temporal dropout), same for the batch.
+
+    Returns:
+        a Batch with ``pixels [B, C', h, w]`` float32 where invalid pixels are 0 (the band mean).
+    """
+    px = np.stack([apply_geometry(t.pixels, g) for t, g in zip(tiles, geoms)])  # [B, C, h, w] source dtype
+    valid = np.stack([valid_mask(t, g) for t, g in zip(tiles, geoms)])  # [B, C, h, w] bool
+    times = np.array(
+        [[days_since_epoch(b["time"]) for b in t.meta["bands"]] for t in tiles], dtype=np.float32
+    )  # [B, C]
+    wl, bw, kind, mean, std = table.wavelength, table.bandwidth, table.kind, table.mean, table.std
+    if keep is not None:
+        px, valid, times = px[:, keep], valid[:, keep], times[:, keep]
+        wl, bw, kind, mean, std = wl[keep], bw[keep], kind[keep], mean[keep], std[keep]
+    x = px.astype(np.float32)
+    x -= mean[None, :, None, None]
+    x *= (1.0 / std)[None, :, None, None]
+    x[~valid] = 0.0
+    b = len(tiles)
+    label: torch.Tensor | None = None
+    labels = [t.label for t in tiles]
+    if all(isinstance(lb, np.ndarray) for lb in labels):
+        seg = np.stack([apply_geometry(lb, g) for lb, g in zip(labels, geoms)])  # type: ignore[arg-type]
+        label = torch.from_numpy(seg.astype(np.int64))  # [B, h, w]
+    elif all(isinstance(lb, int) for lb in labels):
+        label = torch.tensor(labels, dtype=torch.int64)  # [B]
+    return Batch(
+        pixels=torch.from_numpy(x),
+        wavelength=torch.from_numpy(np.broadcast_to(wl, (b, wl.shape[0])).copy()),
+        bandwidth=torch.from_numpy(np.broadcast_to(bw, (b, bw.shape[0])).copy()),
+        kind=torch.from_numpy(np.broadcast_to(kind, (b, kind.shape[0])).copy()),
+        time=torch.from_numpy(times),
+        valid=torch.from_numpy(valid),
+        gsd=torch.tensor([float(t.meta["gsd_m"]) for t in tiles], dtype=torch.float32),
+        label=label,
+        keys=[t.key for t in tiles],
+    )
+
+
+def draw_keep(
+    rng: np.random.Generator,
+    times: Sequence[str | None],
+    obs_dropout: float,
+    time_dropout: float,
+    min_obs: int,
+) -> np.ndarray | None:
+    """Observation indices one batch keeps (None = all), drawn for the batch's first tile's dates.
+
+    Whole dates are dropped with probability ``time_dropout`` (when there are several), single
+    observations with ``obs_dropout``; at least ``min_obs`` survive.
+    Always draws the same number of random values for a given C, so streams stay aligned.
+    """
+    c = len(times)
+    u_obs = rng.random(c)
+    dates = sorted({str(t) for t in times})
+    u_time = dict(zip(dates, rng.random(len(dates))))
+    order = rng.permutation(c)
+    if len(dates) < 2:
+        time_dropout = 0.0  # one date: dropping it would drop everything
+    if obs_dropout <= 0 and time_dropout <= 0:
+        return None
+    keep = np.array([u_time[str(t)] >= time_dropout and u_obs[i] >= obs_dropout for i, t in enumerate(times)])
+    if keep.sum() < min(min_obs, c):
+        keep[order[: min(min_obs, c)]] = True
+    if keep.all():
+        return None
+    return np.flatnonzero(keep)
