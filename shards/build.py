@@ -167,7 +167,7 @@ def _days(d: str | None) -> int:
 def _lonlat(scene: Scene, row: int, col: int, tile: int) -> list[float] | None:
     if scene.grid.crs is None:
         return None
-    x, y = scene.grid.transform * (col + tile / 2, row + tile / 2)
+    x, y = scene.grid.transform @ (col + tile / 2, row + tile / 2)
     try:
         lon, lat = warp_transform(scene.grid.crs, "EPSG:4326", [x], [y])
     except Exception:
@@ -225,7 +225,7 @@ def make_tile(scene: Scene, row: int, col: int, tile: int, pixels: np.ndarray, v
     obs = scene.observations
     t = grid.window_transform(row, col)
     left, top = t.c, t.f
-    right, bottom = t * (tile, tile)
+    right, bottom = t @ (tile, tile)
     nodata, scale, offset = [], [], []
     for reader, _ in scene.readers:
         for b in reader.bands:

@@ -53,7 +53,7 @@ class Grid:
 
     def window_transform(self, row: int, col: int) -> Affine:
         """Affine transform of a window whose top-left pixel is (row, col)."""
-        return self.transform * Affine.translation(col, row)
+        return self.transform @ Affine.translation(col, row)
 
     def gsd_m(self) -> float:
         """Ground sampling distance in metres (degrees converted at the grid's centre latitude)."""

@@ -31,6 +31,18 @@ class BandStats:
         self.exact = True
         self._rng = np.random.default_rng(seed)
         self._pending: list[np.ndarray] = []
+        self._dense: np.ndarray | None = None
+        self._dense_offset = 0
+
+    def _sync(self) -> None:
+        """Fold the dense histogram into the sparse ``hist`` dict."""
+        if self._dense is None:
+            return
+        nz = np.nonzero(self._dense)[0]
+        for i, c in zip(nz.tolist(), self._dense[nz].tolist()):
+            v = i + self._dense_offset
+            self.hist[v] = self.hist.get(v, 0) + c
+        self._dense = None
 
     def update(self, values: np.ndarray) -> None:
         """Add a 1-D array of valid pixel values."""
@@ -43,10 +55,16 @@ class BandStats:
         self._merge_moments(n, mean, m2, float(v64.min()), float(v64.max()))
         small_int = values.dtype.kind in "iu" and values.dtype.itemsize <= 2
         if small_int and self.exact:
-            vals, counts = np.unique(values, return_counts=True)
-            for val, c in zip(vals.tolist(), counts.tolist()):
-                self.hist[val] = self.hist.get(val, 0) + c
+            # dense bincount over the dtype's range (fast); folded into the sparse dict lazily
+            offset = int(np.iinfo(values.dtype).min)
+            size = int(np.iinfo(values.dtype).max) - offset + 1
+            if self._dense is None or self._dense_offset != offset:
+                self._sync()
+                self._dense = np.zeros(size, dtype=np.int64)
+                self._dense_offset = offset
+            self._dense += np.bincount((values.astype(np.int64) - offset).ravel(), minlength=size)
         else:
+            self._sync()
             if self.exact and self.hist:
                 self._hist_to_reservoir()
             self.exact = False
@@ -91,6 +109,7 @@ class BandStats:
         """The ``q``-th percentile (0..100) of the values seen."""
         if self.count == 0:
             return float("nan")
+        self._sync()
         if self.exact:
             vals = np.array(sorted(self.hist), dtype=np.float64)
             counts = np.array([self.hist[int(v)] for v in vals], dtype=np.float64)
@@ -115,6 +134,7 @@ class BandStats:
 
     def state(self) -> dict[str, Any]:
         """A JSON-able state that :meth:`from_state` and :meth:`merge` accept."""
+        self._sync()
         self._flush()
         return {
             "count": self.count,
@@ -147,6 +167,8 @@ class BandStats:
         """Fold another accumulator (of the same band) into this one."""
         if other.count == 0:
             return
+        self._sync()
+        other._sync()
         if self.count == 0:
             self.__dict__.update(BandStats.from_state(other.state()).__dict__)
             return
