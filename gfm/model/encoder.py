@@ -1,0 +1,334 @@
+"""The LESS ViT encoder: any band set, any sensor mix, any tile size, on one token grid.
+
+``forward_features`` embeds a :class:`~gfm.data.batch.Batch` into the ``[B, C+1, N+1, D]`` grid
+(summary row, summary column, CLS; see :mod:`gfm.model.embed`) and runs the blocks;
+``forward_intermediates`` returns per-position feature maps for segmentation necks;
+``forward_head`` maps the CLS token to logits. :class:`~gfm.model.mae.HyperMAE` reuses
+:meth:`LESSViT.embed` and :meth:`LESSViT.forward_tokens` on the visible part of the grid.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from einops import rearrange
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from gfm.data.batch import Batch
+from gfm.model.attention import Block, perception_field_mask
+from gfm.model.embed import (
+    Descriptors,
+    PatchEmbed,
+    PosChanEmbed,
+    add_summary_tokens,
+    grid_coords,
+    group_descriptors,
+    group_observations,
+    pad_to_multiple,
+)
+from gfm.sensors import KIND_CODE
+
+#: Defaults for fields a caller may leave out when passing plain tensors.
+DEFAULT_GSD_M = 10.0
+DEFAULT_BANDWIDTH_NM = 10.0
+
+#: LayerNorm with the epsilon ViTs use.
+DEFAULT_NORM: type[nn.Module] = partial(nn.LayerNorm, eps=1e-6)  # type: ignore[assignment]
+
+Inputs = Batch | Mapping[str, torch.Tensor]
+
+
+def as_batch(inputs: Inputs) -> Batch:
+    """A :class:`Batch` from a Batch or a mapping of its tensor fields.
+
+    Only ``pixels [B, C, H, W]`` and ``wavelength [B, C]`` are required in a mapping; missing
+    fields default to bandwidth 10 nm, kind reflectance, unknown time, all pixels valid, GSD 10 m.
+    """
+    if isinstance(inputs, Batch):
+        return inputs
+    try:
+        pixels, wavelength = inputs["pixels"], inputs["wavelength"]
+    except KeyError as e:
+        raise KeyError(f"model inputs need {e.args[0]!r}; got {sorted(inputs)}") from None
+    B, C = pixels.shape[:2]
+
+    def get(name: str, default: torch.Tensor) -> torch.Tensor:
+        return inputs[name] if name in inputs else default
+
+    return Batch(
+        pixels=pixels,
+        wavelength=wavelength,
+        bandwidth=get("bandwidth", torch.full_like(wavelength, DEFAULT_BANDWIDTH_NM)),
+        kind=get("kind", torch.full((B, C), KIND_CODE["reflectance"], dtype=torch.long, device=pixels.device)),
+        time=get("time", torch.full_like(wavelength, math.nan)),
+        valid=get("valid", torch.ones(pixels.shape, dtype=torch.bool, device=pixels.device)),
+        gsd=get("gsd", torch.full((B,), DEFAULT_GSD_M, device=pixels.device)),
+    )
+
+
+@dataclass
+class Tokens:
+    """The embedded token grid of a batch and what is needed to read it back.
+
+    Attributes:
+        x: ``[B, C+1, N+1, D]`` tokens with positional-channel embedding added.
+        coords: ``[B, N, 2]`` patch offsets in metres (row, col).
+        desc: token-row descriptors ``[B, C]`` (after spectral grouping).
+        pixels: ``[B, C·s, H', W']`` input padded to whole patches and groups, invalid pixels zeroed.
+        valid: ``[B, C·s, H', W']`` bool, False on invalid and padded pixels.
+        grid_hw: ``(h, w)`` patch grid, ``N = h·w``.
+        image_hw: ``(H, W)`` before padding.
+        num_obs: observations ``C`` of the input before spectral grouping.
+    """
+
+    x: torch.Tensor
+    coords: torch.Tensor
+    desc: Descriptors
+    pixels: torch.Tensor
+    valid: torch.Tensor
+    grid_hw: tuple[int, int]
+    image_hw: tuple[int, int]
+    num_obs: int
+
+
+class LESSViT(nn.Module):
+    """LESS ViT encoder (or its dense joint-attention counterpart, ``attention="dense"``).
+
+    Args:
+        embed_dim: token width ``D`` (multiple of 4 and of ``rank·spectral_head_dim``).
+        depth: number of blocks.
+        rank: LESS rank ``r`` (heads; each a Kronecker term) / heads of the dense reference.
+        spectral_head_dim: ``d_c``; spatial head width ``d_s = D / (r·d_c)``.
+        mlp_ratio: MLP hidden width / ``D``.
+        patch_size: ``p``.
+        spectral_patch: ``s`` adjacent observations per token (1 = one token per band).
+        attention: ``"less"`` or ``"dense"``.
+        perception_radius_m: spatial attention radius in metres (0 = global attention).
+        qkv_bias, qk_norm: attention options.
+        drop_path: stochastic depth at the last block (linear ramp from 0).
+        init_values: LayerScale initial value (None = off).
+        num_classes: classes of the CLS head (0 = no head, ``forward_head`` returns features).
+        norm_layer, act_layer: normalisation and activation types.
+    """
+
+    def __init__(
+        self,
+        *,
+        embed_dim: int = 192,
+        depth: int = 12,
+        rank: int = 3,
+        spectral_head_dim: int = 4,
+        mlp_ratio: float = 4.0,
+        patch_size: int = 8,
+        spectral_patch: int = 1,
+        attention: str = "less",
+        perception_radius_m: float = 0.0,
+        qkv_bias: bool = True,
+        qk_norm: bool = False,
+        drop_path: float = 0.0,
+        init_values: float | None = None,
+        num_classes: int = 0,
+        norm_layer: type[nn.Module] = DEFAULT_NORM,
+        act_layer: type[nn.Module] = nn.GELU,
+    ) -> None:
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.patch_size = patch_size
+        self.spectral_patch = spectral_patch
+        self.attention = attention
+        self.perception_radius_m = perception_radius_m
+        self.num_classes = num_classes
+        self.grad_checkpointing = False
+
+        self.patch_embed = PatchEmbed(patch_size, embed_dim, spectral_patch)
+        self.pos_chan_embed = PosChanEmbed(embed_dim, act_layer=act_layer)
+        self.cls_token = nn.Parameter(torch.zeros(embed_dim))
+        self.row_token = nn.Parameter(torch.zeros(embed_dim))  # summary row: one per position
+        self.col_token = nn.Parameter(torch.zeros(embed_dim))  # summary column: one per observation
+        self.blocks = nn.ModuleList(
+            Block(
+                embed_dim,
+                attention,
+                rank,
+                spectral_head_dim,
+                mlp_ratio,
+                qkv_bias,
+                qk_norm,
+                drop_path=drop_path * i / max(depth - 1, 1),
+                init_values=init_values,
+                norm_layer=norm_layer,
+                act_layer=act_layer,
+            )
+            for i in range(depth)
+        )
+        self.norm = norm_layer(embed_dim)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """The one place weights are initialised: :func:`init_module_weights`, N(0, 0.02) tokens."""
+        init_module_weights(self)
+        for token in (self.cls_token, self.row_token, self.col_token):
+            nn.init.normal_(token, std=0.02)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass (activation checkpointing)."""
+        self.grad_checkpointing = enable
+
+    # --------------------------------------------------------------------------------------------
+    # Embedding
+
+    def embed(self, inputs: Inputs) -> Tokens:
+        """Embed a batch into the token grid ``[B, C/s+1, N+1, D]`` (see :class:`Tokens`)."""
+        batch = as_batch(inputs)
+        p, s = self.patch_size, self.spectral_patch
+        valid = batch.valid & torch.isfinite(batch.pixels)
+        pixels = torch.where(valid, batch.pixels, torch.zeros_like(batch.pixels))  # fill never reaches a token
+        image_hw = (int(pixels.shape[-2]), int(pixels.shape[-1]))
+        pixels, valid = pad_to_multiple(pixels, valid, p)
+        pixels, valid = group_observations(pixels, s, 0.0), group_observations(valid, s, False)
+        grid_hw = (pixels.shape[-2] // p, pixels.shape[-1] // p)
+        desc = group_descriptors(batch.wavelength, batch.bandwidth, batch.kind, batch.time, s)
+        coords = grid_coords(grid_hw, p, batch.gsd)
+        x = add_summary_tokens(self.patch_embed(pixels), self.cls_token, self.row_token, self.col_token)
+        x = x + self.pos_chan_embed(coords, desc).to(x.dtype)
+        return Tokens(x, coords, desc, pixels, valid, grid_hw, image_hw, int(batch.pixels.shape[1]))
+
+    def spatial_mask(self, coords: torch.Tensor) -> torch.Tensor | None:
+        """Perception-field mask ``[B, 1, N+1, N+1]`` for patches at ``coords: [B, N, 2]``, or None."""
+        if self.perception_radius_m <= 0:
+            return None
+        return perception_field_mask(coords, self.perception_radius_m)
+
+    # --------------------------------------------------------------------------------------------
+    # Blocks
+
+    def forward_tokens(
+        self,
+        x: torch.Tensor,
+        coords: torch.Tensor,
+        indices: Sequence[int] = (),
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Run the blocks on a token grid.
+
+        Args:
+            x: ``[B, C+1, N+1, D]`` embedded tokens (any subset of observations and positions).
+            coords: ``[B, N, 2]`` metre offsets of the grid's positions (for the perception mask).
+            indices: blocks whose outputs to keep (0-based).
+
+        Returns:
+            The final-norm tokens ``[B, C+1, N+1, D]`` and the kept block outputs (un-normed).
+        """
+        mask = self.spatial_mask(coords)
+        kept = []
+        for i, block in enumerate(self.blocks):
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, mask, use_reentrant=False)
+            else:
+                x = block(x, mask)
+            if i in indices:
+                kept.append(x)
+        return self.norm(x), kept
+
+    def forward_features(self, inputs: Inputs) -> torch.Tensor:
+        """Batch → normalised token grid ``[B, C/s+1, N+1, D]`` (``[:, 0, 0]`` is CLS)."""
+        tokens = self.embed(inputs)
+        return self.forward_tokens(tokens.x, tokens.coords)[0]
+
+    def forward_intermediates(
+        self,
+        inputs: Inputs,
+        indices: int | Sequence[int] = 4,
+        norm: bool = False,
+        reduce: str = "summary",
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Per-position feature maps from chosen blocks, for segmentation necks (timm convention).
+
+        Args:
+            inputs: the batch.
+            indices: an int ``n`` for the last ``n`` blocks, or block indices (negative from the end).
+            norm: apply the final norm to each intermediate.
+            reduce: how to fold the observation axis: ``"summary"`` (the summary-row token of each
+                position) or ``"mean"`` (the mean over observation tokens).
+            output_fmt: ``"NCHW"`` → ``[B, D, h, w]`` each, ``"NLC"`` → ``[B, N, D]`` each.
+            intermediates_only: return only the list.
+
+        Returns:
+            The intermediates, or ``(final token grid [B, C+1, N+1, D], intermediates)``.
+        """
+        depth = len(self.blocks)
+        chosen = list(range(depth - indices, depth)) if isinstance(indices, int) else [i % depth for i in indices]
+        tokens = self.embed(inputs)
+        final, kept = self.forward_tokens(tokens.x, tokens.coords, chosen)
+        h, w = tokens.grid_hw
+        maps = []
+        for x in kept:
+            x = self.norm(x) if norm else x
+            x = x[:, 0, 1:] if reduce == "summary" else x[:, 1:, 1:].mean(dim=1)  # [B, N, D]
+            maps.append(rearrange(x, "b (h w) d -> b d h w", h=h, w=w) if output_fmt == "NCHW" else x)
+        return maps if intermediates_only else (final, maps)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Token grid ``[B, C+1, N+1, D]`` → logits ``[B, num_classes]`` from CLS (or CLS ``[B, D]``)."""
+        cls = x[:, 0, 0]
+        return cls if pre_logits else self.head(cls)
+
+    def forward(self, inputs: Inputs) -> torch.Tensor:
+        """Batch → logits ``[B, num_classes]`` (CLS features ``[B, D]`` when ``num_classes == 0``)."""
+        return self.forward_head(self.forward_features(inputs))
+
+    # --------------------------------------------------------------------------------------------
+    # Accounting
+
+    def grid_size(self, num_obs: int, img_size: int | tuple[int, int]) -> tuple[int, int]:
+        """Token rows ``C/s`` and positions ``N`` for ``num_obs`` observations of ``img_size`` pixels."""
+        H, W = (img_size, img_size) if isinstance(img_size, int) else img_size
+        p, s = self.patch_size, self.spectral_patch
+        return -(-num_obs // s), -(-H // p) * -(-W // p)
+
+    def flops_tokens(self, rows: int, positions: int, with_embed: bool = True) -> int:
+        """Forward matmul FLOPs of one sample with ``rows`` token rows and ``positions`` positions."""
+        flops = sum(block.flops(rows + 1, positions + 1) for block in self.blocks)  # type: ignore[operator]
+        if with_embed:
+            flops += self.patch_embed.flops(rows * positions) + self.pos_chan_embed.chan.flops(rows)
+        return flops
+
+    def flops(self, batch_size: int, num_obs: int, img_size: int | tuple[int, int]) -> int:
+        """Analytic forward FLOPs (matmuls and attention, 2 per multiply-add) of a batch.
+
+        Elementwise work (norms, activations, softmax) is left out, as in MFU accounting; a
+        training step costs about 3× this.
+        """
+        rows, positions = self.grid_size(num_obs, img_size)
+        flops = self.flops_tokens(rows, positions)
+        if isinstance(self.head, nn.Linear):
+            flops += 2 * self.head.in_features * self.head.out_features
+        return batch_size * flops
+
+    def num_params(self) -> int:
+        """Number of parameters."""
+        return sum(p.numel() for p in self.parameters())
+
+
+def init_module_weights(module: nn.Module) -> None:
+    """Xavier-uniform weights and zero biases for linears, unit/zero norms, N(0, 0.02) embeddings."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            if m.weight is not None:
+                nn.init.ones_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+
