@@ -10,10 +10,12 @@ file a reader would take for a complete shard, and a re-run skips complete shard
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
 import sys
+import tarfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -24,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import webdataset as wds
 from rasterio.warp import transform as warp_transform
 from rasterio.windows import Window
 from tqdm import tqdm
@@ -38,7 +39,33 @@ from shards.stats import BandStats
 SIDECAR_SUFFIX = ".stats.json"
 PLAN_FILE = "build.json"
 INDEX_FILE = "index.json"
-_TAR_MTIME = 0.0  # fixed member mtime: identical inputs give byte-identical shards
+_TAR_MTIME = 0  # fixed member mtime: identical inputs give byte-identical shards
+
+
+class TarSampleWriter:
+    """Writes WebDataset samples (``__key__`` + ``member -> bytes``) as a POSIX tar.
+
+    The format is exactly what ``webdataset.TarWriter`` writes; it is done with the standard
+    library here because importing webdataset imports torch, which costs seconds at start-up of
+    every ``gfm shards`` call and every worker process.
+    """
+
+    def __init__(self, fileobj: Any) -> None:
+        self._tar = tarfile.open(fileobj=fileobj, mode="w|", format=tarfile.USTAR_FORMAT)
+
+    def write(self, sample: dict[str, Any]) -> None:
+        """Append one sample: members ``<key>.<suffix>`` in sorted order."""
+        key = sample["__key__"]
+        for suffix in sorted(k for k in sample if not k.startswith("__")):
+            data = sample[suffix]
+            info = tarfile.TarInfo(f"{key}.{suffix}")
+            info.size, info.mtime, info.mode = len(data), _TAR_MTIME, 0o444
+            info.uname = info.gname = "gfm"
+            self._tar.addfile(info, io.BytesIO(data))
+
+    def close(self) -> None:
+        """Finish the archive (end-of-archive blocks)."""
+        self._tar.close()
 
 
 @dataclass
@@ -293,7 +320,7 @@ def write_shard(job: ShardJob, on_tile: Callable[[int], None] | None = None) -> 
     tmp = out / f".{plan.name}.tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as fileobj:
-            writer = wds.TarWriter(fileobj, encoder=False, mtime=_TAR_MTIME)
+            writer = TarSampleWriter(fileobj)
             for si in sorted(by_scene):
                 scene = open_scene(job.specs[si], resampling=opts.resampling)
                 counts = per_scene.setdefault(scene.spec.id, {"samples": 0, "dropped": 0})

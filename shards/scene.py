@@ -210,7 +210,12 @@ class RasterReader(Reader):
             r0, c0 = self._offset
             src = Window(window.col_off + c0, window.row_off + r0, w, h)
             fill = self.nodata if self.nodata is not None else 0
-            data = self._ds.read(self.indexes, window=src, boundless=True, fill_value=fill)
+            inside = (src.row_off >= 0 and src.col_off >= 0 and src.row_off + h <= self._ds.height
+                      and src.col_off + w <= self._ds.width)
+            if inside:  # a boundless read goes through a VRT: only pay for it at the edges
+                data = self._ds.read(self.indexes, window=src)
+            else:
+                data = self._ds.read(self.indexes, window=src, boundless=True, fill_value=fill)
             valid = np.zeros(data.shape, dtype=bool)
             rs0, cs0 = max(0, -int(src.row_off)), max(0, -int(src.col_off))
             rs1 = min(h, self._ds.height - int(src.row_off))

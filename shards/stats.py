@@ -2,9 +2,9 @@
 
 Each shard keeps one :class:`BandStats` per ``"<sensor>/<band>"`` and saves its state in the shard's
 sidecar; ``index.json`` merges the states of all shards (across workers and ``--part`` jobs).
-Integer bands of at most 16 bits keep an exact histogram, so percentiles are exact and merge exactly;
-other dtypes keep a fixed-size uniform reservoir sample for percentiles. Count, mean and variance
-merge exactly with Chan's parallel formula.
+Integer bands of at most 16 bits keep an exact sparse histogram (values, counts), so percentiles are
+exact and merge exactly; other dtypes keep a fixed-size weighted reservoir sample for percentiles.
+Count, mean and variance merge exactly with Chan's parallel formula.
 """
 
 from __future__ import annotations
@@ -14,6 +14,13 @@ from typing import Any
 import numpy as np
 
 RESERVOIR = 4096  # float samples kept per band per shard
+_BUFFER = 1 << 20  # values buffered per band before they are folded in
+
+
+def _merge_hist(v1: np.ndarray, c1: np.ndarray, v2: np.ndarray, c2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    values, inverse = np.unique(np.concatenate([v1, v2]), return_inverse=True)
+    counts = np.bincount(inverse, weights=np.concatenate([c1, c2]).astype(np.float64), minlength=values.size)
+    return values, counts.astype(np.int64)
 
 
 class BandStats:
@@ -25,50 +32,46 @@ class BandStats:
         self.m2 = 0.0
         self.min = float("inf")
         self.max = float("-inf")
-        self.hist: dict[int, int] = {}  # exact histogram for small integer dtypes
-        self.reservoir: list[float] = []
-        self.reservoir_weight = 0.0  # pixels each reservoir sample stands for
-        self.exact = True
+        self.exact = True  # True while every value seen was a <=16-bit integer
+        self.hist_values = np.zeros(0, dtype=np.int64)
+        self.hist_counts = np.zeros(0, dtype=np.int64)
+        self.reservoir = np.zeros(0, dtype=np.float32)
+        self.reservoir_weights = np.zeros(0, dtype=np.float64)  # pixels each reservoir entry stands for
         self._rng = np.random.default_rng(seed)
-        self._pending: list[np.ndarray] = []
-        self._dense: np.ndarray | None = None
-        self._dense_offset = 0
+        self._buffer: list[np.ndarray] = []
+        self._buffered = 0
 
-    def _sync(self) -> None:
-        """Fold the dense histogram into the sparse ``hist`` dict."""
-        if self._dense is None:
-            return
-        nz = np.nonzero(self._dense)[0]
-        for i, c in zip(nz.tolist(), self._dense[nz].tolist()):
-            v = i + self._dense_offset
-            self.hist[v] = self.hist.get(v, 0) + c
-        self._dense = None
+    # -- accumulation --------------------------------------------------------------------------
 
     def update(self, values: np.ndarray) -> None:
-        """Add a 1-D array of valid pixel values."""
+        """Add an array of valid pixel values (buffered; folded in by :meth:`_sync`)."""
         if values.size == 0:
             return
-        v64 = values.astype(np.float64)
-        n = int(values.size)
-        mean = float(v64.mean())
-        m2 = float(((v64 - mean) ** 2).sum())
-        self._merge_moments(n, mean, m2, float(v64.min()), float(v64.max()))
-        small_int = values.dtype.kind in "iu" and values.dtype.itemsize <= 2
-        if small_int and self.exact:
-            # dense bincount over the dtype's range (fast); folded into the sparse dict lazily
-            offset = int(np.iinfo(values.dtype).min)
-            size = int(np.iinfo(values.dtype).max) - offset + 1
-            if self._dense is None or self._dense_offset != offset:
-                self._sync()
-                self._dense = np.zeros(size, dtype=np.int64)
-                self._dense_offset = offset
-            self._dense += np.bincount((values.astype(np.int64) - offset).ravel(), minlength=size)
-        else:
+        self._buffer.append(values.ravel())
+        self._buffered += values.size
+        if self._buffered >= _BUFFER:
             self._sync()
-            if self.exact and self.hist:
-                self._hist_to_reservoir()
-            self.exact = False
-            self._pending.append(values.astype(np.float32).ravel())
+
+    def _sync(self) -> None:
+        """Fold buffered values into the moments and the histogram or reservoir."""
+        if not self._buffer:
+            return
+        values = np.concatenate(self._buffer)
+        self._buffer, self._buffered = [], 0
+        v64 = values.astype(np.float64)
+        mean = float(v64.mean())
+        self._merge_moments(int(values.size), mean, float(((v64 - mean) ** 2).sum()), float(v64.min()),
+                            float(v64.max()))
+        if self.exact and values.dtype.kind in "iu" and values.dtype.itemsize <= 2:
+            offset = int(np.iinfo(values.dtype).min)
+            counts = np.bincount(values.astype(np.int64) - offset)
+            nz = np.nonzero(counts)[0]
+            self.hist_values, self.hist_counts = _merge_hist(
+                self.hist_values, self.hist_counts, nz + offset, counts[nz]
+            )
+        else:
+            self._to_reservoir()
+            self._add_to_reservoir(values.astype(np.float32), np.ones(values.size))
 
     def _merge_moments(self, n: int, mean: float, m2: float, lo: float, hi: float) -> None:
         total = self.count + n
@@ -79,49 +82,70 @@ class BandStats:
         self.min = min(self.min, lo)
         self.max = max(self.max, hi)
 
-    def _hist_to_reservoir(self) -> None:
-        vals = np.array(list(self.hist.keys()), dtype=np.float64)
-        counts = np.array(list(self.hist.values()), dtype=np.float64)
-        self._pending.append(np.repeat(vals, counts.astype(np.int64)).astype(np.float32))
-        self.hist = {}
-
-    def _flush(self) -> None:
-        """Draw the reservoir from the values seen so far (uniform over pixels)."""
-        if not self._pending:
+    def _to_reservoir(self) -> None:
+        """Leave exact mode: turn the histogram into weighted reservoir entries."""
+        if not self.exact:
             return
-        allv = np.concatenate(self._pending + [np.asarray(self.reservoir, dtype=np.float32)])
-        # Existing reservoir entries carry weight; approximate by resampling uniformly with weights.
-        n_new = sum(p.size for p in self._pending)
-        w_old = self.reservoir_weight
-        weights = np.concatenate([np.ones(n_new), np.full(len(self.reservoir), w_old)])
-        k = min(RESERVOIR, allv.size)
-        idx = self._rng.choice(allv.size, size=k, replace=False, p=weights / weights.sum())
-        self.reservoir = allv[idx].tolist()
-        self.reservoir_weight = float(weights.sum() / k)
-        self._pending = []
+        self.exact = False
+        if self.hist_values.size:
+            vals, counts = self.hist_values.astype(np.float32), self.hist_counts.astype(np.float64)
+            self.hist_values = np.zeros(0, dtype=np.int64)
+            self.hist_counts = np.zeros(0, dtype=np.int64)
+            self._add_to_reservoir(vals, counts)
+
+    def _add_to_reservoir(self, values: np.ndarray, weights: np.ndarray) -> None:
+        """Weighted resample of (existing reservoir ∪ new values) down to RESERVOIR entries."""
+        allv = np.concatenate([self.reservoir, values])
+        w = np.concatenate([self.reservoir_weights, weights.astype(np.float64)])
+        if allv.size > RESERVOIR:
+            total = w.sum()
+            idx = self._rng.choice(allv.size, size=RESERVOIR, replace=False, p=w / total)
+            allv, w = allv[idx], np.full(RESERVOIR, total / RESERVOIR)
+        self.reservoir, self.reservoir_weights = allv.astype(np.float32), w
+
+    def merge(self, other: BandStats) -> None:
+        """Fold another accumulator of the same band into this one."""
+        self._sync()
+        other._sync()
+        if other.count == 0:
+            return
+        self._merge_moments(other.count, other.mean, other.m2, other.min, other.max)
+        if self.exact and other.exact:
+            self.hist_values, self.hist_counts = _merge_hist(
+                self.hist_values, self.hist_counts, other.hist_values, other.hist_counts
+            )
+            return
+        self._to_reservoir()
+        if other.exact:
+            self._add_to_reservoir(other.hist_values.astype(np.float32), other.hist_counts.astype(np.float64))
+        else:
+            self._add_to_reservoir(other.reservoir, other.reservoir_weights)
+
+    # -- results -------------------------------------------------------------------------------
 
     @property
     def std(self) -> float:
         """Population standard deviation."""
+        self._sync()
         return float(np.sqrt(self.m2 / self.count)) if self.count else 0.0
 
     def percentile(self, q: float) -> float:
-        """The ``q``-th percentile (0..100) of the values seen."""
+        """The ``q``-th percentile (0..100); exact mode follows numpy's ``method="lower"``."""
+        self._sync()
         if self.count == 0:
             return float("nan")
-        self._sync()
         if self.exact:
-            vals = np.array(sorted(self.hist), dtype=np.float64)
-            counts = np.array([self.hist[int(v)] for v in vals], dtype=np.float64)
-            cum = np.cumsum(counts)
-            # numpy's method="lower": the value at sorted position floor(q/100 * (n - 1))
-            position = np.floor(q / 100.0 * (cum[-1] - 1))
-            return float(vals[np.searchsorted(cum, position + 1, side="left")])
-        self._flush()
-        return float(np.percentile(np.asarray(self.reservoir), q))
+            cum = np.cumsum(self.hist_counts)
+            position = np.floor(q / 100.0 * (cum[-1] - 1))  # sorted index of the answer
+            return float(self.hist_values[np.searchsorted(cum, position + 1, side="left")])
+        order = np.argsort(self.reservoir)
+        cum = np.cumsum(self.reservoir_weights[order])
+        i = np.searchsorted(cum, q / 100.0 * cum[-1], side="left")
+        return float(self.reservoir[order][min(int(i), cum.size - 1)])
 
     def summary(self) -> dict[str, float]:
         """count, mean, std, min, max, p01, p99."""
+        self._sync()
         return {
             "count": self.count,
             "mean": self.mean,
@@ -133,9 +157,8 @@ class BandStats:
         }
 
     def state(self) -> dict[str, Any]:
-        """A JSON-able state that :meth:`from_state` and :meth:`merge` accept."""
+        """A JSON-able state for :meth:`from_state`."""
         self._sync()
-        self._flush()
         return {
             "count": self.count,
             "mean": self.mean,
@@ -143,9 +166,10 @@ class BandStats:
             "min": self.min if self.count else None,
             "max": self.max if self.count else None,
             "exact": self.exact,
-            "hist": [[k, v] for k, v in sorted(self.hist.items())] if self.exact else [],
-            "reservoir": [] if self.exact else self.reservoir,
-            "reservoir_weight": self.reservoir_weight,
+            "hist_values": self.hist_values.tolist(),
+            "hist_counts": self.hist_counts.tolist(),
+            "reservoir": self.reservoir.tolist(),
+            "reservoir_weights": self.reservoir_weights.tolist(),
         }
 
     @classmethod
@@ -158,39 +182,8 @@ class BandStats:
         s.min = float(state["min"]) if state["min"] is not None else float("inf")
         s.max = float(state["max"]) if state["max"] is not None else float("-inf")
         s.exact = bool(state["exact"])
-        s.hist = {int(k): int(v) for k, v in state["hist"]}
-        s.reservoir = [float(x) for x in state["reservoir"]]
-        s.reservoir_weight = float(state["reservoir_weight"])
+        s.hist_values = np.asarray(state["hist_values"], dtype=np.int64)
+        s.hist_counts = np.asarray(state["hist_counts"], dtype=np.int64)
+        s.reservoir = np.asarray(state["reservoir"], dtype=np.float32)
+        s.reservoir_weights = np.asarray(state["reservoir_weights"], dtype=np.float64)
         return s
-
-    def merge(self, other: BandStats) -> None:
-        """Fold another accumulator (of the same band) into this one."""
-        if other.count == 0:
-            return
-        self._sync()
-        other._sync()
-        if self.count == 0:
-            self.__dict__.update(BandStats.from_state(other.state()).__dict__)
-            return
-        self._merge_moments(other.count, other.mean, other.m2, other.min, other.max)
-        if self.exact and other.exact:
-            for k, v in other.hist.items():
-                self.hist[k] = self.hist.get(k, 0) + v
-            return
-        self._flush()
-        other._flush()
-        for src in (self, other):
-            if src.exact and src.hist:
-                src._hist_to_reservoir()
-                src.exact = False
-                src._flush()
-        # Weighted union of the two reservoirs, resampled back to RESERVOIR entries.
-        vals = np.asarray(self.reservoir + other.reservoir, dtype=np.float32)
-        w = np.concatenate([np.full(len(self.reservoir), self.reservoir_weight),
-                            np.full(len(other.reservoir), other.reservoir_weight)])
-        k = min(RESERVOIR, vals.size)
-        idx = self._rng.choice(vals.size, size=k, replace=False, p=w / w.sum())
-        self.reservoir = vals[idx].tolist()
-        self.reservoir_weight = float(w.sum() / k)
-        self.exact = False
-        self.hist = {}
