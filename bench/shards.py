@@ -68,7 +68,8 @@ def _baseline(files: list[Path], out: Path, repeats: int) -> tuple[int, int, flo
     return n, nbytes, time.perf_counter() - t0
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    del argv  # no options: the input is fixed so runs compare
     spec, files, label = _inputs()
     work = Path(tempfile.mkdtemp(prefix="gfm-bench-shards-"))
     repeats = 3
