@@ -126,7 +126,8 @@ class Sensor:
         bands: observation bands in the agency's order.
         description: one line for ``gfm sensors``.
         quality: the product's quality/cloud band, if any (read for validity, not stored as pixels).
-        invalid_quality: for the quality band, a rule making a pixel invalid; see :func:`quality_invalid`.
+        invalid_quality: quality file token (``SCL``, ``BQA``, ``QA_PIXEL``, ``FMASK``) -> rule making a pixel
+            invalid: ``{"values": [...]}`` (class values) and/or ``{"bits": [...]}`` (bit flags set).
         nodata: the product's fill value when files don't declare one.
         scale, offset: physical = raw * scale + offset (recorded, never applied to stored pixels).
         file_patterns: regexes whose group ``band`` extracts a band name from a file name.
@@ -181,6 +182,14 @@ class Sensor:
         except SensorError:
             return False
         return True
+
+    def quality_rule(self, path: str | Path) -> dict[str, Any] | None:
+        """The invalid-pixel rule when ``path`` is one of this sensor's quality files, else None."""
+        stem = Path(path).name.rsplit(".", 1)[0]
+        for token, rule in self.invalid_quality.items():
+            if re.search(rf"(?:^|[_\-.]){token}(?:[_\-.]|$)", stem, flags=re.IGNORECASE):
+                return dict(rule)
+        return None
 
     def band_from_filename(self, path: str | Path) -> Band | None:
         """The band a file holds, recognised from standard file names, or None."""
@@ -314,6 +323,10 @@ _MODIS_TABLE = [
     ("EVI", 657.0, 389.5, "index", 250.0),
 ]
 
+# Landsat quality: pre-collection/Collection 1 BQA bit 0 is fill (its cloud bits changed meaning between
+# versions, so only fill is trusted); Collection 2 QA_PIXEL bits 0 fill, 1 dilated cloud, 3 cloud, 4 shadow.
+_LANDSAT_QA = {"BQA": {"bits": [0]}, "QA_PIXEL": {"bits": [0, 1, 3, 4]}}
+
 _S2_PATTERNS = (r"_(?P<band>B\d{2}|B8A)(?:_\d{2}m)?$",)
 _LANDSAT_PATTERNS = (r"_(?:SR_|ST_)?(?P<band>B\d{1,2})$", r"_(?P<band>BQA|QA_PIXEL)$")
 
@@ -339,26 +352,26 @@ def _build_presets() -> dict[str, Sensor]:
             "Sentinel-2 MSI Level-2A surface reflectance (SCL quality band)",
             nodata=0, scale=1e-4, quality=s2_qa["SCL"],
             # SCL classes: 0 no data, 1 saturated, 3 cloud shadow, 8/9 cloud, 10 cirrus.
-            invalid_quality={"values": [0, 1, 3, 8, 9, 10]},
+            invalid_quality={"SCL": {"values": [0, 1, 3, 8, 9, 10]}},
             file_patterns=_S2_PATTERNS + (r"_(?P<band>SCL)(?:_\d{2}m)?$",),
         ),
         _preset("landsat5", _TM_TABLE, "Landsat 4-5 Thematic Mapper", nodata=0,
                 quality=Band("BQA", "landsat5", 500.0, 1.0, "quality", 30.0),
-                invalid_quality={"bits": [0]}, file_patterns=_LANDSAT_PATTERNS),
+                invalid_quality=_LANDSAT_QA, file_patterns=_LANDSAT_PATTERNS),
         _preset("landsat7", _ETM_TABLE, "Landsat 7 Enhanced Thematic Mapper Plus", nodata=0,
                 quality=Band("BQA", "landsat7", 500.0, 1.0, "quality", 30.0),
-                invalid_quality={"bits": [0]}, file_patterns=_LANDSAT_PATTERNS),
+                invalid_quality=_LANDSAT_QA, file_patterns=_LANDSAT_PATTERNS),
         _preset("landsat8", _LANDSAT89_TABLE, "Landsat 8 OLI/TIRS", nodata=0,
                 quality=Band("BQA", "landsat8", 500.0, 1.0, "quality", 30.0),
-                invalid_quality={"bits": [0]}, file_patterns=_LANDSAT_PATTERNS),
+                invalid_quality=_LANDSAT_QA, file_patterns=_LANDSAT_PATTERNS),
         _preset("landsat9", _LANDSAT89_TABLE, "Landsat 9 OLI-2/TIRS-2", nodata=0,
                 quality=Band("BQA", "landsat9", 500.0, 1.0, "quality", 30.0),
-                invalid_quality={"bits": [0]}, file_patterns=_LANDSAT_PATTERNS),
+                invalid_quality=_LANDSAT_QA, file_patterns=_LANDSAT_PATTERNS),
         _preset("hls", _HLS_TABLE, "Harmonized Landsat Sentinel-2 (HLS v2) surface reflectance",
                 nodata=-9999, scale=1e-4,
                 quality=Band("FMASK", "hls", 500.0, 1.0, "quality", 30.0),
                 # Fmask bits: 1 cloud, 2 adjacent cloud/shadow, 3 cloud shadow.
-                invalid_quality={"bits": [1, 2, 3]}, file_patterns=(r"\.(?P<band>B\d{2}|B8A|FMASK)$",)),
+                invalid_quality={"FMASK": {"bits": [1, 2, 3]}}, file_patterns=(r"\.(?P<band>B\d{2}|B8A|FMASK)$",)),
         _preset("sentinel1_grd", _S1_TABLE, "Sentinel-1 C-band SAR GRD backscatter (VV, VH, HH, HV)",
                 file_patterns=(r"(?:^|[_\-.])(?P<band>VV|VH|HH|HV)(?:[_\-.]|$)",)),
         _preset("modis", _MODIS_TABLE, "Terra/Aqua MODIS land reflectance (bands 1-7) and NDVI/EVI",
@@ -541,10 +554,10 @@ def guess_sensor(paths: Sequence[str | Path]) -> str | None:
         (r"(?:^|_)LE07_|^LE7\d|(?:^|_)l7_", "landsat7"),
         (r"(?:^|_)L[TM]0[45]_|^LT[45]\d|(?:^|_)l5_", "landsat5"),
         (r"HLS\.[LS]30\.", "hls"),
-        (r"MSIL2A|_L2A_", "sentinel2_l2a"),
+        (r"MSIL2A|_L2A_|^T\d{2}[A-Z]{3}_\d{8}T\d{6}_(?:B\d{2}|B8A|SCL)_\d{2}m", "sentinel2_l2a"),
         (r"MSIL1C|_L1C_|^T\d{2}[A-Z]{3}_\d{8}T", "sentinel2_l1c"),
         (r"^S1[ABC]_|_GRD", "sentinel1_grd"),
-        (r"^MOD\d{2}|^MYD\d{2}", "modis"),
+        (r"^MOD\d{2}|^MYD\d{2}|(?:^|_)(?:TERRA|AQUA)_MODIS_", "modis"),
     ]
     found: set[str] = set()
     for path in paths:
@@ -554,6 +567,40 @@ def guess_sensor(paths: Sequence[str | Path]) -> str | None:
                 found.add(sensor)
                 break
     return found.pop() if len(found) == 1 else None
+
+
+_DATE_RULES: tuple[tuple[str, str], ...] = (
+    (r"(?<!\d)(\d{4})-(\d{2})-(\d{2})(?!\d)", "ymd"),  # 2013-09-14
+    (r"^L[COTEM]0\d_[A-Z0-9]{4}_\d{6}_(\d{4})(\d{2})(\d{2})_", "ymd"),  # Landsat Collection 1/2 product id
+    (r"(?:^|_)(\d{4})(\d{2})(\d{2})T\d{6}", "ymd"),  # Sentinel-1/2 sensing time
+    (r"\.A(\d{4})(\d{3})\.", "yj"),  # MODIS .AYYYYDDD.
+    (r"\.(\d{4})(\d{3})T\d{6}\.", "yj"),  # HLS .YYYYDDDTHHMMSS.
+)
+
+
+def guess_date(path: str | Path) -> str | None:
+    """The acquisition date (YYYY-MM-DD) in a product file name, or None.
+
+    Knows Landsat product ids (``LC08_L1TP_042034_20200101_...``), Sentinel sensing times
+    (``..._20170613T101031_...``), MODIS (``.A2013257.``), HLS (``.2020123T...``) and ISO dates.
+    """
+    import datetime as dt
+
+    name = Path(path).name
+    for pattern, form in _DATE_RULES:
+        m = re.search(pattern, name)
+        if not m:
+            continue
+        try:
+            if form == "ymd":
+                d = dt.date(int(m.group(1)), int(m.group(2)), int(m.group(3)))
+            else:
+                d = dt.date(int(m.group(1)), 1, 1) + dt.timedelta(days=int(m.group(2)) - 1)
+        except ValueError:
+            continue
+        if 1960 <= d.year <= 2100:
+            return d.isoformat()
+    return None
 
 
 def format_sensor_table(sensor: Sensor) -> str:

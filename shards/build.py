@@ -223,9 +223,9 @@ def read_row(scene: Scene, row: int, cols: list[int], tile: int) -> Iterator[tup
     pixels = np.concatenate(datas, axis=0)
     valid = np.concatenate(valids, axis=0)
     dates = [d for _, d in scene.observations]
-    for q, sensor, qdate in scene.quality:
+    for q, rule, qdate in scene.quality:
         qd, qv = q.read(window)
-        ok = _quality_valid(qd[0], dict(sensor.invalid_quality)) & qv[0]
+        ok = _quality_valid(qd[0], rule) & qv[0]
         for i, d in enumerate(dates):
             if qdate is None or d == qdate:
                 valid[i] &= ok

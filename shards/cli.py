@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from gfm.sensors import SensorError, load_sensors_yaml
+from gfm.sensors import SensorError, guess_date, load_sensors_yaml
 from shards.build import BuildOptions, build, parse_size, write_index
 from shards.manifest import load_manifest
 from shards.scene import DateSpec, FileSpec, SceneSpec, ShardError
@@ -42,7 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--sensor", help="sensor preset (see 'gfm sensors'); guessed from product file names if omitted")
     b.add_argument("--sensors-yaml", help="YAML file of user sensor definitions to register first")
     b.add_argument("--bands", help="band names in file/band order, comma separated, when names can't be recognised")
-    b.add_argument("--date", help="acquisition date YYYY-MM-DD")
+    b.add_argument("--date", help="acquisition date YYYY-MM-DD (default: read from product file names; files of "
+                   "several dates make a time series)")
     b.add_argument("--label", help="label raster (reprojected with nearest) or .npy/.mat array on the scene grid")
     b.add_argument("--label-key", help="variable name in a .mat label file")
     b.add_argument("--label-ignore", type=int, default=-1,
@@ -102,12 +103,28 @@ def _single_scene(a: argparse.Namespace) -> SceneSpec:
     scene_id = a.scene_id or Path(a.files[0]).stem.split(".")[0]
     return SceneSpec(
         id=scene_id,
-        dates=[DateSpec(a.date, files)],
+        dates=_group_by_date(files, a.date),
         label=a.label,
         label_key=a.label_key,
         gsd=a.gsd,
         label_ignore=a.label_ignore,
     )
+
+
+def _group_by_date(files: list[FileSpec], date: str | None) -> list[DateSpec]:
+    """One date (--date, or the one date in the file names), or a time series when names differ in date."""
+    if date is not None:
+        return [DateSpec(date, files)]
+    guessed = [guess_date(f.path) for f in files]
+    distinct = sorted({d for d in guessed if d is not None})
+    if len(distinct) <= 1:
+        return [DateSpec(distinct[0] if distinct else None, files)]
+    undated = [f.path for f, d in zip(files, guessed) if d is None]
+    if undated:
+        raise ShardError(f"{undated[0]}: no date in its name while other files have several; give --date or a manifest")
+    print(f"notice: {len(distinct)} dates in the file names ({distinct[0]} .. {distinct[-1]}): one time series, "
+          "aligned to the first date's grid", file=sys.stderr)
+    return [DateSpec(d, [f for f, g in zip(files, guessed) if g == d]) for d in distinct]
 
 
 def _cmd_build(a: argparse.Namespace) -> int:

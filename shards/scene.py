@@ -9,6 +9,7 @@ lies is decided elsewhere (:mod:`shards.plan`); this module only reads.
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -376,7 +377,7 @@ class Scene:
     spec: SceneSpec
     grid: Grid
     readers: list[tuple[Reader, str | None]]  # (reader, date) in observation order
-    quality: list[tuple[Reader, Sensor, str | None]]
+    quality: list[tuple[Reader, dict[str, Any], str | None]]  # (reader, invalid rule, date)
     label: Reader | None
     label_array: np.ndarray | None
     notices: list[str]
@@ -501,8 +502,9 @@ def open_scene(spec: SceneSpec, *, resampling: str = "bilinear") -> Scene:
                 d.close()
 
     readers: list[tuple[Reader, str | None]] = []
-    quality: list[tuple[Reader, Sensor, str | None]] = []
+    quality: list[tuple[Reader, dict[str, Any], str | None]] = []
     for date in spec.dates:
+        date_readers: list[Reader] = []
         for fs in date.files:
             if fs.path.lower().endswith(_CUBE_SUFFIXES):
                 reader, cube_grid = _cube_reader(spec, fs)
@@ -513,9 +515,10 @@ def open_scene(spec: SceneSpec, *, resampling: str = "bilinear") -> Scene:
                         f"{fs.path}: cube is {cube_grid.width}x{cube_grid.height}, the scene grid is "
                         f"{grid.width}x{grid.height}"
                     )
-                readers.append((reader, date.date))
+                date_readers.append(reader)
                 continue
-            assert grid is not None
+            if grid is None:
+                raise ShardError(f"{fs.path}: list cubes before rasters in a scene that has both")
             sensor = _sensor_from(fs.sensor, fs.path)
             ds = _open(fs.path)
             try:
@@ -523,19 +526,23 @@ def open_scene(spec: SceneSpec, *, resampling: str = "bilinear") -> Scene:
                 count = ds.count
             finally:
                 ds.close()
-            if count == 1 and fs.bands is None and sensor.quality is not None:
-                qb = sensor.band_from_filename(fs.path)
-                if qb is not None and qb.kind == "quality":
-                    q = RasterReader(fs.path, [1], [qb], grid, resampling="nearest", nodata=None)
-                    quality.append((q, sensor, date.date))
+            if count == 1 and fs.bands is None:
+                rule = sensor.quality_rule(fs.path)
+                if rule is not None:
+                    q = RasterReader(fs.path, [1], [], grid, resampling="nearest", nodata=None)
+                    quality.append((q, rule, date.date))
+                    continue
+                if _ANCILLARY.search(Path(fs.path).name) and sensor.band_from_filename(fs.path) is None:
+                    notices.append(f"notice: {fs.path} is an ancillary product layer, not a band; skipped")
                     continue
             bands = _file_bands(fs, count, descriptions, sensor)
-            nodata = fs.nodata if fs.nodata is not None else None
-            r = RasterReader(fs.path, list(range(1, count + 1)), bands, grid, resampling=resampling, nodata=nodata)
+            r = RasterReader(fs.path, list(range(1, count + 1)), bands, grid, resampling=resampling, nodata=fs.nodata)
             if r.nodata is None and sensor.nodata is not None:
                 r.nodata = sensor.nodata
             if r.warped:
                 notices.append(f"notice: {fs.path} resampled/reprojected onto the scene grid ({resampling})")
+            date_readers.append(r)
+        for r in _drop_duplicate_bands(date_readers, notices):
             readers.append((r, date.date))
     assert grid is not None
 
@@ -563,6 +570,42 @@ def open_scene(spec: SceneSpec, *, resampling: str = "bilinear") -> Scene:
                 notices.append(f"notice: label {spec.label} reprojected onto the scene grid (nearest)")
             label_reader = lr
     return Scene(spec, grid, readers, quality, label_reader, label_array, notices)
+
+
+# Layers of standard products that are not spectral bands (skipped with a notice when passed by glob).
+_ANCILLARY = re.compile(
+    r"(?:^|[_\-.])(TCI|AOT|WVP|PVI|preview|QA_RADSAT|SR_QA_AEROSOL|ST_QA|ST_TRAD|ST_URAD|ST_DRAD|ST_ATRAN|ST_EMIS|"
+    r"ST_EMSD|ST_CDIST|SAA|SZA|VAA|VZA|ANG|MSK_\w+)(?:[_\-.]|$)",
+    re.IGNORECASE,
+)
+
+
+def _native_res(r: Reader) -> float:
+    return abs(r._ds.transform.a) if isinstance(r, RasterReader) else 0.0
+
+
+def _drop_duplicate_bands(readers: list[Reader], notices: list[str]) -> list[Reader]:
+    """Within one date, keep only the finest single-band file of a band given several times."""
+    seen: dict[tuple[str, str], Reader] = {}
+    for r in readers:
+        for b in r.bands:
+            key = (b.sensor, b.name)
+            if key not in seen:
+                seen[key] = r
+                continue
+            other = seen[key]
+            if len(r.bands) > 1 or len(other.bands) > 1:
+                raise ShardError(f"{r.path}: band {b.name} of {b.sensor} is also in {other.path} (same date)")
+            keep, drop = (other, r) if _native_res(other) <= _native_res(r) else (r, other)
+            notices.append(f"notice: band {b.name} given twice; kept {keep.path}, skipped coarser {drop.path}")
+            seen[key] = keep
+    kept = []
+    for r in readers:
+        if all(seen[(b.sensor, b.name)] is r for b in r.bands):
+            kept.append(r)
+        else:
+            r.close()
+    return kept
 
 
 def _cube_reader(spec: SceneSpec, fs: FileSpec) -> tuple[CubeReader, Grid]:

