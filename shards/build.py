@@ -322,32 +322,29 @@ def write_shard(job: ShardJob, on_tile: Callable[[int], None] | None = None) -> 
         with open(tmp, "wb") as fileobj:
             writer = TarSampleWriter(fileobj)
             for si in sorted(by_scene):
-                scene = open_scene(job.specs[si], resampling=opts.resampling)
+                scene = _open_cached(job.specs[si], opts.resampling)
                 counts = per_scene.setdefault(scene.spec.id, {"samples": 0, "dropped": 0})
-                try:
-                    for row in sorted(by_scene[si]):
-                        for col, px, valid, label in read_row(scene, row, sorted(by_scene[si][row]), opts.tile):
-                            if on_tile is not None:
-                                on_tile(1)
-                            if valid.mean() < opts.min_valid:
-                                dropped += 1
-                                counts["dropped"] += 1
-                                continue
-                            tile = make_tile(scene, row, col, opts.tile, px, valid, label)
-                            writer.write(encode(tile))
-                            samples += 1
-                            counts["samples"] += 1
-                            for i, b in enumerate(tile.meta["bands"]):
-                                key = stats_key(b["sensor"], b["name"])
-                                if key not in stats:
-                                    stats[key] = BandStats(seed=plan.index)
-                                    bands[key] = {k: b[k] for k in ("name", "sensor", "center_nm", "fwhm_nm", "kind")}
-                                stats[key].update(px[i][valid[i]])
-                                sensors.add(b["sensor"])
-                                if b["time"]:
-                                    dates.add(b["time"])
-                finally:
-                    scene.close()
+                for row in sorted(by_scene[si]):
+                    for col, px, valid, label in read_row(scene, row, sorted(by_scene[si][row]), opts.tile):
+                        if on_tile is not None:
+                            on_tile(1)
+                        if valid.mean() < opts.min_valid:
+                            dropped += 1
+                            counts["dropped"] += 1
+                            continue
+                        tile = make_tile(scene, row, col, opts.tile, px, valid, label)
+                        writer.write(encode(tile))
+                        samples += 1
+                        counts["samples"] += 1
+                        for i, b in enumerate(tile.meta["bands"]):
+                            key = stats_key(b["sensor"], b["name"])
+                            if key not in stats:
+                                stats[key] = BandStats(seed=plan.index)
+                                bands[key] = {k: b[k] for k in ("name", "sensor", "center_nm", "fwhm_nm", "kind")}
+                            stats[key].update(px[i][valid[i]])
+                            sensors.add(b["sensor"])
+                            if b["time"]:
+                                dates.add(b["time"])
             writer.close()
         nbytes = tmp.stat().st_size
         digest = _sha256(tmp) if samples else ""
@@ -375,6 +372,27 @@ def write_shard(job: ShardJob, on_tile: Callable[[int], None] | None = None) -> 
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+_SCENE_CACHE: dict[str, Scene] = {}
+_SCENE_CACHE_SIZE = 2  # consecutive shards of one worker usually share a scene
+
+
+def _open_cached(spec: SceneSpec, resampling: str) -> Scene:
+    """Open a scene, reusing this process's last opened ones (files, VRTs, grid)."""
+    key = json.dumps([asdict(spec), resampling], sort_keys=True, default=str)
+    if key in _SCENE_CACHE:
+        return _SCENE_CACHE[key]
+    while len(_SCENE_CACHE) >= _SCENE_CACHE_SIZE:
+        _SCENE_CACHE.pop(next(iter(_SCENE_CACHE))).close()
+    scene = _SCENE_CACHE[key] = open_scene(spec, resampling=resampling)
+    return scene
+
+
+def close_cached_scenes() -> None:
+    """Close every cached scene of this process."""
+    while _SCENE_CACHE:
+        _SCENE_CACHE.popitem()[1].close()
 
 
 def _sha256(path: Path) -> str:
@@ -471,6 +489,7 @@ def build(specs: list[SceneSpec], opts: BuildOptions, log: Callable[[str], None]
                         bar.update(len(job.plan.tiles))
     finally:
         bar.close()
+        close_cached_scenes()
     if errors:
         raise ShardError(errors[0])
     seconds = time.perf_counter() - t0
