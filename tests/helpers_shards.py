@@ -24,7 +24,9 @@ S1 = [
 ]
 
 
-def make_tile(scene: str, i: int, bands: Sequence[dict[str, Any]], size: int, rng: np.random.Generator) -> Tile:
+def make_tile(
+    scene: str, i: int, bands: Sequence[dict[str, Any]], size: int, rng: np.random.Generator, label: bool = False
+) -> Tile:
     c = len(bands)
     pixels = rng.integers(100, 5000, size=(c, size, size), dtype=np.uint16)
     pixels[0, 0, 0] = 0  # one nodata pixel per tile
@@ -41,7 +43,8 @@ def make_tile(scene: str, i: int, bands: Sequence[dict[str, Any]], size: int, rn
         "offset": 0.0,
         "source": {},
     }
-    return Tile(key=make_key(scene, 0, i, 0), pixels=pixels, meta=meta)
+    seg = pixels[0].astype(np.int32) if label else None  # a label equal to band 0 shows the geometry
+    return Tile(key=make_key(scene, 0, i, 0), pixels=pixels, meta=meta, label=seg)
 
 
 def write_dataset(
@@ -50,6 +53,7 @@ def write_dataset(
     *,
     size: int = 16,
     mixed: bool = False,
+    label: bool = False,
     seed: int = 0,
     name: str = "gfm",
 ) -> list[str]:
@@ -67,7 +71,7 @@ def write_dataset(
         fname = f"{name}-{s:06d}.tar"
         with wds.TarWriter(os.path.join(root, fname), encoder=False) as sink:
             for i in range(n):
-                tile = make_tile(f"scene{s}", i, bands, size, rng)
+                tile = make_tile(f"scene{s}", i, bands, size, rng, label)
                 sink.write(encode(tile))
                 keys.append(tile.key)
                 for c, b in enumerate(bands):

@@ -99,6 +99,28 @@ def test_batch_contents(data: tuple[str, list[str]]) -> None:
     assert (b.pixels[~b.valid] == 0).all()
 
 
+def test_labels_follow_the_pixels(tmp_path: Path) -> None:
+    write_dataset(str(tmp_path), [8, 8], label=True)
+    stats = json.loads((tmp_path / "index.json").read_text())["stats"]["landsat8/B2"]
+    ld = cfg(str(tmp_path), num_workers=0).build(0, 1)
+    for b in ld:
+        assert b.label is not None and b.label.shape == (2, 8, 8) and b.label.dtype == torch.int64
+        band0 = (b.pixels[:, 0].double() * stats["std"] + stats["mean"]).round().long()
+        ok = b.valid[:, 0]
+        assert torch.equal(band0[ok], b.label[ok]), "crop/flip/rot90 must move labels with the pixels"
+
+
+def test_reiterating_mid_epoch_continues(data: tuple[str, list[str]]) -> None:
+    full = keys_of(cfg(data[0]).build(0, 2))
+    ld = cfg(data[0]).build(0, 2)
+    head = []
+    for b in ld:
+        head.append(b.keys)
+        if len(head) == 3:
+            break
+    assert head + keys_of(ld) == full
+
+
 def test_same_seed_same_batches(data: tuple[str, list[str]]) -> None:
     root = data[0]
     for mode in ("epoch", "resampled"):
@@ -313,3 +335,22 @@ def test_normalisation_matches_numpy_on_real_shards(real_shards: str) -> None:
             assert b.wavelength[i].tolist() == pytest.approx([bd["center_nm"] for bd in meta["bands"]])
             n += 1
     assert n == ld.samples_per_epoch > 0
+
+
+def test_valid_mask_nodata_forms() -> None:
+    from gfm.data.transforms import Geometry, valid_masks
+    from gfm.schema import Tile
+
+    px = np.array([[[0, 1], [2, 3]], [[0, 5], [5, 0]]], dtype=np.uint16)  # [C=2, 2, 2]
+    g = Geometry(0, 0, 2, 2, False, False, 0)
+    cases = [  # nodata as written in meta.json → expected mask
+        ([0, None], [[[0, 1], [1, 1]], [[1, 1], [1, 1]]]),
+        (5, [[[1, 1], [1, 1]], [[1, 0], [0, 1]]]),
+        (None, [[[1, 1], [1, 1]], [[1, 1], [1, 1]]]),
+        ([0.5, 0], [[[1, 1], [1, 1]], [[0, 1], [1, 0]]]),
+    ]
+    for nodata, expect in cases:
+        mask = valid_masks([Tile("k", px, {"nodata": nodata})], [g], px[None])
+        assert (mask[0] == np.array(expect, dtype=bool)).all(), nodata
+    mixed = valid_masks([Tile("a", px, {"nodata": 0}), Tile("b", px, {})], [g, g], np.stack([px, px]))
+    assert not mixed[0].all() and mixed[1].all()

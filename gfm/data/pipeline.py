@@ -19,6 +19,7 @@ stream seeded with the incremented restart count and yields only the batches sti
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,9 +31,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from gfm.data.batch import Batch
+from gfm.data.decode import decode_sample
 from gfm.data.sources import LoaderError, Segment, ShardSet, epoch_order, open_url, slot_segments
 from gfm.data.transforms import Augment, BandTable, Geometry, check_tile, collate, draw_keep
-from gfm.schema import SchemaError, Tile, bandset_signature, decode
+from gfm.schema import SchemaError, Tile, bandset_signature
 
 if TYPE_CHECKING:
     from gfm.data.config import LoaderConfig
@@ -108,19 +110,35 @@ class Plan:
 
 
 class SlotStream(IterableDataset):  # type: ignore[type-arg]
-    """The iterable each DataLoader worker runs: yields ``(Batch, faults, slot)`` for one epoch.
+    """The iterable each DataLoader worker runs: yields one epoch of packed batches.
 
-    ``epoch``, ``restart`` and ``consumed`` (batches of this rank's epoch already used) are set by
-    :class:`ShardLoader` before every epoch's DataLoader is created.
+    Items are ``(buffer, layout, keys, faults, slot)``; :func:`unpack` turns the first three back into
+    a :class:`Batch` (in the training process itself, ``(batch, None, ...)``: nothing to transfer).
+    The position (epoch, restart count, batches of the epoch already consumed) lives in a small
+    shared-memory tensor that :class:`ShardLoader` writes before every epoch, so persistent workers see
+    it without being re-created.
     """
 
     def __init__(self, plan: Plan) -> None:
         super().__init__()
         self.plan = plan
-        self.epoch = 0
-        self.restart = 0
-        self.consumed = 0
+        self.position = torch.zeros(3, dtype=torch.int64).share_memory_()  # epoch, restart, consumed
         self._tables: dict[str, BandTable] = {}
+
+    @property
+    def epoch(self) -> int:
+        """Epoch being read."""
+        return int(self.position[0])
+
+    @property
+    def restart(self) -> int:
+        """Restart count of the run."""
+        return int(self.position[1])
+
+    @property
+    def consumed(self) -> int:
+        """Batches of this rank's epoch already handed out before the current iteration."""
+        return int(self.position[2])
 
     # --- which slot, how many batches ---------------------------------------------------------
 
@@ -138,8 +156,9 @@ class SlotStream(IterableDataset):  # type: ignore[type-arg]
         n, w = self.consumed, self.plan.workers
         return (n - slot + w - 1) // w if n > slot else 0
 
-    def __iter__(self) -> Iterator[tuple[Batch, dict[str, int], int]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor | Batch, Layout | None, list[str], dict[str, int], int]]:
         p = self.plan
+        in_worker = get_worker_info() is not None
         slot = self._slot()
         skip = self._skip(slot)
         restart = 0 if p.exact else self.restart  # exact epochs replay their own stream to resume
@@ -164,7 +183,10 @@ class SlotStream(IterableDataset):  # type: ignore[type-arg]
                 continue
             tiles = [t for t, _ in pending]
             batch = collate(tiles, [g for _, g in pending], self._table(tiles[0]), keep)
-            yield batch, faults.as_dict(), slot
+            if in_worker:
+                yield (*pack(batch), batch.keys, faults.as_dict(), slot)
+            else:  # same process: no transfer, so no packing (nor torch copies on the trainer's threads)
+                yield batch, None, batch.keys, faults.as_dict(), slot
             emitted += 1
             if emitted >= remaining:
                 return
@@ -235,7 +257,7 @@ class SlotStream(IterableDataset):  # type: ignore[type-arg]
         for raw in _shuffled(_read(segments, faults), p.shuffle_buffer, rng):
             key, url = str(raw.get("__key__")), str(raw.get("__url__"))
             try:
-                tile = decode(raw)
+                tile = decode_sample(raw)
                 check_tile(tile, p.augment.crop_size)
             except SchemaError as e:
                 faults.sample(url, key, e)
@@ -253,6 +275,37 @@ class SlotStream(IterableDataset):  # type: ignore[type-arg]
         if flush:
             for bucket in sorted(buckets.values(), key=len, reverse=True):
                 yield bucket
+
+
+Layout = list[tuple[str, int, str, tuple[int, ...]]]  # (field, byte offset, dtype, shape)
+
+
+def pack(batch: Batch) -> tuple[torch.Tensor, Layout]:
+    """All tensors of a batch in one uint8 buffer, and where each lies in it.
+
+    Between processes, each tensor costs a shared-memory segment, which dominates the transfer cost;
+    one buffer per batch makes it one segment.
+    """
+    tensors = batch.tensors()
+    layout: Layout = []
+    offset = 0
+    for name, t in tensors.items():
+        layout.append((name, offset, str(t.dtype).removeprefix("torch."), tuple(t.shape)))
+        offset += -(-t.numel() * t.element_size() // 64) * 64  # 64-byte aligned
+    buf = torch.empty(offset, dtype=torch.uint8)
+    for (_, off, _, _), t in zip(layout, tensors.values()):
+        buf[off : off + t.numel() * t.element_size()].view(t.dtype).view(t.shape).copy_(t)
+    return buf, layout
+
+
+def unpack(buf: torch.Tensor, layout: Layout, keys: list[str]) -> Batch:
+    """The :class:`Batch` whose tensors are views into ``buf`` (inverse of :func:`pack`)."""
+    fields: dict[str, Any] = {}
+    for name, off, dtype_name, shape in layout:
+        dtype = getattr(torch, dtype_name)
+        nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        fields[name] = buf[off : off + nbytes].view(dtype).view(shape)
+    return Batch(keys=keys, **fields)
 
 
 def _read(segments: Iterator[Segment], faults: Faults) -> Iterator[dict[str, Any]]:
@@ -309,6 +362,7 @@ class ShardLoader:
         self.cfg = cfg
         self.plan = plan
         self.dataset = SlotStream(plan)
+        self._loader: DataLoader | None = None  # type: ignore[type-arg]
         self.epoch = 0
         self.batches = 0  # batches of the current epoch handed out
         self.restart = 0
@@ -380,20 +434,29 @@ class ShardLoader:
             "batch_size": p.batch_size, "seed": p.seed,
         }
 
+    def close(self) -> None:
+        """Stop the persistent worker processes now (otherwise they stop when the loader is collected)."""
+        it = getattr(self._loader, "_iterator", None)
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        self._loader = None
+
     def __iter__(self) -> Iterator[Batch]:
-        ds = self.dataset
-        ds.epoch, ds.restart, ds.consumed = self.epoch, self.restart, self.batches
+        self.dataset.position.copy_(torch.tensor([self.epoch, self.restart, self.batches]))
         self._faults = {}
-        workers = self.cfg.num_workers
-        loader = DataLoader(
-            ds,
-            batch_size=None,
-            num_workers=workers,
-            pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
-            prefetch_factor=self.cfg.prefetch_factor if workers > 0 else None,
-            persistent_workers=False,
-        )
-        for batch, faults, slot in loader:
+        if self._loader is None:
+            workers = self.cfg.num_workers
+            self._loader = DataLoader(
+                self.dataset,
+                batch_size=None,
+                num_workers=workers,
+                prefetch_factor=self.cfg.prefetch_factor if workers > 0 else None,
+                persistent_workers=workers > 0,  # started once; each epoch re-runs their __iter__
+                pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),  # pins the one buffer
+            )
+        for buf, layout, keys, faults, slot in self._loader:
+            batch = buf if layout is None else unpack(buf, layout, keys)
             self._faults[slot] = faults
             total = sum(self.faults.values())
             if total > self.plan.error_budget:

@@ -122,24 +122,42 @@ def _nodata(value: Any, c: int) -> np.ndarray | None:
 
 
 def check_tile(tile: Tile, crop_size: int | None) -> None:
-    """Reader-side checks beyond the schema: big enough to crop, usable nodata. Raises SchemaError."""
+    """Reader-side checks beyond the schema: big enough to crop, usable nodata. Raises SchemaError.
+
+    Leaves the parsed nodata (``[C, 1, 1]`` or None) in ``tile.extra["nodata"]`` for :func:`collate`.
+    """
     c, h, w = tile.pixels.shape
     if crop_size and (h < crop_size or w < crop_size):
         raise SchemaError(f"sample {tile.key!r}: tile {h}x{w} is smaller than crop_size {crop_size}")
-    _nodata(tile.meta.get("nodata"), c)
+    tile.extra["nodata"] = _nodata(tile.meta.get("nodata"), c)
 
 
-def valid_mask(tile: Tile, g: Geometry) -> np.ndarray:
-    """``[C, h, w]`` bool: the tile's ``valid.npy`` (if any), minus nodata and non-finite pixels."""
-    px = apply_geometry(tile.pixels, g)
+def valid_masks(tiles: Sequence[Tile], geoms: Sequence[Geometry], px: np.ndarray) -> np.ndarray:
+    """``[B, C, h, w]`` bool for the stacked pixels ``px``: ``valid.npy`` (if any) and not nodata/NaN."""
+    b, c = px.shape[:2]
     mask = np.ones(px.shape, dtype=bool)
-    if tile.valid is not None:
-        mask &= apply_geometry(tile.valid, g).astype(bool)  # [H, W] broadcasts over C
-    nodata = _nodata(tile.meta.get("nodata"), px.shape[0])
-    if nodata is not None:
-        mask &= px != nodata  # NaN entries (no nodata value) never match
+    nodata = [t.extra["nodata"] if "nodata" in t.extra else _nodata(t.meta.get("nodata"), c) for t in tiles]
+    if any(n is not None for n in nodata):
+        none = np.full((c, 1, 1), np.nan)
+        nd = np.stack([none if n is None else n for n in nodata])  # [B, C, 1, 1] float64, NaN = none
+        if np.array_equal(nd, np.broadcast_to(nd[:1], nd.shape), equal_nan=True):
+            nd = nd[0]  # usually one value for the whole batch: compare once per channel
+        has = ~np.isnan(nd)
+        if px.dtype.kind in "iu" and has.any():
+            info = np.iinfo(px.dtype)
+            vals = np.where(has, nd, 0)
+            if ((vals == np.round(vals)) & (vals >= info.min) & (vals <= info.max)).all():
+                # compare in the source dtype: 5x cheaper than promoting the pixels to float64
+                mask &= (px != vals.astype(px.dtype)) | ~has
+            else:
+                mask &= px != nd
+        else:
+            mask &= px != nd  # NaN entries never match
     if px.dtype.kind == "f":
         mask &= np.isfinite(px)
+    for i, (t, g) in enumerate(zip(tiles, geoms)):
+        if t.valid is not None:
+            mask[i] &= apply_geometry(t.valid, g).astype(bool)  # [h, w] broadcasts over C
     return mask
 
 
@@ -158,7 +176,7 @@ def collate(
         a Batch with ``pixels [B, C', h, w]`` float32 where invalid pixels are 0 (the band mean).
     """
     px = np.stack([apply_geometry(t.pixels, g) for t, g in zip(tiles, geoms)])  # [B, C, h, w] source dtype
-    valid = np.stack([valid_mask(t, g) for t, g in zip(tiles, geoms)])  # [B, C, h, w] bool
+    valid = valid_masks(tiles, geoms, px)  # [B, C, h, w] bool
     times = np.array(
         [[days_since_epoch(b["time"]) for b in t.meta["bands"]] for t in tiles], dtype=np.float32
     )  # [B, C]
