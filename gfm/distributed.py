@@ -11,9 +11,11 @@ rank that never arrives ends the run with an error naming the timeout instead of
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import socket
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,7 +107,18 @@ def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> DistInfo:
             verbose=False,
         )
     _INFO = DistInfo(rank, world_size, local_rank, local_world_size, device, backend, timeout_s)
+    _quiet_libraries(rank)
     return _INFO
+
+
+def _quiet_libraries(rank: int) -> None:
+    """Rank 0 alone speaks: DeepSpeed's info chatter off everywhere, warnings off on other ranks."""
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING if rank == 0 else logging.ERROR)
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.*", category=FutureWarning)
+    if rank != 0:
+        warnings.simplefilter("ignore")
 
 
 def info() -> DistInfo:

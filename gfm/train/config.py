@@ -5,31 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from torch import nn
-
 from gfm.config import ConfigError
+from gfm.model.registry import ModelConfig
 from gfm.train.engine_config import EngineConfig
 from gfm.train.optim import OptimConfig, ScheduleConfig
 from gfm.train.synthetic import SyntheticDataConfig
-
-
-@dataclass
-class ModelSpec:
-    """Which registered model to train.
-
-    Attributes:
-        name: a name from ``gfm.model.registry`` (``hypermae_less_tiny``, ...).
-        overrides: keyword arguments passed to the registry's constructor (``mask_ratio: 0.75``, ...).
-    """
-
-    name: str = "hypermae_less_tiny"
-    overrides: dict[str, Any] = field(default_factory=dict)
-
-    def build(self) -> nn.Module:
-        """The model, on the CPU, in fp32."""
-        from gfm.model.registry import create_model
-
-        return create_model(self.name, **self.overrides)
 
 
 @dataclass
@@ -156,13 +136,16 @@ class TrainConfig:
         run_dir: where the resolved config, DeepSpeed JSON, metrics, pictures and checkpoints go.
         steps: optimizer steps to train for.
         seed: seeds parameters, masking and the synthetic stream.
+        data: the batches (:class:`DataConfig`).
+        model: the model and its masking (``gfm.model.registry.ModelConfig``: ``mask_ratio``,
+            ``obs_mask_ratio``; ``grad_checkpointing`` is activation checkpointing).
     """
 
     run_dir: str = "runs/default"
     steps: int = 1000
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelSpec = field(default_factory=ModelSpec)
+    model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)

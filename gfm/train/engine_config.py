@@ -18,8 +18,6 @@ class EngineConfig:
         precision: ``bf16`` (bf16 compute and communication, fp32 master weights) or ``fp32``.
         grad_accum: micro-batches per optimizer step; gradients accumulate in fp32.
         grad_clip: global gradient-norm clip (0 disables).
-        activation_checkpointing: recompute block activations in backward (model's
-            ``set_grad_checkpointing``).
         timeout_s: collective timeout; a rank that does not arrive within it ends the run with an error.
         deepspeed: extra DeepSpeed JSON keys merged last (e.g. ``zero_optimization.overlap_comm``),
             for knobs this config does not model.
@@ -29,7 +27,6 @@ class EngineConfig:
     precision: Literal["bf16", "fp32"] = "bf16"
     grad_accum: int = 1
     grad_clip: float = 1.0
-    activation_checkpointing: bool = False
     timeout_s: float = 600.0
     deepspeed: dict[str, Any] = field(default_factory=dict)
 

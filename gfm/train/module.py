@@ -72,11 +72,6 @@ class TrainModule:
         self.micro_batch = cfg.data.batch_size
         self.effective_batch = self.micro_batch * cfg.engine.grad_accum * self.info.world_size
         self.peak_lr = cfg.optim.peak_lr(self.effective_batch)
-        if cfg.engine.activation_checkpointing:
-            set_ckpt = getattr(model, "set_grad_checkpointing", None)
-            if set_ckpt is None:
-                raise ValueError("engine.activation_checkpointing: the model has no set_grad_checkpointing()")
-            set_ckpt(True)
         self.ds_config = cfg.engine.deepspeed_config(self.micro_batch, self.info.world_size, load_universal)
         optimizer = cfg.optim.build(model, self.peak_lr)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# N "nodes" × M processes on one machine over loopback: the multi-node code path without a cluster
+# (gloo on CPU; what the tests do). Each "node" is its own torchrun launcher with its own node rank.
+#   NODES=2 NPROC=1 launch/local_cluster.sh pretrain/configs/cpu_smoke.yaml run_dir=runs/local2x1
+set -euo pipefail
+CONFIG=${1:?usage: local_cluster.sh CONFIG [key=value ...]}; shift
+NODES=${NODES:-2}
+NPROC=${NPROC:-1}
+MASTER_PORT=${MASTER_PORT:-$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+pids=()
+for ((node = 0; node < NODES; node++)); do
+  torchrun --nnodes "$NODES" --nproc_per_node "$NPROC" --node_rank "$node" \
+    --master_addr 127.0.0.1 --master_port "$MASTER_PORT" \
+    -m pretrain --config "$CONFIG" "$@" &
+  pids+=($!)
+done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+exit $status
