@@ -266,15 +266,16 @@ def test_shard_specs_and_torchrun_env(
     root = data[0]
     listing = tmp_path / "shards.txt"
     listing.write_text("\n".join(os.path.join(root, f"gfm-{i:06d}.tar") for i in range(len(SIZES))))
-    specs = [root, os.path.join(root, "gfm-{000000..000007}.tar"), str(listing)]
+    pattern = os.path.join(root, "gfm-{000000..000007}.tar")
+    specs = [root, pattern, str(listing), f"pipe:cat {pattern}"]
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     runs = []
     for spec in specs:
-        ld = cfg(spec, index=os.path.join(root, "index.json"), num_workers=0).build()
+        ld = cfg(spec, num_workers=0).build()  # index.json found beside the shards
         assert ld.plan.rank == 1 and ld.plan.world_size == 2
         runs.append(keys_of(ld))
-    assert runs[0] == runs[1] == runs[2]
+    assert runs[0] == runs[1] == runs[2] == runs[3]
 
 
 def test_config_errors_name_the_key(data: tuple[str, list[str]]) -> None:

@@ -292,10 +292,19 @@ def pack(batch: Batch) -> tuple[torch.Tensor, Layout]:
     for name, t in tensors.items():
         layout.append((name, offset, str(t.dtype).removeprefix("torch."), tuple(t.shape)))
         offset += -(-t.numel() * t.element_size() // 64) * 64  # 64-byte aligned
-    buf = torch.empty(offset, dtype=torch.uint8)
+    buf = _shared_bytes(offset)
     for (_, off, _, _), t in zip(layout, tensors.values()):
         buf[off : off + t.numel() * t.element_size()].view(t.dtype).view(t.shape).copy_(t)
     return buf, layout
+
+
+def _shared_bytes(n: int) -> torch.Tensor:
+    """``[n]`` uint8 allocated in shared memory, so sending it to the main process copies nothing."""
+    try:
+        storage = torch.UntypedStorage._new_shared(n)  # what share_memory_() uses, minus a copy
+    except (AttributeError, RuntimeError):  # private API: fall back to a copy at send time
+        return torch.empty(n, dtype=torch.uint8)
+    return torch.empty(0, dtype=torch.uint8).set_(storage)
 
 
 def unpack(buf: torch.Tensor, layout: Layout, keys: list[str]) -> Batch:
@@ -312,8 +321,12 @@ def _read(segments: Iterator[Segment], faults: Faults) -> Iterator[dict[str, Any
     """Raw samples (``__key__``, ``__url__`` and bytes per member) of each segment, in tar order."""
     for seg in segments:
         last: list[str | None] = [None]
+        failed = [False]
 
-        def handler(exn: BaseException, url: str = seg.url, last: list[str | None] = last) -> bool:
+        def handler(
+            exn: BaseException, url: str = seg.url, last: list[str | None] = last, failed: list[bool] = failed
+        ) -> bool:
+            failed[0] = True
             faults.shard(url, exn, last[0])
             return True  # skip the rest of this shard, go on with the next
 
@@ -322,6 +335,7 @@ def _read(segments: Iterator[Segment], faults: Faults) -> Iterator[dict[str, Any
         except Exception as e:  # missing file, failed command, network error: a fault, not a crash
             handler(e)
             continue
+        to_end = False
         try:
             files = tar_file_expander([{"url": seg.url, "stream": stream}], handler=handler)
             for i, sample in enumerate(group_by_keys(files, handler=handler)):
@@ -330,8 +344,14 @@ def _read(segments: Iterator[Segment], faults: Faults) -> Iterator[dict[str, Any
                 last[0] = sample.get("__key__")
                 if i >= seg.start:
                     yield sample
+            else:
+                to_end = True
         finally:
-            stream.close()
+            try:
+                stream.close()  # a pipe: command reports its exit status here
+            except Exception as e:
+                if to_end and not failed[0]:  # stopping early makes commands fail (SIGPIPE): not a fault
+                    handler(e)
 
 
 def _shuffled(items: Iterator[dict[str, Any]], size: int, rng: random.Random) -> Iterator[dict[str, Any]]:

@@ -22,7 +22,6 @@ there are enough samples.
 from __future__ import annotations
 
 import bisect
-import io
 import json
 import os
 import random
@@ -31,7 +30,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from webdataset import gopen as wds_gopen
+from webdataset.gopen import gopen, gopen_schemes
 from webdataset.shardlists import expand_urls
 
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
@@ -60,8 +59,8 @@ def open_url(url: str) -> IO[bytes]:
         return open(url, "rb")
     if scheme == "file":
         return open(url[len("file://") :], "rb")
-    if scheme in wds_gopen.gopen_schemes:
-        return wds_gopen.gopen(url, "rb")  # type: ignore[no-any-return]
+    if scheme in gopen_schemes:
+        return gopen(url, "rb")  # type: ignore[no-any-return]
     import fsspec
 
     return fsspec.open(url, "rb").open()  # type: ignore[no-any-return]
@@ -129,7 +128,7 @@ def load_index(url: str) -> DatasetIndex:
     """Read and check an ``index.json`` (local path or URL)."""
     try:
         with open_url(url) as f:
-            raw = json.load(io.TextIOWrapper(f, encoding="utf-8"))
+            raw = json.loads(f.read().decode("utf-8"))
     except FileNotFoundError:
         raise LoaderError(
             f"no index.json at {url}: build the shards with `gfm shards build` (or merge parts with "
