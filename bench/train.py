@@ -2,7 +2,7 @@
 
 Each row is a real pretraining run (``gfm.train.trainer.run``: DeepSpeed, ZeRO 1, the synthetic
 Sentinel-2 stream, 12 bands, 32 × 32 tiles, batch 8 per rank) of HyperMAE-Tiny in a fresh process
-(``torchrun`` for 2 ranks). Throughput is read from the run's ``metrics.jsonl`` over the steps after
+(``torchrun`` for 2 ranks), each rank with ``--threads-per-rank`` CPU threads (default 1). Throughput is read from the run's ``metrics.jsonl`` over the steps after
 the first logging window (start-up, the peak probe and the first steps are excluded). FLOP utilisation
 is the model's analytic training FLOPs per second (3 × forward) over the matmul peak that every rank
 measures at start (``gfm.train.flops.measure_peak_flops``, same precision as the run).
@@ -69,7 +69,7 @@ def measure(args: argparse.Namespace, attention: str, nproc: int) -> dict[str, f
         else:
             torchrun = str(Path(sys.executable).with_name("torchrun"))
             cmd = [torchrun, "--standalone", f"--nproc_per_node={nproc}", *cmd_args]
-        env = dict(os.environ, OMP_NUM_THREADS=str(max(1, args.threads // nproc)), PYTHONPATH=str(REPO))
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads_per_rank), PYTHONPATH=str(REPO))
         proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=args.timeout)
         if proc.returncode != 0:
             raise RuntimeError(f"{attention} × {nproc} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=int, default=4, help="steps per throughput window")
     p.add_argument("--tile", type=int, default=32)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads shared by the ranks")
+    p.add_argument("--threads-per-rank", type=int, default=1,
+                   help="CPU threads per rank (the same for 1 and 2 ranks: scaling is per worker)")
     p.add_argument("--timeout", type=int, default=900)
     args = p.parse_args(argv)
 
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     one = results["less 1 rank"]
     scaling = results["less 2 ranks"]["samples_per_s"] / (2 * one["samples_per_s"])
     print(f"HyperMAE-Tiny, synthetic S2 (12 bands, {args.tile}²), batch 8/rank, ZeRO 1, {args.precision}, "
-          f"{args.steps} steps, threads {args.threads}")
+          f"{args.steps} steps, {args.threads_per_rank} thread(s) per rank")
     print(f"{'run':<14} {'samples/s':>10} {'GFLOP/s':>9} {'peak GFLOP/s/rank':>18} {'FLOP util':>10}")
     for name, r in results.items():
         print(f"{name:<14} {r['samples_per_s']:>10.2f} {r['flops_per_s'] / 1e9:>9.2f} "
