@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(BIN)/gfm demo --out demo_out
 
 lint: $(STAMP)
-	$(BIN)/ruff check gfm shards pretrain finetune bench tests
+	$(BIN)/ruff check $(wildcard gfm shards pretrain finetune bench tests)
 	$(BIN)/mypy
 
 test: lint
