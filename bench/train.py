@@ -2,7 +2,8 @@
 
 Each row is a real pretraining run (``gfm.train.trainer.run``: DeepSpeed, ZeRO 1, the synthetic
 Sentinel-2 stream, 12 bands, 32 × 32 tiles, batch 8 per rank) of HyperMAE-Tiny in a fresh process
-(``torchrun`` for 2 ranks), each rank with ``--threads-per-rank`` CPU threads (default 1). Throughput is read from the run's ``metrics.jsonl`` over the steps after
+(``torchrun`` for 2 ranks), each rank with ``--threads-per-rank`` CPU threads (default 1).
+Throughput is read from the run's ``metrics.jsonl`` over the steps after
 the first logging window (start-up, the peak probe and the first steps are excluded). FLOP utilisation
 is the model's analytic training FLOPs per second (3 × forward) over the matmul peak that every rank
 measures at start (``gfm.train.flops.measure_peak_flops``, same precision as the run).
