@@ -80,6 +80,20 @@ class AxisAttention(nn.Module):
         return 2 * length * dim * 3 * dim + 4 * length * length * dim
 
 
+def _pool(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, axis: int) -> torch.Tensor:
+    """Single-query attention along one grid axis.
+
+    ``q`` broadcasts against ``k, v: [B, C+1, N+1, h, d]`` and has size 1 on ``axis``; returns
+    ``[B, L, h, d]`` with ``axis`` reduced. Written elementwise rather than with
+    ``scaled_dot_product_attention``: with one query per row the work is a weighted sum, and this
+    way the grid-sized keys and values are not copied into head-major layout (twice, once per pooling
+    direction) and kept for the backward pass.
+    """
+    logits = (q * k).sum(-1) * k.shape[-1] ** -0.5  # [B, C+1, N+1, h]
+    weights = logits.softmax(dim=axis)
+    return (weights[..., None] * v).sum(dim=axis)
+
+
 class SummaryPool(nn.Module):
     """Pool the grid into spectral and spatial tokens by attention from the summary tokens.
 
@@ -101,15 +115,14 @@ class SummaryPool(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x: [B, C+1, N+1, D]`` → spectral ``[B, C+1, r·d_c]``, spatial ``[B, N+1, r·d_s]``."""
         h = self.num_heads
-        k, v = rearrange(self.kv(x), "b c n (two h d) -> two b h c n d", two=2, h=h)
-        # spectral: one query per row, attending over that row's N+1 positions
-        q = rearrange(self.q_spectral(x[:, :, 0]), "b c (h d) -> b h c 1 d", h=h)
-        pooled = rearrange(_attention(q, k, v, None, 0.0), "b h c 1 d -> b c (h d)")
+        k, v = rearrange(self.kv(x), "b c n (two h d) -> two b c n h d", two=2, h=h)  # views, no copies
+        # spectral: the summary token of each row queries that row's N+1 positions
+        q = rearrange(self.q_spectral(x[:, :, 0]), "b c (h d) -> b c 1 h d", h=h)
+        pooled = rearrange(_pool(q, k, v, axis=2), "b c h d -> b c (h d)")
         spectral = self.to_spectral(x[:, :, 0] + pooled)
-        # spatial: one query per column, attending over that column's C+1 observations
-        q = rearrange(self.q_spatial(x[:, 0]), "b n (h d) -> b h n 1 d", h=h)
-        k, v = (rearrange(t, "b h c n d -> b h n c d") for t in (k, v))
-        pooled = rearrange(_attention(q, k, v, None, 0.0), "b h n 1 d -> b n (h d)")
+        # spatial: the summary token of each column queries that column's C+1 observations
+        q = rearrange(self.q_spatial(x[:, 0]), "b n (h d) -> b 1 n h d", h=h)
+        pooled = rearrange(_pool(q, k, v, axis=1), "b n h d -> b n (h d)")
         spatial = self.to_spatial(x[:, 0] + pooled)
         return spectral, spatial
 
@@ -118,7 +131,7 @@ class SummaryPool(nn.Module):
         dim = self.kv.in_features
         kv = 2 * rows * cols * dim * 2 * dim
         queries = 2 * (rows + cols) * dim * dim
-        attn = 2 * 4 * rows * cols * dim  # QK and AV, once per pooling direction
+        attn = 2 * 4 * rows * cols * dim  # QK and AV, once per pooling direction (elementwise in code)
         out = 2 * rows * dim * self.to_spectral.out_features + 2 * cols * dim * self.to_spatial.out_features
         return kv + queries + attn + out
 

@@ -194,7 +194,8 @@ class LESSViT(nn.Module):
         pixels, valid = group_observations(pixels, s, 0.0), group_observations(valid, s, False)
         grid_hw = (pixels.shape[-2] // p, pixels.shape[-1] // p)
         desc = group_descriptors(batch.wavelength, batch.bandwidth, batch.kind, batch.time, s)
-        coords = grid_coords(grid_hw, p, batch.gsd)
+        gsd = torch.where(torch.isfinite(batch.gsd) & (batch.gsd > 0), batch.gsd, DEFAULT_GSD_M)  # unknown → 10 m
+        coords = grid_coords(grid_hw, p, gsd)
         x = add_summary_tokens(self.patch_embed(pixels), self.cls_token, self.row_token, self.col_token)
         x = x + self.pos_chan_embed(coords, desc).to(x.dtype)
         return Tokens(x, coords, desc, pixels, valid, grid_hw, image_hw, int(batch.pixels.shape[1]))

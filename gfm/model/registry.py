@@ -10,15 +10,16 @@ Parameter counts (``patch_size=8``, ``spectral_patch=1``; they do not depend on 
 ================  ==========  ================  ==========
 variant           params      variant           params
 ================  ==========  ================  ==========
-less_vit_tiny     5.4 M       dense_vit_tiny    5.4 M
-less_vit_small    21.5 M      dense_vit_small   21.4 M
-less_vit_base     86.0 M      dense_vit_base    85.5 M
-less_vit_large    304.5 M     dense_vit_large   303.3 M
-less_vit_huge     633.4 M     dense_vit_huge    631.5 M
+less_vit_tiny     6.1 M       dense_vit_tiny    5.4 M
+less_vit_small    24.2 M      dense_vit_small   21.5 M
+less_vit_base     96.5 M      dense_vit_base    85.8 M
+less_vit_large    341.6 M     dense_vit_large   303.5 M
+less_vit_huge     710.0 M     dense_vit_huge    631.5 M
 ================  ==========  ================  ==========
 
-HyperMAE adds its decoder: tiny 0.4 M (128 wide, 2 blocks), small 3.2 M (256, 4), base/large/huge
-25.3 M (512, 8).
+LESS blocks carry ~12 % more parameters than dense ones (the summary-pooling projections).
+HyperMAE adds its decoder: tiny 0.5 M (128 wide, 2 blocks), small 3.8 M (256, 4), base/large/huge
+29.1-29.4 M (512, 8); totals 6.6 / 28.0 / 125.6 / 370.9 / 739.4 M.
 """
 
 from __future__ import annotations
@@ -96,31 +97,31 @@ def _hypermae(size: str, overrides: Mapping[str, Any]) -> HyperMAE:
 
 @register_model
 def less_vit_tiny(**kw: Any) -> LESSViT:
-    """LESS ViT-Tiny: D 192, 12 blocks, rank 3 (5.4 M params)."""
+    """LESS ViT-Tiny: D 192, 12 blocks, rank 3 (6.1 M params)."""
     return _encoder("tiny", "less", kw)
 
 
 @register_model
 def less_vit_small(**kw: Any) -> LESSViT:
-    """LESS ViT-Small: D 384, 12 blocks, rank 6 (21.5 M params)."""
+    """LESS ViT-Small: D 384, 12 blocks, rank 6 (24.2 M params)."""
     return _encoder("small", "less", kw)
 
 
 @register_model
 def less_vit_base(**kw: Any) -> LESSViT:
-    """LESS ViT-Base: D 768, 12 blocks, rank 12 (86.0 M params)."""
+    """LESS ViT-Base: D 768, 12 blocks, rank 12 (96.5 M params)."""
     return _encoder("base", "less", kw)
 
 
 @register_model
 def less_vit_large(**kw: Any) -> LESSViT:
-    """LESS ViT-Large: D 1024, 24 blocks, rank 16 (304.5 M params)."""
+    """LESS ViT-Large: D 1024, 24 blocks, rank 16 (341.6 M params)."""
     return _encoder("large", "less", kw)
 
 
 @register_model
 def less_vit_huge(**kw: Any) -> LESSViT:
-    """LESS ViT-Huge: D 1280, 32 blocks, rank 16 (633.4 M params)."""
+    """LESS ViT-Huge: D 1280, 32 blocks, rank 16 (710.0 M params)."""
     return _encoder("huge", "less", kw)
 
 
@@ -132,19 +133,19 @@ def dense_vit_tiny(**kw: Any) -> LESSViT:
 
 @register_model
 def dense_vit_small(**kw: Any) -> LESSViT:
-    """Dense joint-attention reference, Small: D 384, 12 blocks, 6 heads (21.4 M params)."""
+    """Dense joint-attention reference, Small: D 384, 12 blocks, 6 heads (21.5 M params)."""
     return _encoder("small", "dense", kw)
 
 
 @register_model
 def dense_vit_base(**kw: Any) -> LESSViT:
-    """Dense joint-attention reference, Base: D 768, 12 blocks, 12 heads (85.5 M params)."""
+    """Dense joint-attention reference, Base: D 768, 12 blocks, 12 heads (85.8 M params)."""
     return _encoder("base", "dense", kw)
 
 
 @register_model
 def dense_vit_large(**kw: Any) -> LESSViT:
-    """Dense joint-attention reference, Large: D 1024, 24 blocks, 16 heads (303.3 M params)."""
+    """Dense joint-attention reference, Large: D 1024, 24 blocks, 16 heads (303.5 M params)."""
     return _encoder("large", "dense", kw)
 
 
@@ -156,31 +157,31 @@ def dense_vit_huge(**kw: Any) -> LESSViT:
 
 @register_model
 def hypermae_less_tiny(**kw: Any) -> HyperMAE:
-    """HyperMAE on LESS ViT-Tiny, decoder D 128 × 2 blocks."""
+    """HyperMAE on LESS ViT-Tiny, decoder D 128 × 2 blocks (6.6 M params)."""
     return _hypermae("tiny", kw)
 
 
 @register_model
 def hypermae_less_small(**kw: Any) -> HyperMAE:
-    """HyperMAE on LESS ViT-Small, decoder D 256 × 4 blocks."""
+    """HyperMAE on LESS ViT-Small, decoder D 256 × 4 blocks (28.0 M params)."""
     return _hypermae("small", kw)
 
 
 @register_model
 def hypermae_less_base(**kw: Any) -> HyperMAE:
-    """HyperMAE on LESS ViT-Base, decoder D 512 × 8 blocks."""
+    """HyperMAE on LESS ViT-Base, decoder D 512 × 8 blocks (125.6 M params)."""
     return _hypermae("base", kw)
 
 
 @register_model
 def hypermae_less_large(**kw: Any) -> HyperMAE:
-    """HyperMAE on LESS ViT-Large, decoder D 512 × 8 blocks."""
+    """HyperMAE on LESS ViT-Large, decoder D 512 × 8 blocks (370.9 M params)."""
     return _hypermae("large", kw)
 
 
 @register_model
 def hypermae_less_huge(**kw: Any) -> HyperMAE:
-    """HyperMAE on LESS ViT-Huge, decoder D 512 × 8 blocks."""
+    """HyperMAE on LESS ViT-Huge, decoder D 512 × 8 blocks (739.4 M params)."""
     return _hypermae("huge", kw)
 
 

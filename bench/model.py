@@ -1,0 +1,197 @@
+"""Model benchmark: LESS attention vs the dense joint-attention reference as C grows.
+
+One forward + backward of the encoder (loss = mean square of the token grid) on 64 × 64 tiles with
+p = 8 (N = 64 positions), tiny width (D = 192, rank/heads 3), for C ∈ {4, 13, 50, 200} observations.
+Rows:
+
+- ``less``: LESS ViT (``less_vit_tiny``);
+- ``dense``: the dense reference (``dense_vit_tiny``) with PyTorch's fused
+  ``scaled_dot_product_attention`` (flash kernel: the T × T attention matrix is never stored);
+- ``dense-math``: the same model with the math attention backend, which materialises the
+  T × T attention matrix as published ChannelViT code does.
+
+Each configuration runs in a fresh subprocess. Peak memory on CPU is the growth of the process's
+peak resident set (``getrusage`` high-water mark) over the first step, after model and batch are
+built; on CUDA it is ``max_memory_allocated`` over the step. A watchdog kills a child whose resident
+set passes ``--mem-cap-gb`` (reported OOM) or that runs past ``--timeout`` (reported TIMEOUT).
+Time is the best of the steps after that first one: at least ``--repeats`` of them, more until
+``--min-time`` seconds are spent (at most 50). The minimum is the figure least disturbed by other
+processes on a shared machine; cheap configurations get more tries, which if anything flatters the
+small-C times and so inflates ``growth_13_200``.
+
+Run: ``python -m bench.model`` (``--depth``, ``--batch-size``, ``--repeats`` to trade time for
+fidelity). The last line is ``RESULT speedup_c200=... mem_ratio_c200=... growth_13_200=...``
+(dense = the fused-attention reference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import subprocess
+import sys
+import time
+
+CHANNELS = (4, 13, 50, 200)
+ROWS = (
+    ("less", "less_vit_tiny", "auto"),
+    ("dense", "dense_vit_tiny", "auto"),
+    ("dense-math", "dense_vit_tiny", "math"),
+)
+
+
+def child(args: argparse.Namespace) -> None:
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from gfm.data.batch import Batch
+    from gfm.model import create_model
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = create_model(args.model, depth=args.depth, patch_size=8).to(device)
+    B, C, S = args.batch_size, args.channels, 64
+    batch = Batch(
+        pixels=torch.randn(B, C, S, S),
+        wavelength=torch.linspace(400.0, 2500.0, C).repeat(B, 1),
+        bandwidth=torch.full((B, C), 10.0),
+        kind=torch.zeros(B, C, dtype=torch.long),
+        time=torch.full((B, C), 19000.0),
+        valid=torch.ones(B, C, S, S, dtype=torch.bool),
+        gsd=torch.full((B,), 10.0),
+    ).to(device)
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        model.forward_features(batch).float().square().mean().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    backend = SDPBackend.MATH if args.sdpa == "math" else None
+    with sdpa_kernel(backend) if backend is not None else _nullcontext():
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            step()
+            peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
+            method = "cuda max_memory_allocated"
+        else:
+            base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+            step()
+            peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+            method = "peak RSS growth (getrusage)"
+        times: list[float] = []
+        while len(times) < args.repeats or (sum(times) < args.min_time and len(times) < 50):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+    print(json.dumps({"time_s": min(times), "peak_mb": peak_mb, "method": method,
+                      "device": str(device), "flops": model.flops(B, C, S)}))
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _rss_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def run_one(args: argparse.Namespace, model: str, sdpa: str, channels: int) -> dict:
+    cmd = [sys.executable, "-m", "bench.model", "--child", "--model", model, "--sdpa", sdpa,
+           "--channels", str(channels), "--depth", str(args.depth), "--batch-size", str(args.batch_size),
+           "--repeats", str(args.repeats), "--min-time", str(args.min_time), "--threads", str(args.threads)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = time.monotonic()
+    status = None
+    while proc.poll() is None:
+        if _rss_mb(proc.pid) > args.mem_cap_gb * 1024:
+            status = "OOM"
+        elif time.monotonic() - t0 > args.timeout:
+            status = "TIMEOUT"
+        if status:
+            proc.kill()
+            proc.wait()
+            return {"status": status}
+        time.sleep(0.05)
+    out, err = proc.communicate()
+    if proc.returncode != 0:
+        oom = "out of memory" in err.lower() or "can't allocate" in err.lower() or proc.returncode == -9
+        return {"status": "OOM" if oom else f"ERROR rc={proc.returncode}: {err.strip().splitlines()[-1:]}"}
+    return {"status": "ok", **json.loads(out.strip().splitlines()[-1])}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--model", default="less_vit_tiny", help=argparse.SUPPRESS)
+    p.add_argument("--sdpa", default="auto", help=argparse.SUPPRESS)
+    p.add_argument("--channels", type=int, default=4, help=argparse.SUPPRESS)
+    p.add_argument("--depth", type=int, default=2, help="encoder blocks (tiny width; ratios do not depend on it)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=2, help="timed steps after the first (best reported)")
+    p.add_argument("--min-time", type=float, default=5.0, help="keep timing steps until this many seconds")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (1: robust on a shared machine)")
+    p.add_argument("--mem-cap-gb", type=float, default=6.0, help="resident-set cap per configuration")
+    p.add_argument("--timeout", type=float, default=240.0, help="seconds per configuration")
+    p.add_argument("--rows", default="less,dense,dense-math", help="which rows to run")
+    args = p.parse_args(argv)
+    if args.child:
+        child(args)
+        return
+
+    wanted = set(args.rows.split(","))
+    results: dict[tuple[str, int], dict] = {}
+    print(f"# LESS vs dense joint attention: tiny width (D 192, 3 heads), depth {args.depth}, batch "
+          f"{args.batch_size}, 64x64 tiles, p 8 (N 64), forward+backward, {args.threads} threads")
+    header = f"{'model':<11} {'C':>4} {'tokens':>7} {'GFLOP fwd':>10} {'fwd+bwd s':>10} {'peak MB':>9}"
+    print(header)
+    print("-" * len(header))
+    method = ""
+    for row, model, sdpa in ROWS:
+        if row not in wanted:
+            continue
+        for c in CHANNELS:
+            r = run_one(args, model, sdpa, c)
+            results[(row, c)] = r
+            tokens = (c + 1) * 65
+            if r["status"] == "ok":
+                method = f"{r['method']} on {r['device']}"
+                print(f"{row:<11} {c:>4} {tokens:>7} {r['flops'] / 1e9:>10.1f} {r['time_s']:>10.3f} "
+                      f"{r['peak_mb']:>9.0f}", flush=True)
+            else:
+                print(f"{row:<11} {c:>4} {tokens:>7} {'':>10} {r['status']:>10} {r['status']:>9}", flush=True)
+    print(f"# time: best step of >= {args.repeats} (more until {args.min_time:g} s); peak memory: {method}; "
+          f"OOM = resident set over {args.mem_cap_gb:g} GB")
+
+    def get(row: str, c: int, key: str) -> float:
+        r = results.get((row, c), {})
+        return float(r[key]) if r.get("status") == "ok" else math.nan
+
+    less_t, less_m = get("less", 200, "time_s"), get("less", 200, "peak_mb")
+    dense = results.get(("dense", 200), {})
+    if dense.get("status") == "OOM":
+        speedup, mem_ratio = math.inf, math.inf
+    else:
+        speedup = get("dense", 200, "time_s") / less_t
+        mem_ratio = get("dense", 200, "peak_mb") / less_m
+    growth = less_t / get("less", 13, "time_s")
+    print(f"RESULT speedup_c200={speedup:.2f} mem_ratio_c200={mem_ratio:.2f} growth_13_200={growth:.2f}")
+
+
+if __name__ == "__main__":
+    main()
