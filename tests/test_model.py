@@ -263,6 +263,7 @@ def test_all_invalid_tile_is_finite():
     batch.valid[:] = False
     batch.pixels[:] = float("nan")
     batch.time[:] = float("nan")
+    batch.gsd[:] = float("nan")  # unknown GSD falls back to 10 m
     out = mae(batch)
     assert out.loss.item() == 0.0 and torch.isfinite(out.pred).all()
     out.loss.backward()
