@@ -36,6 +36,8 @@ def display_bands(wavelength: torch.Tensor, wanted: Sequence[float] = ()) -> lis
 
 
 def _stretch(img: np.ndarray) -> np.ndarray:
+    if not np.isfinite(img).any():  # e.g. the shown band was a hidden observation: all grey
+        return np.full(img.shape, np.nan)
     lo, hi = np.nanpercentile(img, 2), np.nanpercentile(img, 98)
     return np.clip((img - lo) / max(hi - lo, 1e-6), 0, 1)
 
@@ -68,8 +70,9 @@ def render(batch: Batch, output: Any, path: Path, step: int, wanted_nm: Sequence
     ncols = 5 if hyper else 4
     fig, axes = plt.subplots(1, ncols, figsize=(3.2 * ncols, 3.4))
     label = "RGB" if len(bands) == 3 else f"{float(wl[bands[0]]):.0f} nm"
+    hidden_note = " (band hidden)" if bool(hidden[bands].all()) else ""
     for ax, img, title in zip(
-        axes[:3], (x, masked, recon), (f"input ({label})", "masked input", "reconstruction")
+        axes[:3], (x, masked, recon), (f"input ({label})", f"masked input{hidden_note}", "reconstruction")
     ):
         view = _view(img, bands)
         ax.imshow(np.nan_to_num(view, nan=0.5), cmap=None if view.ndim == 3 else "gray")
