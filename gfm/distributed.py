@@ -99,6 +99,11 @@ def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> DistInfo:
         torch.cuda.set_device(device)
     import deepspeed  # after DS_ACCELERATOR is set
 
+    if device.type == "cpu" and os.environ.get("GFM_DS_SHM_COMM", "0") != "1":
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op (minutes, on every new machine)
+        # that only its inference all-reduce uses; training collectives go through gloo. Mark it unavailable
+        # (DeepSpeed keeps edits to this dict); GFM_DS_SHM_COMM=1 keeps it.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not dist.is_initialized():
         deepspeed.init_distributed(
             dist_backend=backend,
