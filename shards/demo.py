@@ -1,8 +1,9 @@
 """``gfm demo``: the pipeline end to end on a real scene that a PyPI package ships.
 
 The AVIRIS Indian Pines cube (145 x 145 x 200, 1992-06-12, 20 m) ships inside ``tensorly``. The demo
-tiles it into shards with labels, prints the ``info`` summary and verifies the shards; when the
-pretraining program is installed it then runs a short CPU pretraining on those shards.
+tiles it into shards with labels, prints the ``info`` summary, verifies the shards, then pretrains
+LESS ViT-Tiny as a HyperMAE on them for a few minutes on the CPU (loss curve, reconstruction and
+spectrum pictures, checkpoints and ``model.safetensors`` in ``OUT/run``).
 
 tensorly ships the cube without its wavelength list. The demo uses the nominal AVIRIS band centres
 (linear within each of the instrument's spectrometers, within ~11 nm of the calibrated list) with the
@@ -64,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not a.wavelengths:
         wl.write_text("\n".join(f"{w:.2f}" for w in aviris_indian_pines_wavelengths()) + "\n")
     shards_dir = out / "shards"
-    print(f"[1/3] building shards from {cube.name} (tensorly) -> {shards_dir}", flush=True)
+    print(f"[1/4] building shards from {cube.name} (tensorly) -> {shards_dir}", flush=True)
     rc = shards_main([
         "build", str(cube), "--wavelengths", str(wl), "--label", str(gt), "--sensor", "aviris",
         "--scene-id", "indian_pines", "--date", "1992-06-12", "--gsd", "20", "--tile", str(a.tile),
@@ -72,9 +73,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ])
     if rc:
         return rc
-    print("\n[2/3] gfm shards info", flush=True)
+    print("\n[2/4] gfm shards info", flush=True)
     shards_main(["info", str(shards_dir)])
-    print("\n[3/3] gfm shards verify", flush=True)
+    print("\n[3/4] gfm shards verify", flush=True)
     rc = shards_main(["verify", str(shards_dir)])
     if rc or a.shards_only:
         return rc

@@ -133,10 +133,15 @@ class MetricsCallback(Callback):
         self._t0, self._samples, self._tokens, self._flops, self._steps = time.perf_counter(), 0, 0, 0.0, 0
 
     def on_end(self, trainer: Trainer) -> None:
-        """Called after the last step."""
+        """Close the outputs; draw the loss curve (``loss_curve.png``) on rank 0."""
         for closer in (self.bar, self.tb, self.jsonl):
             if closer is not None:
                 closer.close()
+        metrics = self.run_dir / "metrics.jsonl"
+        if gdist.is_main() and metrics.exists():
+            from gfm.train.pictures import plot_loss_curve
+
+            plot_loss_curve(metrics, self.run_dir / "loss_curve.png")
 
 
 class CheckpointCallback(Callback):

@@ -102,3 +102,38 @@ def render(batch: Batch, output: Any, path: Path, step: int, wanted_nm: Sequence
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def plot_loss_curve(metrics_jsonl: Path, path: Path) -> Path | None:
+    """Loss, both loss terms and the learning rate against step, from a run's ``metrics.jsonl``.
+
+    Returns the PNG path, or None when the file holds no logged step yet.
+    """
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_jsonl.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if isinstance(r.get("loss"), (int, float))]
+    if not rows:
+        return None
+    steps = [r["step"] for r in rows]
+    fig, (ax, ax_lr) = plt.subplots(1, 2, figsize=(10, 3.5))
+    for key, style in (("loss", "-"), ("loss_pos", "--"), ("loss_obs", ":")):
+        if all(key in r for r in rows):
+            ax.plot(steps, [r[key] for r in rows], style, label=key)
+    ax.set_xlabel("step")
+    ax.set_ylabel("masked reconstruction loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    ax_lr.plot(steps, [r.get("lr", float("nan")) for r in rows], color="tab:gray")
+    ax_lr.set_xlabel("step")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
