@@ -26,7 +26,7 @@ import io
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,8 +113,11 @@ def encode(tile: Tile) -> dict[str, Any]:
     return sample
 
 
-def decode(sample: Mapping[str, Any]) -> Tile:
+def decode(sample: Mapping[str, Any], npy_loader: Callable[[bytes, str, str], np.ndarray] | None = None) -> Tile:
     """A WebDataset sample dict (raw bytes per member) back into a validated :class:`Tile`.
+
+    ``npy_loader(data, key, member)`` replaces the default ``np.load(allow_pickle=False)`` (the loader
+    passes a faster one); it must raise :class:`SchemaError` on bad bytes and never unpickle.
 
     Raises:
         SchemaError: missing or unknown members, pickle members, unreadable arrays, or metadata
@@ -131,15 +134,16 @@ def decode(sample: Mapping[str, Any]) -> Tile:
     for required in ("pixels.npy", "meta.json"):
         if required not in sample:
             raise SchemaError(f"sample {key!r}: missing member {required}")
-    pixels = _npy_load(sample["pixels.npy"], key, "pixels.npy")
+    load = npy_loader or _npy_load
+    pixels = load(sample["pixels.npy"], key, "pixels.npy")
     try:
         meta = json.loads(sample["meta.json"])
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise SchemaError(f"sample {key!r}: meta.json is not valid JSON ({e})") from None
-    valid = _npy_load(sample["valid.npy"], key, "valid.npy") if "valid.npy" in sample else None
+    valid = load(sample["valid.npy"], key, "valid.npy") if "valid.npy" in sample else None
     label: np.ndarray | int | None = None
     if "label.npy" in sample:
-        label = _npy_load(sample["label.npy"], key, "label.npy")
+        label = load(sample["label.npy"], key, "label.npy")
     elif "label.cls" in sample:
         try:
             label = int(bytes(sample["label.cls"]).decode().strip())
