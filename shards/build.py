@@ -51,7 +51,7 @@ class TarSampleWriter:
     """
 
     def __init__(self, fileobj: Any) -> None:
-        self._tar = tarfile.open(fileobj=fileobj, mode="w|", format=tarfile.USTAR_FORMAT)
+        self._tar = tarfile.open(fileobj=fileobj, mode="w", format=tarfile.USTAR_FORMAT)
 
     def write(self, sample: dict[str, Any]) -> None:
         """Append one sample: members ``<key>.<suffix>`` in sorted order."""
