@@ -556,7 +556,7 @@ def guess_sensor(paths: Sequence[str | Path]) -> str | None:
         (r"HLS\.[LS]30\.", "hls"),
         (r"MSIL2A|_L2A_|^T\d{2}[A-Z]{3}_\d{8}T\d{6}_(?:B\d{2}|B8A|SCL)_\d{2}m", "sentinel2_l2a"),
         (r"MSIL1C|_L1C_|^T\d{2}[A-Z]{3}_\d{8}T", "sentinel2_l1c"),
-        (r"^S1[ABC]_|_GRD", "sentinel1_grd"),
+        (r"^S1[ABC]_|_GRD|^s1[abc]-\w+-grd-", "sentinel1_grd"),
         (r"^MOD\d{2}|^MYD\d{2}|(?:^|_)(?:TERRA|AQUA)_MODIS_", "modis"),
     ]
     found: set[str] = set()
@@ -572,7 +572,7 @@ def guess_sensor(paths: Sequence[str | Path]) -> str | None:
 _DATE_RULES: tuple[tuple[str, str], ...] = (
     (r"(?<!\d)(\d{4})-(\d{2})-(\d{2})(?!\d)", "ymd"),  # 2013-09-14
     (r"^L[COTEM]0\d_[A-Z0-9]{4}_\d{6}_(\d{4})(\d{2})(\d{2})_", "ymd"),  # Landsat Collection 1/2 product id
-    (r"(?:^|_)(\d{4})(\d{2})(\d{2})T\d{6}", "ymd"),  # Sentinel-1/2 sensing time
+    (r"(?:^|[_-])(\d{4})(\d{2})(\d{2})[Tt]\d{6}", "ymd"),  # Sentinel-1/2 sensing time
     (r"\.A(\d{4})(\d{3})\.", "yj"),  # MODIS .AYYYYDDD.
     (r"\.(\d{4})(\d{3})T\d{6}\.", "yj"),  # HLS .YYYYDDDTHHMMSS.
 )

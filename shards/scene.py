@@ -158,8 +158,9 @@ class RasterReader(Reader):
         self.nodata = ds.nodata if nodata is None else nodata
         self._offset = _same_grid(ds, grid)
         self._vrt: WarpedVRT | None = None
+        self._inner: WarpedVRT | None = None
         if self._offset is None:
-            if ds.crs is None or grid.crs is None:
+            if (ds.crs is None and not _has_gcps(ds)) or grid.crs is None:
                 if (ds.width, ds.height) != (grid.width, grid.height):
                     raise ShardError(
                         f"{path}: no georeference and size {ds.width}x{ds.height} differs from the scene grid "
@@ -170,8 +171,19 @@ class RasterReader(Reader):
                 if check_overlap:
                     self._check_overlap(ds)
                 self.resampling = resampling
+                source: Any = ds
+                if _has_gcps(ds):
+                    # GDAL applies GCPs only when it picks the output grid itself: warp to that grid first
+                    # (pixels outside the footprint become nodata: NaN for floats, 0 = GRD border fill),
+                    # then onto the scene grid.
+                    if self.nodata is None:
+                        self.nodata = float("nan") if self.dtype.kind == "f" else 0
+                    self._inner = source = WarpedVRT(
+                        ds, crs=ds.gcps[1], resampling=Resampling[resampling],
+                        src_nodata=self.nodata, nodata=self.nodata,
+                    )
                 self._vrt = WarpedVRT(
-                    ds,
+                    source,
                     crs=grid.crs,
                     transform=grid.transform,
                     width=grid.width,
@@ -189,7 +201,8 @@ class RasterReader(Reader):
     def _check_overlap(self, ds: Any) -> None:
         assert self.grid.crs is not None
         try:
-            left, bottom, right, top = transform_bounds(ds.crs, self.grid.crs, *ds.bounds)
+            own = _grid_of(ds)
+            left, bottom, right, top = transform_bounds(own.crs, self.grid.crs, *own.bounds)
         except Exception as e:
             raise ShardError(f"{self.path}: cannot transform its bounds to the scene CRS ({e})") from None
         gl, gb, gr, gt = self.grid.bounds
@@ -234,8 +247,9 @@ class RasterReader(Reader):
 
     def close(self) -> None:
         """Close the VRT and the dataset."""
-        if self._vrt is not None:
-            self._vrt.close()
+        for vrt in (self._vrt, self._inner):
+            if vrt is not None:
+                vrt.close()
         self._ds.close()
 
 
@@ -445,7 +459,16 @@ def _file_bands(fs: FileSpec, count: int, descriptions: Sequence[str | None], se
     )
 
 
+def _has_gcps(ds: Any) -> bool:
+    """Georeferenced by ground control points only (e.g. raw Sentinel-1 GRD measurement TIFFs)."""
+    return ds.crs is None and bool(ds.gcps[0]) and ds.gcps[1] is not None
+
+
 def _grid_of(ds: Any) -> Grid:
+    """The dataset's own pixel grid; for GCP-only rasters, GDAL's default warp grid in the GCPs' CRS."""
+    if _has_gcps(ds):
+        with WarpedVRT(ds, crs=ds.gcps[1]) as vrt:
+            return Grid(vrt.crs, vrt.transform, vrt.width, vrt.height)
     return Grid(ds.crs, ds.transform, ds.width, ds.height)
 
 
@@ -462,16 +485,15 @@ def _cube_grid(spec: SceneSpec, height: int, width: int) -> Grid:
 
 def _target_grid(spec: SceneSpec, datasets: list[Any]) -> Grid:
     """The scene grid from the first date's rasters: the finest, or the one at ``spec.gsd``."""
-    with_crs = [d for d in datasets if d.crs is not None]
-    pool = with_crs or datasets
-    finest = min(pool, key=lambda d: abs(d.transform.a))
+    grids = [_grid_of(d) for d in datasets]
+    pool = [g for g in grids if g.crs is not None] or grids
+    finest = min(pool, key=lambda g: abs(g.transform.a))
     if spec.gsd is None:
-        return _grid_of(finest)
-    for d in pool:  # a band already at the requested GSD keeps its native grid (exact pixels)
-        g = _grid_of(d)
-        if math.isclose(g.gsd_m(), spec.gsd, rel_tol=1e-6) or math.isclose(abs(d.transform.a), spec.gsd):
+        return finest
+    for g in pool:  # a band already at the requested GSD keeps its native grid (exact pixels)
+        if math.isclose(g.gsd_m(), spec.gsd, rel_tol=1e-6) or math.isclose(abs(g.transform.a), spec.gsd):
             return g
-    g = _grid_of(finest)
+    g = finest
     scale = spec.gsd / g.gsd_m()
     step = abs(g.transform.a) * scale
     left, bottom, right, top = g.bounds

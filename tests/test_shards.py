@@ -349,3 +349,33 @@ def test_product_names_give_sensor_date_and_skip_duplicates(tmp_path, capsys):
     assert "band B2 given twice" in capsys.readouterr().err
     t = next(iter(tiles(tmp_path / "gw").values()))
     assert [b["name"] for b in t.meta["bands"]] == ["B2", "B3", "B4"] and t.meta["bands"][0]["time"] == "2020-05-18"
+
+
+def test_gcp_only_sentinel1_measurement_files(tmp_path):
+    """Raw S1 GRD measurement TIFFs carry GCPs, not a geotransform: warped onto a map grid via the GCPs."""
+    from rasterio.control import GroundControlPoint
+
+    src_dir = data("s2_bigearthnet", "BigEarthNet-S1-Example", "S1A_IW_GRDH_1SDV_20170613T165043_33UUP_87_48")
+    stem = "s1a-iw-grd-{}-20170613t165043-20170613t165108-017036-01c6e1-001.tiff"
+    refs = {}
+    for pol in ("VV", "VH"):
+        with rasterio.open(src_dir / f"S1A_IW_GRDH_1SDV_20170613T165043_33UUP_87_48_{pol}.tif") as ds:
+            arr, t, crs, (h, w) = ds.read(1), ds.transform, ds.crs, ds.shape
+        corners = [(0, 0), (0, w), (h, 0), (h, w)]
+        gcps = [GroundControlPoint(r, c, *(t @ (c, r))) for r, c in corners]
+        profile = dict(driver="GTiff", width=w, height=h, count=1, dtype=arr.dtype, gcps=gcps, crs=crs)
+        with rasterio.open(tmp_path / stem.format(pol.lower()), "w", **profile) as out:
+            out.write(arr, 1)
+        refs[pol] = arr
+    files = sorted(tmp_path.glob("s1a-*.tiff"))
+    assert run("build", *files, "--out", tmp_path / "o", "--tile", "64", "--resampling", "nearest") == 0
+    t = tiles(tmp_path / "o")
+    tile = next(iter(t.values()))
+    assert [b["name"] for b in tile.meta["bands"]] == ["VH", "VV"] or [b["name"] for b in tile.meta["bands"]] == [
+        "VV", "VH"]
+    assert tile.meta["bands"][0]["sensor"] == "sentinel1_grd" and tile.meta["bands"][0]["time"] == "2017-06-13"
+    assert tile.meta["crs"] == f"EPSG:{crs.to_epsg()}" and tile.meta["gsd_m"] == pytest.approx(10.0, rel=0.02)
+    row, col = window_of(tile)
+    i = [b["name"] for b in tile.meta["bands"]].index("VV")
+    same = np.isclose(tile.pixels[i], refs["VV"][row : row + 64, col : col + 64]).mean()
+    assert same > 0.9
