@@ -297,6 +297,20 @@ _HLS_TABLE = [
     ("B12", 2190.0, 180.0, "reflectance", 30.0),
 ]
 
+# HLS L30 (Landsat 8/9 harmonised): OLI/TIRS bands under the L30 product's names (B05 is NIR here).
+_HLS_L30_TABLE = [
+    ("B01", 443.0, 16.0, "reflectance", 30.0),
+    ("B02", 482.0, 60.0, "reflectance", 30.0),
+    ("B03", 561.4, 57.0, "reflectance", 30.0),
+    ("B04", 654.6, 37.0, "reflectance", 30.0),
+    ("B05", 864.7, 28.0, "reflectance", 30.0),
+    ("B06", 1608.9, 85.0, "reflectance", 30.0),
+    ("B07", 2200.7, 187.0, "reflectance", 30.0),
+    ("B09", 1373.4, 20.0, "reflectance", 30.0),
+    ("B10", 10895.0, 590.0, "thermal", 30.0),
+    ("B11", 12005.0, 1010.0, "thermal", 30.0),
+]
+
 _C_BAND_HZ = 5.405e9
 _C_BAND_NM = SPEED_OF_LIGHT / _C_BAND_HZ * 1e9  # ~5.547e7 nm
 # ~100 MHz range bandwidth expressed as a wavelength width: dλ = λ² df / c.
@@ -367,11 +381,15 @@ def _build_presets() -> dict[str, Sensor]:
         _preset("landsat9", _LANDSAT89_TABLE, "Landsat 9 OLI-2/TIRS-2", nodata=0,
                 quality=Band("BQA", "landsat9", 500.0, 1.0, "quality", 30.0),
                 invalid_quality=_LANDSAT_QA, file_patterns=_LANDSAT_PATTERNS),
-        _preset("hls", _HLS_TABLE, "Harmonized Landsat Sentinel-2 (HLS v2) surface reflectance",
+        _preset("hls", _HLS_TABLE, "Harmonized Landsat Sentinel-2 (HLS v2) S30 surface reflectance (L30: hls_l30)",
                 nodata=-9999, scale=1e-4,
                 quality=Band("FMASK", "hls", 500.0, 1.0, "quality", 30.0),
                 # Fmask bits: 1 cloud, 2 adjacent cloud/shadow, 3 cloud shadow.
                 invalid_quality={"FMASK": {"bits": [1, 2, 3]}}, file_patterns=(r"\.(?P<band>B\d{2}|B8A|FMASK)$",)),
+        _preset("hls_l30", _HLS_L30_TABLE, "Harmonized Landsat Sentinel-2 (HLS v2) L30 (Landsat) surface reflectance",
+                nodata=-9999, scale=1e-4,
+                quality=Band("FMASK", "hls_l30", 500.0, 1.0, "quality", 30.0),
+                invalid_quality={"FMASK": {"bits": [1, 2, 3]}}, file_patterns=(r"\.(?P<band>B\d{2}|FMASK)$",)),
         _preset("sentinel1_grd", _S1_TABLE, "Sentinel-1 C-band SAR GRD backscatter (VV, VH, HH, HV)",
                 file_patterns=(r"(?:^|[_\-.])(?P<band>VV|VH|HH|HV)(?:[_\-.]|$)",)),
         _preset("modis", _MODIS_TABLE, "Terra/Aqua MODIS land reflectance (bands 1-7) and NDVI/EVI",
@@ -553,7 +571,8 @@ def guess_sensor(paths: Sequence[str | Path]) -> str | None:
         (r"(?:^|_)LC08_|(?:^|_)l8_|^LC8\d", "landsat8"),
         (r"(?:^|_)LE07_|^LE7\d|(?:^|_)l7_", "landsat7"),
         (r"(?:^|_)L[TM]0[45]_|^LT[45]\d|(?:^|_)l5_", "landsat5"),
-        (r"HLS\.[LS]30\.", "hls"),
+        (r"HLS\.S30\.", "hls"),
+        (r"HLS\.L30\.", "hls_l30"),
         (r"MSIL2A|_L2A_|^T\d{2}[A-Z]{3}_\d{8}T\d{6}_(?:B\d{2}|B8A|SCL)_\d{2}m", "sentinel2_l2a"),
         (r"MSIL1C|_L1C_|^T\d{2}[A-Z]{3}_\d{8}T", "sentinel2_l1c"),
         (r"^S1[ABC]_|_GRD|^s1[abc]-\w+-grd-", "sentinel1_grd"),

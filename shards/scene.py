@@ -424,6 +424,8 @@ _CUBE_SUFFIXES = (".npy", ".mat")
 def _sensor_from(name: str | None, path: str) -> Sensor:
     from gfm.sensors import get_sensor, guess_sensor
 
+    if name == "hls" and "HLS.L30." in Path(path).name:
+        name = "hls_l30"  # same product family, Landsat band names (B05 is NIR in L30, red edge in S30)
     if name is None:
         name = guess_sensor([path])
         if name is None:

@@ -76,6 +76,13 @@ def test_unit_mistakes_are_errors():
         Band("x", "s", 500, 10, "optical")
 
 
+def test_hls_l30_and_s30_name_the_same_band_differently():
+    assert guess_sensor(["HLS.L30.T33UUU.2020123T101031.v2.0.B05.tif"]) == "hls_l30"
+    assert get_sensor("hls_l30").band("B05").center_nm > 800  # NIR in L30
+    assert get_sensor("hls").band("B05").center_nm < 720  # red edge in S30
+    assert get_sensor("hls").quality_rule("HLS.S30.T33UUU.2020123T101031.v2.0.Fmask.tif") == {"bits": [1, 2, 3]}
+
+
 def test_guess_sensor():
     assert guess_sensor(["LC08_L1TP_042034_20200101_B4.TIF"]) == "landsat8"
     assert guess_sensor(["S2A_MSIL2A_20200101_T33UUU_B04.jp2"]) == "sentinel2_l2a"
