@@ -12,7 +12,7 @@ from gfm.sensors import SensorError, guess_date, load_sensors_yaml
 from shards.build import BuildOptions, build, parse_size, write_index
 from shards.manifest import load_manifest
 from shards.scene import DateSpec, FileSpec, SceneSpec, ShardError
-from shards.verify import info_text, load_index, verify
+from shards.verify import info_text, load_index, plot_band_stats, verify
 
 _BUILD_EPILOG = """examples:
   gfm shards build LC08_*_B*.TIF --out shards/l8 --tile 64
@@ -74,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     n = sub.add_parser("info", help="summary of a dataset: sensors, bands, samples, statistics")
     n.add_argument("dir")
     n.add_argument("--json", action="store_true", help="print index.json instead of the table")
+    n.add_argument("--plot", metavar="PNG", help="also draw each sensor's band statistics against wavelength")
     return p
 
 
@@ -186,6 +187,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if a.cmd == "info":
             idx = load_index(a.dir)
             print(json.dumps(idx, indent=1) if a.json else info_text(idx))
+            if a.plot:
+                print(f"wrote {plot_band_stats(idx, a.plot)}", file=sys.stderr)
             return 0
     except ShardError as e:
         print(f"gfm shards {a.cmd}: error: {e}", file=sys.stderr)

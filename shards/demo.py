@@ -74,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if rc:
         return rc
     print("\n[2/4] gfm shards info", flush=True)
-    shards_main(["info", str(shards_dir)])
+    shards_main(["info", str(shards_dir), "--plot", str(out / "band_stats.png")])
     print("\n[3/4] gfm shards verify", flush=True)
     rc = shards_main(["verify", str(shards_dir)])
     if rc or a.shards_only:

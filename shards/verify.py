@@ -130,3 +130,48 @@ def info_text(index: dict[str, Any]) -> str:
             f"{s['mean']:>10.4g} {s['std']:>10.4g} {s['p01']:>10.4g} {s['p99']:>10.4g}"
         )
     return "\n".join(lines)
+
+
+def plot_band_stats(index: dict[str, Any], path: str | Path) -> Path:
+    """Per-band mean ± std and 1st-99th percentile range against wavelength, one panel per sensor."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_sensor: dict[str, list[tuple[float, str, dict[str, float]]]] = {}
+    for key, band in index["bands"].items():
+        stats = index["stats"].get(key)
+        if stats:
+            by_sensor.setdefault(band["sensor"], []).append((band["center_nm"], band["name"], stats))
+    n = max(1, len(by_sensor))
+    fig, axes = plt.subplots(1, n, figsize=(5.5 * n, 3.8), squeeze=False)
+    for ax, (sensor, rows) in zip(axes[0], sorted(by_sensor.items())):
+        rows.sort()
+        x = [r[0] for r in rows]
+        mean = [r[2]["mean"] for r in rows]
+        std = [r[2]["std"] for r in rows]
+        ax.fill_between(x, [r[2]["p01"] for r in rows], [r[2]["p99"] for r in rows], alpha=0.2, label="p01-p99")
+        if len(x) < 30:
+            ax.errorbar(x, mean, yerr=std, fmt="o-", ms=3, capsize=2, label="mean ± std")
+        else:  # hyperspectral: a shaded band reads better than 200 error bars
+            ax.plot(x, mean, "-", lw=1.2, label="mean")
+            ax.fill_between(x, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)], alpha=0.35,
+                            label="± std")
+        if len(x) <= 20:
+            for cx, name, st in rows:
+                ax.annotate(name, (cx, st["mean"]), textcoords="offset points", xytext=(0, 6), fontsize=7,
+                            ha="center")
+        if x and max(x) / min(x) > 20:
+            ax.set_xscale("log")
+        ax.set_title(sensor)
+        ax.set_xlabel("centre wavelength (nm)")
+        ax.set_ylabel("raw value (valid pixels)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{index['samples']} tiles, {len(index['bands'])} bands")
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

@@ -146,6 +146,9 @@ def test_indian_pines_cube_with_labels(tmp_path, fmt):
         assert t.meta["crs"] is None and t.meta["gsd_m"] == 20.0
     index = json.loads((tmp_path / "index.json").read_text())
     assert index["sensors"] == ["aviris"] and len(index["stats"]) == 200
+    if fmt == "npy":
+        assert run("info", tmp_path, "--plot", tmp_path / "stats.png") == 0
+        assert (tmp_path / "stats.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_time_series_manifest(tmp_path):
