@@ -172,6 +172,22 @@ def test_resume_mid_epoch_resampled(data: tuple[str, list[str]]) -> None:
     assert tail != fresh[3:], "a restart draws a fresh stream rather than replaying"
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_resampled_with_replay_is_exact(data: tuple[str, list[str]], workers: int) -> None:
+    root = data[0]
+
+    def make():
+        return cfg(root, mode="resampled", samples_per_epoch=64, num_workers=workers, replay_on_resume=True)
+
+    full = keys_of(make().build(0, 2))
+    ld = make().build(0, 2)
+    it = iter(ld)
+    head = [next(it).keys for _ in range(3)]
+    resumed = make().build(0, 2)
+    resumed.load_state_dict(json.loads(json.dumps(ld.state_dict())))
+    assert head + keys_of(resumed) == full, "replay_on_resume must continue with exactly the same batches"
+
+
 def _truncate(path: str) -> None:
     size = os.path.getsize(path)
     with open(path, "r+b") as f:

@@ -39,6 +39,10 @@ class LoaderConfig:
         error_budget: corrupt samples + unreadable shards tolerated per rank per epoch; one more stops
             the run with :class:`~gfm.data.sources.LoaderError`.
         samples_per_epoch: resampled mode: samples per epoch over all ranks (default: the index total).
+        replay_on_resume: resampled mode: on resume, regenerate the interrupted epoch's stream and drop the
+            batches already consumed (as exact epochs always do), so a resumed run sees exactly the batches
+            an uninterrupted one would. Costs re-reading and decoding up to one epoch per resume; the
+            default (False) starts a fresh stream seeded with the restart count instead.
         pin_memory: pin batches when CUDA is present.
         prefetch_factor: batches each worker prepares ahead.
     """
@@ -59,6 +63,7 @@ class LoaderConfig:
     min_obs: int = 1
     error_budget: int = 100
     samples_per_epoch: int | None = None
+    replay_on_resume: bool = False
     pin_memory: bool = True
     prefetch_factor: int = 2
 
@@ -154,6 +159,7 @@ class LoaderConfig:
             world_size=world_size,
             workers=workers,
             exact=exact,
+            replay=exact or self.replay_on_resume,
             batch_size=self.batch_size,
             per_slot=per_slot,
             slot_samples=slot_samples,

@@ -13,7 +13,8 @@ Resuming mid-epoch (``load_state_dict``): in exact-epoch mode the epoch's stream
 the start and the already consumed batches are dropped before collation, so the run continues with
 exactly the batches it would have seen, none repeated; in resampled mode each slot starts a fresh
 stream seeded with the incremented restart count and yields only the batches still owed to the epoch
-(re-reading would cost IO for nothing, since resampled draws repeat by design).
+(re-reading would cost IO for nothing, since resampled draws repeat by design), unless
+``replay_on_resume`` asks for the exact-epoch behaviour.
 """
 
 from __future__ import annotations
@@ -97,6 +98,7 @@ class Plan:
     world_size: int
     workers: int  # slots per rank: max(1, num_workers)
     exact: bool
+    replay: bool  # resume by replaying the epoch's stream and dropping consumed batches
     batch_size: int
     per_slot: int
     slot_samples: int
@@ -161,7 +163,7 @@ class SlotStream(IterableDataset):  # type: ignore[type-arg]
         in_worker = get_worker_info() is not None
         slot = self._slot()
         skip = self._skip(slot)
-        restart = 0 if p.exact else self.restart  # exact epochs replay their own stream to resume
+        restart = 0 if p.replay else self.restart  # replaying streams ignore restarts to resume exactly
         where = f"rank {p.rank} worker {slot}"
         faults = Faults(p.error_budget, where)
         ident = (p.seed, self.epoch, p.rank, slot, restart)
@@ -171,7 +173,7 @@ class SlotStream(IterableDataset):  # type: ignore[type-arg]
         remaining = p.per_slot - skip
         if remaining <= 0:
             return
-        dropped = skip if p.exact else 0  # exact epochs replay their stream and drop what was consumed
+        dropped = skip if p.replay else 0  # a replayed stream drops what was consumed
         emitted = 0
         for pending in self._batches(slot, rng, geo_rng, faults, where):
             keep = draw_keep(
