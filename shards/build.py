@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import math
 import os
 import sys
 import tarfile
@@ -31,9 +30,8 @@ from rasterio.windows import Window
 from tqdm import tqdm
 
 from gfm import __version__
-from gfm.schema import SCHEMA_VERSION, Tile, band_entry, encode, make_key, stats_key
-from gfm.sensors import SensorError, get_sensor
-from shards.scene import Scene, SceneSpec, ShardError, crs_string, open_scene
+from gfm.schema import SCHEMA_VERSION, Tile, encode, make_key, stats_key
+from shards.scene import Scene, SceneSpec, ShardError, open_scene
 from shards.stats import BandStats
 
 SIDECAR_SUFFIX = ".stats.json"
@@ -202,14 +200,6 @@ def _lonlat(scene: Scene, row: int, col: int, tile: int) -> list[float] | None:
     return [round(float(lon[0]), 7), round(float(lat[0]), 7)]
 
 
-def _sensor_scale(sensor: str) -> tuple[float, float]:
-    try:
-        s = get_sensor(sensor)
-    except SensorError:
-        return 1.0, 0.0
-    return s.scale, s.offset
-
-
 def read_row(scene: Scene, row: int, cols: list[int], tile: int) -> Iterator[tuple[int, np.ndarray, np.ndarray, Any]]:
     """Yield ``(col, pixels [C,t,t], valid [C,t,t], label)`` for tiles of one row, from one strip read."""
     c0, c1 = min(cols), max(cols) + tile
@@ -248,35 +238,22 @@ def read_row(scene: Scene, row: int, cols: list[int], tile: int) -> Iterator[tup
 
 def make_tile(scene: Scene, row: int, col: int, tile: int, pixels: np.ndarray, valid: np.ndarray, label: Any) -> Tile:
     """A schema :class:`Tile` for the tile at (row, col) of ``scene``."""
-    grid = scene.grid
-    obs = scene.observations
-    t = grid.window_transform(row, col)
+    const = scene.tile_constants
+    t = scene.grid.window_transform(row, col)
     left, top = t.c, t.f
     right, bottom = t @ (tile, tile)
-    nodata, scale, offset = [], [], []
-    for reader, _ in scene.readers:
-        for b in reader.bands:
-            nd = reader.nodata
-            nodata.append(None if nd is None or (isinstance(nd, float) and math.isnan(nd)) else float(nd))
-            sc, of = _sensor_scale(b.sensor)
-            scale.append(sc)
-            offset.append(of)
     meta: dict[str, Any] = {
         "schema": SCHEMA_VERSION,
-        "bands": [band_entry(b.to_dict(), d) for b, d in obs],
-        "gsd_m": grid.gsd_m(),
-        "crs": crs_string(grid.crs),
+        "bands": const["bands"],
+        "gsd_m": const["gsd_m"],
+        "crs": const["crs"],
         "transform": [t.a, t.b, t.c, t.d, t.e, t.f],
         "bounds": [min(left, right), min(top, bottom), max(left, right), max(top, bottom)],
         "lonlat": _lonlat(scene, row, col, tile),
-        "nodata": nodata,
-        "scale": scale,
-        "offset": offset,
-        "source": {
-            "scene": scene.spec.id,
-            "window": [row, col, tile, tile],
-            "files": [r.source() for r, _ in scene.readers],
-        },
+        "nodata": const["nodata"],
+        "scale": const["scale"],
+        "offset": const["offset"],
+        "source": {"scene": scene.spec.id, "window": [row, col, tile, tile], "files": const["files"]},
     }
     if isinstance(label, np.ndarray):
         meta["label_ignore"] = scene.spec.label_ignore
@@ -286,8 +263,7 @@ def make_tile(scene: Scene, row: int, col: int, tile: int, pixels: np.ndarray, v
         v = valid[0].astype(np.uint8)
     else:
         v = valid.astype(np.uint8)
-    t0 = next((d for _, d in obs if d is not None), None)
-    key = make_key(scene.spec.id, _days(t0), row, col)
+    key = make_key(scene.spec.id, _days(const["t0"]), row, col)
     return Tile(key=key, pixels=np.ascontiguousarray(pixels), meta=meta, valid=v, label=label)
 
 
@@ -347,7 +323,7 @@ def write_shard(job: ShardJob, on_tile: Callable[[int], None] | None = None) -> 
                                 dates.add(b["time"])
             writer.close()
         nbytes = tmp.stat().st_size
-        digest = _sha256(tmp) if samples else ""
+        digest = sha256_file(tmp) if samples else ""
         if samples:
             os.replace(tmp, out / plan.name)
         else:
@@ -395,7 +371,8 @@ def close_cached_scenes() -> None:
         _SCENE_CACHE.popitem()[1].close()
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -8,6 +8,7 @@ lies is decided elsewhere (:mod:`shards.plan`); this module only reads.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import warnings
@@ -26,7 +27,8 @@ from rasterio.vrt import WarpedVRT
 from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
-from gfm.sensors import Band, Sensor, SensorError, hyperspectral, read_wavelengths
+from gfm.schema import band_entry
+from gfm.sensors import Band, Sensor, SensorError, get_sensor, hyperspectral, read_wavelengths
 
 
 class ShardError(Exception):
@@ -404,6 +406,34 @@ class Scene:
     def dtype(self) -> np.dtype:
         """One dtype that holds every observation (numpy promotion)."""
         return np.result_type(*[r.dtype for r, _ in self.readers])
+
+    @functools.cached_property
+    def tile_constants(self) -> dict[str, Any]:
+        """The ``meta.json`` fields every tile of this scene shares (computed once, not per tile)."""
+        nodata: list[float | None] = []
+        scale: list[float] = []
+        offset: list[float] = []
+        for reader, _ in self.readers:
+            nd = reader.nodata
+            for b in reader.bands:
+                nodata.append(None if nd is None or (isinstance(nd, float) and math.isnan(nd)) else float(nd))
+                try:
+                    sensor = get_sensor(b.sensor)
+                    scale.append(sensor.scale)
+                    offset.append(sensor.offset)
+                except SensorError:  # generic hyperspectral sensors are not registered
+                    scale.append(1.0)
+                    offset.append(0.0)
+        return {
+            "bands": [band_entry(b.to_dict(), d) for b, d in self.observations],
+            "gsd_m": self.grid.gsd_m(),
+            "crs": crs_string(self.grid.crs),
+            "nodata": nodata,
+            "scale": scale,
+            "offset": offset,
+            "files": [r.source() for r, _ in self.readers],
+            "t0": next((d for _, d in self.observations if d is not None), None),
+        }
 
     def close(self) -> None:
         """Close every reader."""

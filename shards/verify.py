@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tarfile
 from collections import Counter
@@ -10,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from gfm.schema import SchemaError, decode, stats_key
-from shards.build import INDEX_FILE
+from shards.build import INDEX_FILE, sha256_file
 from shards.scene import ShardError
 
 
@@ -60,7 +59,7 @@ def verify(root: str | Path) -> dict[str, Any]:
         if not path.exists():
             problems.append(f"{entry['name']}: missing")
             continue
-        h = hashlib.sha256(path.read_bytes()).hexdigest()
+        h = sha256_file(path)
         if entry.get("sha256") and h != entry["sha256"]:
             problems.append(f"{entry['name']}: checksum differs from index.json (corrupt or modified)")
         seen = 0
