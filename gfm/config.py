@@ -14,8 +14,6 @@ cross-field checks; the error is prefixed with the dataclass's key.
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -23,6 +21,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+
+from gfm.fileio import atomic_write
 
 T = TypeVar("T")
 
@@ -224,10 +224,4 @@ def dump_yaml(obj: Any) -> str:
 
 def save_yaml(obj: Any, path: str | Path) -> Path:
     """Write the resolved config atomically (temp file + rename) and return the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(dump_yaml(obj))
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, dump_yaml(obj))

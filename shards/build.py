@@ -30,6 +30,7 @@ from rasterio.windows import Window
 from tqdm import tqdm
 
 from gfm import __version__
+from gfm.fileio import atomic_write
 from gfm.schema import SCHEMA_VERSION, Tile, encode, make_key, stats_key
 from shards.scene import Scene, SceneSpec, ShardError, open_scene
 from shards.stats import BandStats
@@ -159,15 +160,6 @@ def shard_name(name: str, index: int) -> str:
 def is_complete(out: Path, shard: str) -> bool:
     """A shard is complete when its sidecar exists (written last)."""
     return (out / (shard[: -len(".tar")] + SIDECAR_SUFFIX)).exists()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -343,7 +335,7 @@ def write_shard(job: ShardJob, on_tile: Callable[[int], None] | None = None) -> 
             "scenes": per_scene,
         }
         sidecar = out / (plan.name[: -len(".tar")] + SIDECAR_SUFFIX)
-        _atomic_write(sidecar, json.dumps(summary).encode())
+        atomic_write(sidecar, json.dumps(summary).encode())
         return summary
     finally:
         if tmp.exists():
@@ -518,7 +510,7 @@ def _write_plan(out: Path, specs: list[SceneSpec], opts: BuildOptions, plans: li
                 "use a new --out directory or delete it"
             )
         return
-    _atomic_write(path, json.dumps(plan_doc, indent=1).encode())
+    atomic_write(path, json.dumps(plan_doc, indent=1).encode())
 
 
 def write_index(out: str | Path) -> dict[str, Any]:
@@ -583,5 +575,5 @@ def write_index(out: str | Path) -> dict[str, Any]:
         "planned_shards": len(planned) if planned is not None else len(done),
         "missing_shards": missing,
     }
-    _atomic_write(out / INDEX_FILE, json.dumps(index, indent=1).encode())
+    atomic_write(out / INDEX_FILE, json.dumps(index, indent=1).encode())
     return index

@@ -9,7 +9,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from gfm.data.batch import Batch
+from gfm.batch import Batch
 from gfm.model import (
     ClassificationHead,
     HyperMAE,

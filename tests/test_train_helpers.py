@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from gfm.data.batch import Batch  # noqa: E402
+from gfm.batch import Batch  # noqa: E402
 
 PATCH = 4
 
@@ -93,14 +93,14 @@ def main(argv: list[str] | None = None) -> int:
                 os.kill(os.getpid(), signal.SIGKILL)
 
     if args.kill_in_checkpoint >= 0:
-        original = ckpt._atomic_write
+        original = ckpt.atomic_write
 
-        def dying_write(path: Path, text: str) -> None:
+        def dying_write(path: Path, text: str) -> Path:
             if path.name == ckpt.COMPLETE and path.parent.name == ckpt.tag_for(args.kill_in_checkpoint):
                 os.kill(os.getpid(), signal.SIGKILL)
-            original(path, text)
+            return original(path, text)
 
-        ckpt._atomic_write = dying_write  # type: ignore[assignment]
+        ckpt.atomic_write = dying_write  # type: ignore[assignment]
 
     try:
         run(cfg, model=model, extra_callbacks=[KillAfter()])

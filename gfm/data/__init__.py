@@ -4,7 +4,7 @@ The trainer's entry point is :class:`LoaderConfig`: ``LoaderConfig(shards=DIR, .
 world_size)`` gives a :class:`ShardLoader` whose iteration yields one epoch of :class:`Batch` objects.
 """
 
-from gfm.data.batch import Batch
+from gfm.batch import Batch
 from gfm.data.config import LoaderConfig
 from gfm.data.pipeline import ShardLoader
 from gfm.data.sources import DatasetIndex, LoaderError, load_index, resolve_shards

@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from gfm.data.batch import Batch
+from gfm.batch import Batch
 from gfm.data.decode import decode_sample
 from gfm.data.sources import LoaderError, Segment, ShardSet, epoch_order, open_url, slot_segments
 from gfm.data.transforms import Augment, BandTable, Geometry, check_tile, collate, draw_keep

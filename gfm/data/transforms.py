@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gfm.data.batch import Batch
+from gfm.batch import Batch
 from gfm.data.sources import DatasetIndex
 from gfm.schema import SchemaError, Tile
 from gfm.sensors import KIND_CODE

@@ -1,6 +1,6 @@
 """The LESS ViT encoder: any band set, any sensor mix, any tile size, on one token grid.
 
-``forward_features`` embeds a :class:`~gfm.data.batch.Batch` into the ``[B, C+1, N+1, D]`` grid
+``forward_features`` embeds a :class:`~gfm.batch.Batch` into the ``[B, C+1, N+1, D]`` grid
 (summary row, summary column, CLS; see :mod:`gfm.model.embed`) and runs the blocks;
 ``forward_intermediates`` returns per-position feature maps for segmentation necks;
 ``forward_head`` maps the CLS token to logits. :class:`~gfm.model.mae.HyperMAE` reuses
@@ -19,7 +19,7 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from gfm.data.batch import Batch
+from gfm.batch import Batch
 from gfm.model.attention import Block, perception_field_mask
 from gfm.model.embed import (
     Descriptors,

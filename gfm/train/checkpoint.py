@@ -26,11 +26,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +38,7 @@ import numpy as np
 import torch
 
 from gfm import distributed as gdist
+from gfm.fileio import atomic_save, atomic_write
 
 COMPLETE = "COMPLETE"
 TRAINER_STATE = "trainer.json"
@@ -49,22 +48,6 @@ _TAG_RE = re.compile(r"^step_(\d{8})$")
 def tag_for(step: int) -> str:
     """The checkpoint directory name for optimizer ``step``."""
     return f"step_{step:08d}"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def list_checkpoints(ckpt_dir: Path, complete_only: bool = True) -> list[tuple[int, Path]]:
@@ -158,14 +141,14 @@ class CheckpointManager:
         gdist.barrier(f"checkpoint {tag} start")
         client = dict(client_state, universal_checkpoint_info={"universal_checkpoint_version": 0.4})
         engine.save_checkpoint(str(self.dir), tag=tag, client_state=client, save_latest=False)
-        _atomic_torch_save(rank_state, path / f"rank_{info.rank:05d}.pt")
+        atomic_save(path / f"rank_{info.rank:05d}.pt", lambda tmp: torch.save(rank_state, tmp))
         gdist.barrier(f"checkpoint {tag} files written")
         if info.is_main:
             meta = dict(meta, step=step, world_size=info.world_size, time=time.time())
             (path / TRAINER_STATE).write_text(json.dumps(meta, indent=2))
             (path / "config.yaml").write_text(config_yaml)
-            _atomic_write(path / COMPLETE, f"{step}\n")
-            _atomic_write(self.dir / "latest", f"{tag}\n")
+            atomic_write(path / COMPLETE, f"{step}\n")
+            atomic_write(self.dir / "latest", f"{tag}\n")
             self.prune()
         return path
 
@@ -209,7 +192,7 @@ class CheckpointManager:
                 keep_temp_folder=False, strict=True, inject_missing_state=True,
             )
             ds_to_universal.main(args)
-            _atomic_write(out / COMPLETE, "universal\n")
+            atomic_write(out / COMPLETE, "universal\n")
         gdist.barrier("universal checkpoint conversion")
         return out
 

@@ -7,7 +7,7 @@ import time
 import torch
 from torch import nn
 
-from gfm.data.batch import Batch
+from gfm.batch import Batch
 
 TRAIN_FLOPS_PER_FORWARD = 3  # backward costs about twice the forward
 

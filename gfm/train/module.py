@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from gfm import distributed as gdist
-from gfm.data.batch import Batch
+from gfm.batch import Batch
 from gfm.train.config import TrainConfig
 
 

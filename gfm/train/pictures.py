@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gfm.data.batch import Batch
+from gfm.batch import Batch
 
 RGB_NM = (665.0, 560.0, 490.0)  # red, green, blue centre wavelengths
 RGB_TOLERANCE_NM = 40.0

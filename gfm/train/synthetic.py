@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
+from gfm.batch import Batch
 from gfm.config import ConfigError
-from gfm.data.batch import Batch
 from gfm.sensors import get_sensor
 
 

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from gfm import distributed as gdist
+from gfm.batch import Batch
 from gfm.config import save_yaml
-from gfm.data.batch import Batch
 from gfm.train.callbacks import (
     Callback,
     CheckpointCallback,

@@ -1,7 +1,8 @@
 """The :class:`Batch`: what the loader yields and what models and trainers consume.
 
-This is the contract between ``gfm.data`` and ``gfm.model``/``gfm.train``. Every observation (a
-(band, time) pair) carries its physical description as tensors, so a model needs no band list.
+This is the contract between ``gfm.data`` and ``gfm.model``/``gfm.train``; it lives outside both so that
+the model never imports the data pipeline. Every observation (a (band, time) pair) carries its physical
+description as tensors, so a model needs no band list.
 """
 
 from __future__ import annotations
