@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # Pinned so pip takes the builds that lie on disk instead of pulling a multi-GB download.
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test lint typecheck bench clean venv
+.PHONY: demo test test-fast lint bench clean venv
 
 venv: $(STAMP)
 
@@ -21,11 +21,15 @@ demo: $(STAMP)
 	$(BIN)/gfm demo --out demo_out
 
 lint: $(STAMP)
-	$(BIN)/ruff check $(wildcard gfm shards pretrain finetune bench tests)
+	$(BIN)/ruff check $(wildcard gfm shards pretrain finetune demo bench tests)
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 test: lint
 	$(BIN)/python -m pytest -q tests
+
+test-fast: lint
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.shards
