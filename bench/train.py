@@ -1,6 +1,6 @@
 """Training benchmark: samples/s and FLOP utilisation of the real engine, 1 vs 2 ranks, LESS vs dense.
 
-Each row is a real pretraining run (``gfm.train.trainer.run``: DeepSpeed, ZeRO 1, the synthetic
+Each row is a real pretraining run (``gfm.train.run``: DeepSpeed, ZeRO 1, the synthetic
 Sentinel-2 stream, 12 bands, 32 × 32 tiles, batch 8 per rank) of HyperMAE-Tiny in a fresh process
 (``torchrun`` for 2 ranks), each rank with ``--threads-per-rank`` CPU threads (default 1).
 Throughput is read from the run's ``metrics.jsonl`` over the steps after
@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def overrides(args: argparse.Namespace, run_dir: Path) -> list[str]:
+    """The config overrides of one benchmark run."""
     return [
         f"run_dir={run_dir}", f"steps={args.steps}", "seed=0",
         "data.source=synthetic", f"data.synthetic.tile={args.tile}", "data.synthetic.batch_size=8",
@@ -44,24 +45,20 @@ def overrides(args: argparse.Namespace, run_dir: Path) -> list[str]:
 
 def worker(argv: list[str]) -> int:
     """One run in this process (under torchrun for several ranks)."""
-    from gfm import distributed as gdist
     from gfm.config import load
     from gfm.model.registry import create_model
     from gfm.train.config import TrainConfig
-    from gfm.train.trainer import run, seed_everything
+    from gfm.train.runner import run_guarded, seed_everything
 
     attention, rest = argv[0], argv[1:]
     cfg = load(TrainConfig, None, rest)
     seed_everything(cfg.seed)
     model = create_model(cfg.model.name, patch_size=cfg.model.patch_size, attention=attention)
-    try:
-        run(cfg, model=model)
-    finally:
-        gdist.destroy()
-    return 0
+    return run_guarded(cfg, model=model, prog="bench.train")
 
 
 def measure(args: argparse.Namespace, attention: str, nproc: int) -> dict[str, float]:
+    """Run one configuration in fresh processes; its mean throughput and FLOP utilisation after warm-up."""
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         run_dir = Path(tmp) / "run"
         cmd_args = ["-m", "bench.train", "--worker", attention, *overrides(args, run_dir)]
@@ -87,6 +84,7 @@ def measure(args: argparse.Namespace, attention: str, nproc: int) -> dict[str, f
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the three configurations and print the table (``--worker`` runs one of them in-process)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "--worker":
         return worker(argv[1:])

@@ -14,7 +14,6 @@ import datetime
 import logging
 import os
 import socket
-import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -52,11 +51,6 @@ class DistInfo:
         """True on global rank 0."""
         return self.rank == 0
 
-    @property
-    def num_nodes(self) -> int:
-        """Number of nodes (assuming equal processes per node)."""
-        return max(1, self.world_size // max(1, self.local_world_size))
-
 
 _INFO: DistInfo | None = None
 
@@ -67,7 +61,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def choose_backend() -> tuple[str, torch.device, str]:
+def _choose_backend() -> tuple[str, torch.device, str]:
     """(backend, device type, DeepSpeed accelerator) for this machine: NCCL/CUDA or gloo/CPU."""
     if torch.cuda.is_available():
         return "nccl", torch.device("cuda"), "cuda"
@@ -83,7 +77,7 @@ def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> DistInfo:
     global _INFO
     if _INFO is not None:
         return _INFO
-    backend, device, accelerator = choose_backend()
+    backend, device, accelerator = _choose_backend()
     os.environ.setdefault("DS_ACCELERATOR", accelerator)
     if "RANK" not in os.environ:  # plain single process: a world of one on loopback
         os.environ.update(
@@ -147,12 +141,6 @@ def print0(*args: Any, **kwargs: Any) -> None:
         print(*args, **kwargs)
 
 
-def warn0(message: str) -> None:
-    """A one-line warning on rank 0's stderr."""
-    if is_main():
-        print(f"warning: {message}", file=sys.stderr, flush=True)
-
-
 def barrier(what: str = "barrier") -> None:
     """Wait for every rank; on timeout, raise with a message naming ``what`` and the timeout."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
@@ -167,15 +155,6 @@ def barrier(what: str = "barrier") -> None:
             f"rank {dist.get_rank()}: not every rank reached '{what}' within {info().timeout_s:.0f} s "
             f"(a rank crashed or hangs; see its log): {e}"
         ) from e
-
-
-def all_reduce_max(value: float) -> float:
-    """The maximum of ``value`` over ranks (the value itself when alone)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return float(value)
-    t = torch.tensor([float(value)], dtype=torch.float64, device=info().device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
 
 
 def all_reduce_sum(value: float) -> float:
@@ -204,15 +183,6 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
-
-
-def all_gather_object(obj: Any) -> list[Any]:
-    """``[obj of rank 0, obj of rank 1, ...]`` on every rank."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def destroy() -> None:

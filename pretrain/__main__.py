@@ -17,6 +17,7 @@ from gfm.config import ConfigError, dump_yaml, load
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line of ``gfm pretrain``."""
     p = argparse.ArgumentParser(prog="gfm pretrain", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML run config (pretrain/configs/*.yaml)")
@@ -28,6 +29,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Load the config (exit 2 with one line on a config error), then run: 0 done, 3 stopped by the guard."""
     args = parse_args(argv)
     from gfm.train.config import TrainConfig
 
@@ -45,17 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(dump_yaml(cfg), end="")
         return 0
 
-    from gfm import distributed as gdist
-    from gfm.train.trainer import NonFiniteError, run
+    from gfm.train import run_guarded
 
-    try:
-        run(cfg)
-    except NonFiniteError as e:
-        print(f"gfm pretrain: {e}", file=sys.stderr)
-        return 3
-    finally:
-        gdist.destroy()
-    return 0
+    return run_guarded(cfg, prog="gfm pretrain")
 
 
 if __name__ == "__main__":

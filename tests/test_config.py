@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
@@ -82,10 +82,13 @@ def test_yaml_round_trip(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "pretrain" / "configs").glob("*.yaml")))
-def test_shipped_pretrain_configs_load(name: str) -> None:
+def test_shipped_pretrain_configs_load(name: str, tmp_path: Path) -> None:
     from gfm.train.config import TrainConfig
 
-    cfg = load(TrainConfig, REPO / "pretrain" / "configs" / name)
+    path = REPO / "pretrain" / "configs" / name
+    # shard paths must exist when a config loads: point the shard configs at an existing directory
+    uses_shards = yaml.safe_load(path.read_text())["data"].get("source") == "shards"
+    cfg = load(TrainConfig, path, [f"data.loader.shards={tmp_path}"] if uses_shards else [])
     ds = cfg.engine.deepspeed_config(micro_batch=4, world_size=8)
     assert ds["train_batch_size"] == 4 * 8 * cfg.engine.grad_accum
     assert ds["zero_optimization"]["stage"] == cfg.engine.zero_stage
@@ -137,7 +140,7 @@ def test_no_weight_decay_on_norms_biases_embeddings_tokens() -> None:
 def test_synthetic_stream_is_rank_count_independent() -> None:
     import torch
 
-    from gfm.train.synthetic import SyntheticDataConfig
+    from gfm.data.synthetic import SyntheticDataConfig
 
     cfg1 = SyntheticDataConfig(batch_size=4, tile=8, num_bands=3, samples_per_epoch=64)
     cfg2 = SyntheticDataConfig(batch_size=2, tile=8, num_bands=3, samples_per_epoch=64)
@@ -152,3 +155,72 @@ def test_synthetic_stream_is_rank_count_independent() -> None:
     resumed = cfg2.build(1, 2)
     resumed.load_state_dict(state)
     assert torch.equal(next(iter(resumed)).pixels, third.pixels[2:])
+
+
+def test_resolved_config_holds_every_loader_default(tmp_path: Path) -> None:
+    from gfm.data import LoaderConfig
+    from gfm.train.config import TrainConfig
+
+    cfg = load(TrainConfig, None, ["data.source=shards", f"data.loader.shards={tmp_path}", "data.loader.batch_size=4"])
+    assert isinstance(cfg.data.loader, LoaderConfig) and cfg.data.batch_size == 4
+    saved = yaml.safe_load(dump_yaml(cfg))["data"]["loader"]
+    assert set(saved) == {f.name for f in fields(LoaderConfig)}
+    assert saved["replay_on_resume"] is False and saved["prefetch_factor"] == 2 and saved["batch_size"] == 4
+    assert load(TrainConfig, save_yaml(cfg, tmp_path / "config.yaml")) == cfg
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data.loader.mode=x"], "data.loader.mode: expected one of ['resampled', 'epoch'], got 'x'"),
+        (["data.loader.batch_size=0"], "data.loader.batch_size: must be >= 1, got 0"),
+        (["data.loader.obs_dropout=1.0"], "data.loader.obs_dropout: must be in [0, 1), got 1.0"),
+        (["data.loader.shufle_buffer=3"], "data.loader.shufle_buffer: unknown key (known: batch_size,"),
+        (["model.name=nope"], "model.name: unknown model 'nope' (known: dense_vit_base,"),
+        (["data.source=shards"], "data.loader.shards: empty, but source is 'shards'"),
+        (["data.source=shards", "data.loader.shards=/no/such/dir"], "data.loader.shards: '/no/such/dir' does not exist"),
+        (["data.source=shards", "data.loader.shards=/no/d/s-{0..3}.tar"],
+         "data.loader.shards: '/no/d/s-0.tar' does not exist (from '/no/d/s-{0..3}.tar')"),
+    ],
+)
+def test_run_config_errors_name_the_key(overrides: list[str], message: str) -> None:
+    from gfm.train.config import TrainConfig
+
+    with pytest.raises(ConfigError) as err:
+        load(TrainConfig, None, overrides)
+    assert str(err.value).startswith(message), str(err.value)
+
+
+def test_remote_and_synthetic_shard_specs_are_not_checked() -> None:
+    from gfm.train.config import TrainConfig
+
+    cfg = load(TrainConfig, None, ["data.source=shards", "data.loader.shards=s3://bucket/s2-{000..009}.tar"])
+    assert cfg.data.loader.shards.startswith("s3://")
+    assert load(TrainConfig, None, ["data.loader.shards=/no/such/dir"]).data.source == "synthetic"
+
+
+def test_loader_config_errors_outside_a_run_config_name_loader() -> None:
+    from gfm.data import LoaderConfig
+
+    with pytest.raises(ConfigError, match=r"^loader\.min_obs: must be >= 1, got 0$"):
+        LoaderConfig(shards="x", min_obs=0).build(0, 1)
+
+
+def test_callbacks_are_built_from_config(tmp_path: Path) -> None:
+    from gfm.train.callbacks import CheckpointCallback, MetricsCallback, PicturesCallback
+    from gfm.train.config import CheckpointConfig, LoggingConfig
+
+    assert [type(c) for c in LoggingConfig().build(tmp_path)] == [MetricsCallback]
+    assert [type(c) for c in LoggingConfig(images_every=5).build(tmp_path)] == [MetricsCallback, PicturesCallback]
+    ckpt = CheckpointConfig(keep=2).build(tmp_path)
+    assert isinstance(ckpt, CheckpointCallback) and ckpt.manager.keep == 2
+
+
+def test_the_loop_names_no_concrete_callback() -> None:
+    import ast
+
+    tree = ast.parse((REPO / "gfm" / "train" / "trainer.py").read_text())
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+    modules = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert "gfm.train.callbacks" not in modules
+    assert not imported & {"MetricsCallback", "CheckpointCallback", "PicturesCallback"}

@@ -1,7 +1,7 @@
 """Test fixtures for the training tests: a minimal model that consumes a Batch, and a worker program.
 
 This file holds no tests. The worker is what the multi-process tests start (``python -m`` or
-``torchrun``); it runs :func:`gfm.train.trainer.run` with :class:`TinyMAE` and can inject faults:
+``torchrun``); it runs :func:`gfm.train.run` (through ``run_guarded``) with :class:`TinyMAE` and can inject faults:
 
 - ``--nan-samples 40,41``: the loss is NaN for any micro-batch containing those global samples;
 - ``--kill-after-step N``: SIGKILL this process right after step N (and after its checkpoint);
@@ -75,12 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
 
-    from gfm import distributed as gdist
     from gfm.config import load
     from gfm.train import checkpoint as ckpt
-    from gfm.train.callbacks import Callback
     from gfm.train.config import TrainConfig
-    from gfm.train.trainer import NonFiniteError, run
+    from gfm.train.runner import run_guarded
+    from gfm.train.trainer import Callback
 
     cfg = load(TrainConfig, args.config, args.overrides)
     nan = frozenset(int(s) for s in args.nan_samples.split(",") if s)
@@ -102,14 +101,7 @@ def main(argv: list[str] | None = None) -> int:
 
         ckpt.atomic_write = dying_write  # type: ignore[assignment]
 
-    try:
-        run(cfg, model=model, extra_callbacks=[KillAfter()])
-    except NonFiniteError as e:
-        print(f"NonFiniteError: {e}", file=sys.stderr)
-        return 3
-    finally:
-        gdist.destroy()
-    return 0
+    return run_guarded(cfg, model=model, extra_callbacks=[KillAfter()], prog="NonFiniteError")
 
 
 if __name__ == "__main__":

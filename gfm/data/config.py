@@ -1,18 +1,52 @@
-"""``LoaderConfig``: the typed settings of the streaming loader, and ``build()`` for one rank."""
+"""``LoaderConfig``: the typed settings of the streaming loader, and ``build()`` for one rank.
+
+This module imports the pipeline (and webdataset) only in :meth:`LoaderConfig.build`, so a run config
+that nests a ``LoaderConfig`` loads, validates and prints without it.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
-from gfm.data.pipeline import Plan, ShardLoader
-from gfm.data.sources import LoaderError, resolve_shards
-from gfm.data.transforms import Augment
+from gfm.config import ConfigError
+
+if TYPE_CHECKING:
+    from gfm.data.pipeline import ShardLoader
 
 log = logging.getLogger("gfm.data")
 
 MODES = ("resampled", "epoch")
+_SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
+
+
+def missing_local_shards(spec: str) -> str | None:
+    """The first local path of shard ``spec`` that does not exist, or None.
+
+    Only local paths are checked: URLs (``s3://``, ``https://``...) and ``pipe:`` commands are left to the
+    loader. A ``::`` list and brace patterns are expanded (webdataset's rules); of a pattern's paths only the
+    first and the last are looked at, so a spec naming 100k shards costs two ``stat`` calls per rank.
+    """
+    parts = [p for p in spec.split("::") if p]
+    for part in parts:
+        if part.startswith("file://"):
+            part = part[len("file://") :]
+        elif part.startswith("pipe:") or _SCHEME_RE.match(part):
+            continue
+        if "{" in part:
+            from webdataset.shardlists import expand_urls
+
+            paths = list(expand_urls(part))
+            paths = paths[:1] + paths[-1:] if len(paths) > 1 else paths
+        else:
+            paths = [part]
+        for path in paths:
+            if not os.path.exists(path):
+                return path
+    return None
 
 
 @dataclass
@@ -49,7 +83,7 @@ class LoaderConfig:
 
     shards: str = ""
     index: str | None = None
-    mode: str = "resampled"
+    mode: Literal["resampled", "epoch"] = "resampled"
     batch_size: int = 32
     num_workers: int = 2
     crop_size: int | None = None
@@ -68,29 +102,30 @@ class LoaderConfig:
     prefetch_factor: int = 2
 
     def validate(self) -> None:
-        """Raise :class:`ValueError` naming the first bad key."""
+        """Check values; raises :class:`~gfm.config.ConfigError` naming the first bad key (``mode: ...``).
+
+        Paths are not checked here (:func:`missing_local_shards` does that for a run config); the run
+        config prefixes the key with ``data.loader.``.
+        """
         checks: list[tuple[bool, str]] = [
-            (self.mode in MODES, f"loader.mode must be one of {MODES}, got {self.mode!r}"),
-            (self.batch_size >= 1, f"loader.batch_size must be >= 1, got {self.batch_size}"),
-            (self.num_workers >= 0, f"loader.num_workers must be >= 0, got {self.num_workers}"),
-            (
-                self.crop_size is None or self.crop_size >= 0,
-                f"loader.crop_size must be >= 0, got {self.crop_size}",
-            ),
-            (self.shuffle_buffer >= 0, f"loader.shuffle_buffer must be >= 0, got {self.shuffle_buffer}"),
-            (0.0 <= self.obs_dropout < 1.0, f"loader.obs_dropout in [0, 1) expected: {self.obs_dropout}"),
-            (0.0 <= self.time_dropout < 1.0, f"loader.time_dropout in [0, 1) expected: {self.time_dropout}"),
-            (self.min_obs >= 1, f"loader.min_obs must be >= 1, got {self.min_obs}"),
-            (self.error_budget >= 0, f"loader.error_budget must be >= 0, got {self.error_budget}"),
+            (self.mode in MODES, f"mode: must be one of {list(MODES)}, got {self.mode!r}"),
+            (self.batch_size >= 1, f"batch_size: must be >= 1, got {self.batch_size}"),
+            (self.num_workers >= 0, f"num_workers: must be >= 0, got {self.num_workers}"),
+            (self.crop_size is None or self.crop_size >= 0, f"crop_size: must be >= 0, got {self.crop_size}"),
+            (self.shuffle_buffer >= 0, f"shuffle_buffer: must be >= 0, got {self.shuffle_buffer}"),
+            (0.0 <= self.obs_dropout < 1.0, f"obs_dropout: must be in [0, 1), got {self.obs_dropout}"),
+            (0.0 <= self.time_dropout < 1.0, f"time_dropout: must be in [0, 1), got {self.time_dropout}"),
+            (self.min_obs >= 1, f"min_obs: must be >= 1, got {self.min_obs}"),
+            (self.error_budget >= 0, f"error_budget: must be >= 0, got {self.error_budget}"),
             (
                 self.samples_per_epoch is None or self.samples_per_epoch >= 1,
-                f"loader.samples_per_epoch must be >= 1, got {self.samples_per_epoch}",
+                f"samples_per_epoch: must be >= 1, got {self.samples_per_epoch}",
             ),
-            (self.prefetch_factor >= 1, f"loader.prefetch_factor must be >= 1, got {self.prefetch_factor}"),
+            (self.prefetch_factor >= 1, f"prefetch_factor: must be >= 1, got {self.prefetch_factor}"),
         ]
         for ok, msg in checks:
             if not ok:
-                raise ValueError(msg)
+                raise ConfigError(msg)
 
     def build(self, rank: int | None = None, world_size: int | None = None) -> ShardLoader:
         """The loader of one rank.
@@ -101,10 +136,18 @@ class LoaderConfig:
                 or created.
 
         Raises:
+            ConfigError: a bad value (``loader.<key>: ...``).
             LoaderError: no shards or index; counts that leave a (rank, worker) slot without a full
                 batch (the message gives samples, shards, ranks and workers); crops larger than tiles.
         """
-        self.validate()
+        from gfm.data.pipeline import Plan, ShardLoader
+        from gfm.data.sources import LoaderError, resolve_shards
+        from gfm.data.transforms import Augment
+
+        try:
+            self.validate()
+        except ConfigError as e:
+            raise ConfigError(f"loader.{e}") from None
         if world_size is None:
             world_size = int(os.environ.get("WORLD_SIZE", "1"))
         if rank is None:

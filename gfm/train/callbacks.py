@@ -1,4 +1,8 @@
-"""What happens around the step: metrics, checkpoints, pictures. Each is a :class:`Callback`."""
+"""What happens around the step: metrics, checkpoints, pictures, each a :class:`~gfm.train.trainer.Callback`.
+
+Built from their config sections (``LoggingConfig.build``, ``CheckpointConfig.build``); the loop itself
+never names them.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -17,22 +21,7 @@ from gfm.config import dump_yaml, to_dict
 from gfm.train import flops as flops_mod
 from gfm.train.checkpoint import CheckpointManager, rng_state
 from gfm.train.module import StepResult
-
-if TYPE_CHECKING:
-    from gfm.train.trainer import Trainer
-
-
-class Callback:
-    """Hooks the trainer calls on every rank; a callback decides itself whether rank 0 alone acts."""
-
-    def on_start(self, trainer: Trainer) -> None:
-        """Before the first step (after any resume)."""
-
-    def on_step(self, trainer: Trainer, result: StepResult) -> None:
-        """After every optimizer step; ``trainer.step`` already counts it."""
-
-    def on_end(self, trainer: Trainer) -> None:
-        """After the last step (not called when the run stops with an error)."""
+from gfm.train.trainer import Callback, Trainer
 
 
 def _memory_gb(device: torch.device) -> float:

@@ -1,15 +1,27 @@
-"""The typed config of a pretraining run: one dataclass per component, loaded from YAML + overrides."""
+"""The typed config of a pretraining run: one dataclass per component, loaded from YAML + overrides.
+
+Each section builds its component: ``data.build(rank, world_size)`` the batch stream, ``model.build()``
+the model, ``logging.build(run_dir)`` and ``checkpoint.build(run_dir)`` the loop's callbacks. Loading
+checks everything that can be checked without starting processes: types and ranges, the model name
+against the registry, and that a local shard path exists.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 from gfm.config import ConfigError
-from gfm.model.registry import ModelConfig
+from gfm.data.config import LoaderConfig, missing_local_shards
+from gfm.data.synthetic import SyntheticDataConfig
+from gfm.model.registry import ModelConfig, list_models
 from gfm.train.engine_config import EngineConfig
 from gfm.train.optim import OptimConfig, ScheduleConfig
-from gfm.train.synthetic import SyntheticDataConfig
+
+if TYPE_CHECKING:
+    from gfm.train.callbacks import CheckpointCallback
+    from gfm.train.trainer import Callback
 
 
 @dataclass
@@ -18,41 +30,37 @@ class DataConfig:
 
     Attributes:
         source: ``shards`` (the streaming loader over WebDataset shards) or ``synthetic``.
-        loader: the loader's own config (``gfm.data.LoaderConfig`` fields), used when source is shards.
-        synthetic: the synthetic stream, used when source is synthetic.
+        loader: the shard loader (:class:`gfm.data.LoaderConfig`), used when source is shards.
+        synthetic: the synthetic stream (:class:`gfm.data.SyntheticDataConfig`), used when source is synthetic.
     """
 
     source: Literal["shards", "synthetic"] = "synthetic"
-    loader: dict[str, Any] = field(default_factory=dict)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
 
     def validate(self) -> None:
-        """Check values; raises :class:`ConfigError` naming the field."""
-        if self.source == "shards":
-            self.loader_config()
-
-    def loader_config(self) -> Any:
-        """``loader`` as a typed ``gfm.data.LoaderConfig`` (errors name ``data.loader.<key>``)."""
-        from gfm.config import from_dict
-
-        try:
-            from gfm.data.config import LoaderConfig
-        except ImportError as e:
-            raise ConfigError(f"source: the shard loader is not available ({e})") from e
-        return from_dict(LoaderConfig, self.loader, prefix="loader")
+        """Check that a shard source names shards that exist; raises :class:`ConfigError` naming the key."""
+        if self.source != "shards":
+            return
+        spec = self.loader.shards
+        if not spec:
+            raise ConfigError("loader.shards: empty, but source is 'shards': give a dataset directory, brace "
+                              "pattern, list file or URL")
+        missing = missing_local_shards(spec)
+        if missing is not None:
+            where = "" if missing == spec else f" (from {spec!r})"
+            raise ConfigError(f"loader.shards: {missing!r} does not exist{where}")
 
     @property
     def batch_size(self) -> int:
         """Samples per rank per micro-step."""
-        if self.source == "synthetic":
-            return self.synthetic.batch_size
-        return int(self.loader_config().batch_size)
+        return self.synthetic.batch_size if self.source == "synthetic" else self.loader.batch_size
 
     def build(self, rank: int, world_size: int) -> Any:
         """The iterable of batches of ``rank`` (with ``state_dict``/``load_state_dict``/``set_epoch``)."""
         if self.source == "synthetic":
             return self.synthetic.build(rank, world_size)
-        return self.loader_config().build(rank, world_size)
+        return self.loader.build(rank, world_size)
 
 
 @dataclass
@@ -78,6 +86,13 @@ class CheckpointConfig:
             raise ConfigError(f"every: must be >= 0, got {self.every}")
         if self.keep < 0:
             raise ConfigError(f"keep: must be >= 0, got {self.keep}")
+
+    def build(self, run_dir: Path) -> CheckpointCallback:
+        """The checkpoint callback of a run in ``run_dir``; its ``manager`` also finds and loads resumes."""
+        from gfm.train.callbacks import CheckpointCallback
+        from gfm.train.checkpoint import CheckpointManager
+
+        return CheckpointCallback(CheckpointManager(run_dir, self.keep))
 
 
 @dataclass
@@ -109,6 +124,15 @@ class LoggingConfig:
             raise ConfigError(f"images_every: must be >= 0, got {self.images_every}")
         if len(self.image_nm) not in (0, 1, 3):
             raise ConfigError(f"image_nm: give 1 or 3 wavelengths, got {len(self.image_nm)}")
+
+    def build(self, run_dir: Path) -> list[Callback]:
+        """The callbacks that report a run in ``run_dir``: metrics, and pictures when ``images_every`` > 0."""
+        from gfm.train.callbacks import MetricsCallback, PicturesCallback
+
+        callbacks: list[Callback] = [MetricsCallback(run_dir)]
+        if self.images_every:
+            callbacks.append(PicturesCallback())
+        return callbacks
 
 
 @dataclass
@@ -157,5 +181,8 @@ class TrainConfig:
         """Check values; raises :class:`ConfigError` naming the field."""
         if self.steps < 1:
             raise ConfigError(f"steps: must be >= 1, got {self.steps}")
+        known = list_models()
+        if self.model.name not in known:
+            raise ConfigError(f"model.name: unknown model {self.model.name!r} (known: {', '.join(known)})")
         if self.schedule.warmup_steps > self.steps:
             raise ConfigError(f"schedule.warmup_steps: {self.schedule.warmup_steps} exceeds steps={self.steps}")

@@ -1,29 +1,35 @@
-"""The training loop and the run entry point: config → model, data, engine, callbacks → steps."""
+"""The training loop: :class:`Trainer` runs optimizer steps and calls :class:`Callback` hooks around them.
+
+The loop knows the step (:class:`~gfm.train.module.TrainModule`), the data stream and the hook interface,
+nothing else: metrics, checkpoints and pictures are callbacks built from their config sections
+(:mod:`gfm.train.callbacks`), and :func:`gfm.train.run` composes a run.
+"""
 
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-from torch import nn
-
 from gfm import distributed as gdist
 from gfm.batch import Batch
-from gfm.config import save_yaml
-from gfm.train.callbacks import (
-    Callback,
-    CheckpointCallback,
-    MetricsCallback,
-    PicturesCallback,
-)
-from gfm.train.checkpoint import CheckpointManager, Resumed, resolve_resume, set_rng_state
+from gfm.train.checkpoint import Resumed, set_rng_state
 from gfm.train.config import TrainConfig
 from gfm.train.module import StepResult, TrainModule
+
+
+class Callback:
+    """Hooks the trainer calls on every rank; a callback decides itself whether rank 0 alone acts."""
+
+    def on_start(self, trainer: Trainer) -> None:
+        """Before the first step (after any resume)."""
+
+    def on_step(self, trainer: Trainer, result: StepResult) -> None:
+        """After every optimizer step; ``trainer.step`` already counts it."""
+
+    def on_end(self, trainer: Trainer) -> None:
+        """After the last step (not called when the run stops with an error)."""
 
 
 class NonFiniteError(RuntimeError):
@@ -119,70 +125,3 @@ class Trainer:
                          f"({self.nonfinite_run} in a row, {self.nonfinite_total} in total)")
         else:
             self.nonfinite_run = 0
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (parameters are initialised identically on every rank)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def run(
-    cfg: TrainConfig,
-    model: nn.Module | None = None,
-    data: Any = None,
-    extra_callbacks: Sequence[Callback] = (),
-) -> Trainer:
-    """Pretrain as ``cfg`` says, on however many ranks this process group has; returns the trainer.
-
-    ``model`` and ``data`` replace ``cfg.model.build()`` and ``cfg.data.build()`` (tests, notebooks).
-    """
-    info = gdist.init_distributed(cfg.engine.timeout_s)
-    run_dir = Path(cfg.run_dir)
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_yaml(cfg, run_dir / "config.yaml")
-    gdist.barrier("run directory")
-
-    # Resolve the checkpoint first: the DeepSpeed config depends on whether it must be re-partitioned.
-    manager = CheckpointManager(run_dir, cfg.checkpoint.keep)
-    resume_path = gdist.broadcast_object(
-        resolve_resume(cfg.checkpoint.resume, run_dir) if info.is_main else None
-    )
-    universal = False
-    if resume_path is not None:
-        meta = manager.read_meta(resume_path)
-        universal = manager.needs_universal(meta, info.world_size, cfg.engine.zero_stage, cfg.engine.precision)
-        if universal:
-            gdist.print0(f"resume: {resume_path} was written by {meta['world_size']} rank(s) at ZeRO "
-                         f"{meta['zero_stage']}; converting to a universal checkpoint")
-            manager.make_universal(resume_path)
-
-    seed_everything(cfg.seed)
-    if model is None:
-        model = cfg.model.build()
-    n_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
-    module = TrainModule(model, cfg, load_universal=universal)
-    module.write_deepspeed_config(run_dir)
-    if data is None:
-        data = cfg.data.build(info.rank, info.world_size)
-    trainer = Trainer(cfg, module, data, [], run_dir)
-    if resume_path is not None:
-        trainer.restore(manager.load(module.engine, resume_path, universal))
-        gdist.print0(f"resumed from {resume_path} at step {trainer.step}")
-    else:
-        data.set_epoch(0)
-    gdist.print0(
-        f"pretrain: {info.world_size} rank(s) on {info.device.type}/{info.backend}, ZeRO "
-        f"{cfg.engine.zero_stage}, {cfg.engine.precision}, {n_params / 1e6:.2f} M parameters, effective "
-        f"batch {module.effective_batch}, peak lr {module.peak_lr:.3g}, run dir {run_dir}"
-    )
-    trainer.callbacks = [
-        MetricsCallback(run_dir),
-        PicturesCallback(),
-        CheckpointCallback(manager),
-        *extra_callbacks,
-    ]
-    trainer.fit()
-    return trainer
