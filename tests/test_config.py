@@ -224,3 +224,33 @@ def test_the_loop_names_no_concrete_callback() -> None:
     modules = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert "gfm.train.callbacks" not in modules
     assert not imported & {"MetricsCallback", "CheckpointCallback", "PicturesCallback"}
+
+
+def test_configs_and_the_run_entry_import_light() -> None:
+    # the run config (with its nested LoaderConfig), the synthetic source and `from gfm.train import run`
+    # load without webdataset or DeepSpeed: those are imported when a loader or an engine is built
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import sys
+        from gfm.data.synthetic import SyntheticDataConfig
+        from gfm.train import TrainConfig, run, run_guarded
+        from gfm.config import load
+        load(TrainConfig, None, ["data.loader.batch_size=4"])
+        assert run.__module__ == "gfm.train.runner" and callable(run_guarded)
+        print("HEAVY", sorted(m for m in sys.modules if m.split(".")[0] in {"webdataset", "deepspeed"}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "HEAVY []" in proc.stdout, proc.stdout
+
+
+def test_data_package_exports_resolve() -> None:
+    import gfm.data
+
+    for name in gfm.data.__all__:
+        assert getattr(gfm.data, name).__name__ == name
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        gfm.data.nope  # noqa: B018

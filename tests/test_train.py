@@ -103,6 +103,22 @@ def test_single_process_outputs(reference: Path) -> None:
     assert all(str(t.dtype) == "torch.float32" for t in weights.values())
 
 
+def test_resolved_config_in_run_dir_and_checkpoints_holds_every_default(reference: Path) -> None:
+    import yaml
+
+    from gfm.config import load
+    from gfm.data import LoaderConfig
+    from gfm.train.config import TrainConfig
+
+    saved = yaml.safe_load((reference / "config.yaml").read_text())
+    assert list(saved["data"]["loader"]) == list(LoaderConfig.__dataclass_fields__)  # all 19, in order
+    assert set(saved) == set(TrainConfig.__dataclass_fields__)
+    cfg = load(TrainConfig, reference / "config.yaml")
+    assert cfg.steps == STEPS and cfg.data.synthetic.num_bands == 4
+    in_checkpoint = yaml.safe_load((reference / "checkpoints" / f"step_{STEPS:08d}" / "config.yaml").read_text())
+    assert in_checkpoint == saved
+
+
 @pytest.mark.slow
 def test_kill9_then_resume_auto_reproduces(reference: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
