@@ -17,7 +17,7 @@ label.cls      optional single integer class, as ASCII text
 ============== ===================================================================================
 
 Nothing is pickled: arrays are ``.npy`` loaded with ``allow_pickle=False`` and any member with a
-pickle extension is refused.
+pickle extension is refused. The dataset-level ``index.json`` has its own contract: :mod:`gfm.index`.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from gfm.index import stats_key
 from gfm.sensors import KIND_CODE
 
 SCHEMA_VERSION = 1
@@ -221,11 +222,6 @@ def band_entry(band: Mapping[str, Any], time: str | None) -> dict[str, Any]:
         "kind": str(band["kind"]),
         "time": time,
     }
-
-
-def stats_key(sensor: str, band: str) -> str:
-    """Key of a band's statistics in ``index.json``: ``"<sensor>/<band>"``."""
-    return f"{sensor}/{band}"
 
 
 def bandset_signature(bands: list[Mapping[str, Any]]) -> str:
