@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # N "nodes" × M processes on one machine over loopback: the multi-node code path without a cluster
 # (gloo on CPU; what the tests do). Each "node" is its own torchrun launcher with its own node rank.
+# Needs `python` and `torchrun` of the project's environment on PATH (an activated venv).
 #   NODES=2 NPROC=1 launch/local_cluster.sh pretrain/configs/cpu_smoke.yaml run_dir=runs/local2x1
+# NODES and NPROC default to 2 and 1; MASTER_PORT defaults to a free loopback port.
 set -euo pipefail
 CONFIG=${1:?usage: local_cluster.sh CONFIG [key=value ...]}; shift
 NODES=${NODES:-2}
@@ -9,6 +11,8 @@ NPROC=${NPROC:-1}
 MASTER_PORT=${MASTER_PORT:-$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 pids=()
+# stopping the script (Ctrl-C, a test's timeout) stops every launcher it started
+trap 'kill "${pids[@]}" 2>/dev/null; exit 130' INT TERM
 for ((node = 0; node < NODES; node++)); do
   torchrun --nnodes "$NODES" --nproc_per_node "$NPROC" --node_rank "$node" \
     --master_addr 127.0.0.1 --master_port "$MASTER_PORT" \
