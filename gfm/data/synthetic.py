@@ -1,5 +1,9 @@
 """A synthetic, resumable stream of :class:`Batch` objects: smoke runs and benchmarks without shards.
 
+The second data source beside the shard loader (:mod:`gfm.data.config`), with the same interface
+(``build(rank, world_size)`` → an iterable with ``state_dict``/``load_state_dict``/``set_epoch``); it
+needs neither webdataset nor any file.
+
 Sample ``i`` of the stream is a pure function of ``(seed, i)``: a few smooth spatial patterns mixed with
 band-dependent weights (so neighbouring wavelengths correlate, as in real spectra). The global stream is
 cut into batches of ``batch_size × world_size`` and rank ``r`` takes the ``r``-th slice, so the samples of
