@@ -162,7 +162,12 @@ class TrainConfig:
         seed: seeds parameters, masking and the synthetic stream.
         data: the batches (:class:`DataConfig`).
         model: the model and its masking (``gfm.model.registry.ModelConfig``: ``mask_ratio``,
-            ``obs_mask_ratio``; ``grad_checkpointing`` is activation checkpointing).
+            ``obs_mask_ratio``; ``grad_checkpointing`` is activation checkpointing); ``name`` must be a
+            registered model.
+        optim, schedule: AdamW and its warmup + cosine schedule (:mod:`gfm.train.optim`).
+        engine: DeepSpeed: ZeRO stage, precision, accumulation, clipping, timeouts.
+        checkpoint, logging: when to save and resume, what to report; each builds its callbacks.
+        guard: when non-finite steps stop the run.
     """
 
     run_dir: str = "runs/default"
