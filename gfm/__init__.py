@@ -1,3 +1,21 @@
-"""gfm: pretrain and adapt geospatial foundation models on any sensor."""
+"""gfm: pretrain and adapt geospatial foundation models on any sensor.
+
+``gfm.from_pretrained(DIR_OR_REPO)`` loads an exported model (:func:`gfm.hub.from_pretrained`); it is
+imported on first use, so ``import gfm`` stays light.
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 __version__ = "0.1.0"
+
+__all__ = ["__version__", "from_pretrained"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "from_pretrained":
+        from gfm.hub import from_pretrained
+
+        return from_pretrained
+    raise AttributeError(f"module 'gfm' has no attribute {name!r}")
