@@ -65,6 +65,14 @@ class HubError(ValueError):
     """An export or load problem, in one line naming the file, key or value and what was expected."""
 
 
+class OutputExistsError(HubError):
+    """The output path exists and overwriting was not asked for."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        super().__init__(f"{path}: already exists (pass overwrite=True to replace it)")
+
+
 class UnknownBandsError(HubError):
     """Bands with no normalisation statistics in the model.
 
@@ -417,6 +425,16 @@ def stats_of(config: Mapping[str, Any]) -> dict[str, dict[str, float]]:
         if "mean" in st and "std" in st:
             out[key] = {"mean": float(st["mean"]), "std": float(st["std"])}
     return out
+
+
+def read_index(path: str | Path) -> dict[str, Any]:
+    """An ``index.json`` (a file or a dataset root) as a validated plain document (:mod:`gfm.index`)."""
+    from gfm import index as index_contract
+
+    try:
+        return index_contract.read(path).to_dict()
+    except index_contract.IndexFileError as e:
+        raise HubError(str(e)) from None
 
 
 def read_stats(path: str | Path) -> dict[str, dict[str, Any]]:
@@ -1047,6 +1065,7 @@ class ExportReport:
     tensors: int
     parameters: int
     bands: int
+    stats_note: str = ""
     adapter: str | None = None
     pushed: str | None = None
 
@@ -1075,20 +1094,22 @@ def export(
     """
     out = Path(out_dir)
     if out.exists() and not overwrite:
-        raise HubError(f"{out}: already exists (pass overwrite=True to replace it)")
+        raise OutputExistsError(out)
     src = resolve_source(source)
     net = build_net({"model": src.model_config})
     state = load_state_dict(src)
     check_keys(net, state, str(src.weights))
     net.load_state_dict(state, strict=True)
+    note = ""
     if index is not None:
-        index_doc: dict[str, Any] | None = json.loads(Path(index).read_text())
+        index_doc: dict[str, Any] | None = read_index(index)
         index_url = str(index)
     elif src.kind == "export":
         index_doc, index_url = None, ""
     else:
         index_doc, index_url = _index_for_run(src.run_config)
-        index_url = index_url if index_doc is not None else ""
+        if index_doc is None:
+            note, index_url = index_url, ""
     if src.kind == "export":
         config = dict(src.exported)
     else:
@@ -1110,7 +1131,7 @@ def export(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    report = ExportReport(out, src, len(state), sum(v.numel() for v in state.values()), len(config["bands"]))
+    report = ExportReport(out, src, len(state), sum(v.numel() for v in state.values()), len(config["bands"]), note)
     if push:
         report.pushed = push_to_hub(out, push)
     return report

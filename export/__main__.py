@@ -1,0 +1,61 @@
+"""``gfm export``: a run, a DeepSpeed checkpoint or a safetensors file as a Hugging Face model directory.
+
+    gfm export runs/demo exported/demo
+    gfm export runs/demo/checkpoints/step_00000200 exported/step200 --index shards/pines/index.json
+    gfm export runs/demo exported/demo --push user/gfm-demo      # needs `hf auth login`
+
+The directory holds config.json (architecture, every hyper-parameter, bands and statistics, inputs,
+training summary), model.safetensors (fp32) and a model card README.md; load it with
+``gfm.from_pretrained(DIR)``. See docs/export.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line of ``gfm export``."""
+    p = argparse.ArgumentParser(prog="gfm export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", metavar="RUN_OR_CHECKPOINT",
+                   help="run directory, checkpoint directory (step_XXXXXXXX, any ZeRO stage), .safetensors file "
+                        "or exported directory")
+    p.add_argument("out", metavar="OUT_DIR", help="directory to write (refused if it exists, unless --overwrite)")
+    p.add_argument("--index", help="index.json with the band statistics, when the run's own cannot be found")
+    p.add_argument("--license", default="other", help="licence id for the model card metadata (default: other)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    p.add_argument("--push", metavar="REPO_ID",
+                   help="also upload OUT_DIR to the Hugging Face Hub as REPO_ID (needs a token: `hf auth login`)")
+    return p.parse_args(list(sys.argv[1:] if argv is None else argv))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Export; 0 on success, 2 with one line on stderr for a problem with the input."""
+    args = parse_args(argv)
+    from gfm.hub import HubError, OutputExistsError, export
+
+    try:
+        report = export(args.source, args.out, index=args.index, license=args.license, overwrite=args.overwrite,
+                        push=args.push)
+    except OutputExistsError as e:
+        print(f"gfm export: {e.path}: already exists (pass --overwrite to replace it)", file=sys.stderr)
+        return 2
+    except HubError as e:
+        print(f"gfm export: {e}", file=sys.stderr)
+        return 2
+    src = report.source
+    print(f"exported {src.kind} {src.weights} (step {src.step}) to {report.out_dir}: {report.tensors} tensors, "
+          f"{report.parameters / 1e6:.2f} M parameters, {report.bands} band(s) with statistics")
+    if report.bands == 0:
+        print(f"note: no band statistics recorded ({report.stats_note or 'the index lists none'}); pass --index "
+              "INDEX.json so users can normalise inputs", file=sys.stderr)
+    if report.pushed:
+        print(f"pushed to the Hub: {report.pushed}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
