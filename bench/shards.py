@@ -19,8 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shards.build import BuildOptions, build
-from shards.scene import DateSpec, FileSpec, SceneSpec
+from gfm.shards import BuildOptions, DateSpec, FileSpec, SceneSpec, build
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 TILE = 64
@@ -80,6 +79,7 @@ def _baseline(scenes: list[list[Path]], out: Path, repeats: int) -> tuple[int, i
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Build the benchmark input 3 times with 1 and 2 workers, run the baseline, print the table."""
     del argv  # no options: the input is fixed so runs compare
     specs, files, label = _inputs()
     work = Path(tempfile.mkdtemp(prefix="gfm-bench-shards-"))
@@ -92,10 +92,10 @@ def main(argv: list[str] | None = None) -> int:
             for rep in range(repeats):
                 out = work / f"w{workers}-{rep}"
                 opts = BuildOptions(out=str(out), tile=TILE, shard_size=8 * 1024**2, workers=workers, progress=False)
-                s = build(specs, opts, log=lambda m: None)
-                tiles += s["samples"]
-                nbytes += s["bytes"]
-                seconds += s["seconds"]
+                report = build(specs, opts, log=lambda m: None)
+                tiles += report.samples
+                nbytes += report.bytes
+                seconds += report.seconds
             rows.append((f"gfm shards build, {workers} worker{'s' if workers > 1 else ''}", tiles, nbytes, seconds))
         if files is not None:
             n, b, sec = _baseline(files, work, repeats)

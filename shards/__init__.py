@@ -1,1 +1,1 @@
-"""The shard-building program: any scene, any sensor → WebDataset shards (``gfm shards``)."""
+"""The shard-building program (``gfm shards``, ``gfm sensors``): a command line over :mod:`gfm.shards`."""

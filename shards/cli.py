@@ -8,11 +8,25 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from gfm import index as index_file
 from gfm.sensors import SensorError, guess_date, load_sensors_yaml
-from shards.build import BuildOptions, build, parse_size, write_index
-from shards.manifest import load_manifest
-from shards.scene import DateSpec, FileSpec, SceneSpec, ShardError
-from shards.verify import info_text, load_index, plot_band_stats, verify
+from gfm.shards import (
+    RESAMPLING,
+    BuildOptions,
+    DateSpec,
+    FileSpec,
+    InputError,
+    OptionError,
+    SceneSpec,
+    ShardError,
+    build,
+    info,
+    info_text,
+    load_manifest,
+    plot_band_stats,
+    verify,
+    write_index,
+)
 
 _BUILD_EPILOG = """examples:
   gfm shards build LC08_*_B*.TIF --out shards/l8 --tile 64
@@ -37,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     b.add_argument("files", nargs="*", metavar="FILE",
                    help="rasters (GeoTIFF, JP2, anything GDAL reads) or a .npy/.mat cube")
-    b.add_argument("--out", required=True, help="output directory (shards + index.json)")
+    b.add_argument("--out", required=True, help=f"output directory (shards + {index_file.INDEX_FILE})")
     b.add_argument("--manifest", help="YAML manifest of many scenes / time series (instead of FILE...)")
     b.add_argument("--sensor", help="sensor preset (see 'gfm sensors'); guessed from product file names if omitted")
     b.add_argument("--sensors-yaml", help="YAML file of user sensor definitions to register first")
@@ -57,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--stride", type=int, help="tile stride in pixels (default: tile size, no overlap)")
     b.add_argument("--gsd", type=float, help="target ground sampling distance in metres (default: the finest band)")
     b.add_argument("--resampling", default="bilinear",
-                   choices=["nearest", "bilinear", "cubic", "average", "lanczos", "mode"],
+                   choices=list(RESAMPLING),
                    help="resampling for bands not on the scene grid (default bilinear; labels always nearest)")
     b.add_argument("--min-valid", type=float, default=0.5,
                    help="drop tiles whose valid fraction is below this (default 0.5)")
@@ -78,9 +92,46 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+# Option placeholders of library errors (gfm.shards.errors.FIELDS) → this program's flags.
+_FLAGS = {
+    "tile": "--tile", "stride": "--stride", "min_valid": "--min-valid", "shard_size": "--shard-size",
+    "workers": "--workers", "part": "--part", "resampling": "--resampling", "sensor": "--sensor",
+    "bands": "--bands", "cube_key": "--key", "wavelengths": "--wavelengths FILE", "label_key": "--label-key",
+}
+
+
+def _flag(option: str, value: object) -> str:
+    """A library option placeholder as this program's flag, with its value as typed on the command line."""
+    flag = _FLAGS.get(option, option)
+    if value is None:
+        return flag
+    if isinstance(value, (list, tuple)) and option == "part":
+        return f"{flag} {value[0]}/{value[1]}"
+    if isinstance(value, (list, tuple)):
+        return f"{flag} {','.join(map(str, value))}"
+    return f"{flag} {value}"
+
+
+def parse_size(text: str) -> int:
+    """``256MB``, ``1.5GB``, ``512k``, ``1000`` → bytes."""
+    t = text.strip().upper().replace("IB", "B")
+    units = {"K": 1024, "KB": 1024, "M": 1024**2, "MB": 1024**2, "G": 1024**3, "GB": 1024**3, "B": 1}
+    for suffix in sorted(units, key=len, reverse=True):
+        if t.endswith(suffix):
+            number = t[: -len(suffix)]
+            try:
+                return int(float(number) * units[suffix])
+            except ValueError:
+                break
+    try:
+        return int(t)
+    except ValueError:
+        raise OptionError(f"--shard-size {text!r}: expected a size like 256MB, 1GB or 500KB") from None
+
+
 def _single_scene(a: argparse.Namespace) -> SceneSpec:
     if not a.files:
-        raise ShardError("give input FILE(s) or --manifest")
+        raise InputError("give input FILE(s) or --manifest")
     bands = [s.strip() for s in a.bands.split(",")] if a.bands else None
     files = []
     if bands is not None and len(a.files) > 1:
@@ -98,7 +149,7 @@ def _single_scene(a: argparse.Namespace) -> SceneSpec:
             files.append(FileSpec(f, a.sensor, names, a.nodata, a.key, None, a.wavelengths, a.fwhm))
             offset += count
         if offset != len(bands):
-            raise ShardError(f"--bands lists {len(bands)} names but the files hold {offset} bands")
+            raise InputError(f"--bands lists {len(bands)} names but the files hold {offset} bands")
     else:
         files = [FileSpec(f, a.sensor, bands, a.nodata, a.key, None, a.wavelengths, a.fwhm) for f in a.files]
     scene_id = a.scene_id or Path(a.files[0]).stem.split(".")[0]
@@ -122,7 +173,7 @@ def _group_by_date(files: list[FileSpec], date: str | None) -> list[DateSpec]:
         return [DateSpec(distinct[0] if distinct else None, files)]
     undated = [f.path for f, d in zip(files, guessed) if d is None]
     if undated:
-        raise ShardError(f"{undated[0]}: no date in its name while other files have several; give --date or a manifest")
+        raise InputError(f"{undated[0]}: no date in its name while other files have several; give --date or a manifest")
     print(f"notice: {len(distinct)} dates in the file names ({distinct[0]} .. {distinct[-1]}): one time series, "
           "aligned to the first date's grid", file=sys.stderr)
     return [DateSpec(d, [f for f, g in zip(files, guessed) if g == d]) for d in distinct]
@@ -133,69 +184,86 @@ def _cmd_build(a: argparse.Namespace) -> int:
         try:
             load_sensors_yaml(a.sensors_yaml, replace=True)
         except SensorError as e:
-            raise ShardError(str(e)) from None
+            raise InputError(str(e)) from None
     if a.manifest:
         if a.files:
-            raise ShardError("give either FILE... or --manifest, not both")
+            raise InputError("give either FILE... or --manifest, not both")
         specs = load_manifest(a.manifest)
         if a.gsd is not None:
-            for s in specs:
-                s.gsd = s.gsd or a.gsd
+            for spec in specs:
+                spec.gsd = spec.gsd or a.gsd
     else:
         specs = [_single_scene(a)]
     try:
         pi, pn = (int(x) for x in a.part.split("/"))
     except ValueError:
-        raise ShardError(f"--part {a.part!r}: expected i/n, e.g. 0/4") from None
+        raise OptionError(f"--part {a.part!r}: expected i/n, e.g. 0/4") from None
     opts = BuildOptions(
         out=a.out, tile=a.tile, stride=a.stride, min_valid=a.min_valid, shard_size=parse_size(a.shard_size),
         workers=a.workers, part=(pi, pn), name=a.name, resampling=a.resampling, progress=not a.no_progress,
     )
-    s = build(specs, opts)
-    rate = s["tiles_read"] / s["seconds"] if s["seconds"] > 0 else 0.0
+    r = build(specs, opts, log=lambda m: print(m, file=sys.stderr))
     print(
-        f"part {s['part']}: {s['written']} shards written, {s['skipped_complete']} already complete, "
-        f"{s['samples']} samples, {s['dropped_low_valid']} tiles dropped (<{opts.min_valid} valid), "
-        f"{s['bytes'] / 1e6:.1f} MB in {s['seconds']:.1f} s ({rate:.0f} tiles/s)"
+        f"part {pi}/{pn}: {r.written} shards written, {r.skipped_complete} already complete, "
+        f"{r.samples} samples, {r.dropped_low_valid} tiles dropped (<{opts.min_valid} valid), "
+        f"{r.bytes / 1e6:.1f} MB in {r.seconds:.1f} s ({r.tiles_per_second:.0f} tiles/s)"
     )
     if pn > 1:
         print(f"after all {pn} parts finish: gfm shards index {a.out}")
     else:
-        print(f"wrote {Path(a.out) / 'index.json'}")
+        print(f"wrote {Path(a.out) / index_file.INDEX_FILE}")
     return 0
 
 
+def _cmd_index(a: argparse.Namespace) -> int:
+    idx = write_index(a.dir)
+    missing = f", {len(idx.missing_shards)} planned shards missing" if idx.missing_shards else ""
+    print(f"{a.dir}/{index_file.INDEX_FILE}: {len(idx.shards)} shards, {idx.samples} samples{missing}")
+    return 0
+
+
+def _cmd_verify(a: argparse.Namespace) -> int:
+    r = verify(a.dir)
+    for prob in r.problems:
+        if prob.kind == "planned":
+            prob_text = f"{prob.shard}: planned but not built (finish all --part jobs, then 'gfm shards index')"
+        else:
+            prob_text = str(prob)
+        print(f"CORRUPT {prob_text}", file=sys.stderr)
+    status = "ok" if r.ok else "FAILED"
+    print(f"verify {a.dir}: {r.shards} shards, {r.samples} samples, {len(r.problems)} problems: {status}")
+    return 0 if r.ok else 1
+
+
+def _cmd_info(a: argparse.Namespace) -> int:
+    summary = info(a.dir)
+    if a.json:
+        print(json.dumps(summary.index.to_dict(), indent=1))
+    else:
+        print(info_text(summary.index, min_valid="--min-valid"))
+    if a.plot:
+        print(f"wrote {plot_band_stats(summary.index, a.plot)}", file=sys.stderr)
+    return 0
+
+
+_COMMANDS = {"build": _cmd_build, "index": _cmd_index, "verify": _cmd_verify, "info": _cmd_info}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``gfm shards``."""
+    """Entry point of ``gfm shards``: run one subcommand; errors are one line on stderr and exit code 2."""
     a = _parser().parse_args(argv)
     try:
-        if a.cmd == "build":
-            return _cmd_build(a)
-        if a.cmd == "index":
-            idx = write_index(a.dir)
-            print(f"{a.dir}/index.json: {len(idx['shards'])} shards, {idx['samples']} samples"
-                  + (f", {len(idx['missing_shards'])} planned shards missing" if idx["missing_shards"] else ""))
-            return 0
-        if a.cmd == "verify":
-            r = verify(a.dir)
-            for prob in r["problems"]:
-                print(f"CORRUPT {prob}", file=sys.stderr)
-            status = "FAILED" if r["problems"] else "ok"
-            n_prob = len(r["problems"])
-            print(f"verify {a.dir}: {r['shards']} shards, {r['samples']} samples, {n_prob} problems: {status}")
-            return 1 if r["problems"] else 0
-        if a.cmd == "info":
-            idx = load_index(a.dir)
-            print(json.dumps(idx, indent=1) if a.json else info_text(idx))
-            if a.plot:
-                print(f"wrote {plot_band_stats(idx, a.plot)}", file=sys.stderr)
-            return 0
+        return _COMMANDS[a.cmd](a)
     except ShardError as e:
-        print(f"gfm shards {a.cmd}: error: {e}", file=sys.stderr)
-        return 2
+        message = e.render(_flag)
+    except index_file.IndexNotFoundError as e:
+        message = f"{e.path}: no index.json (run 'gfm shards build' or 'gfm shards index {e.path.parent}')"
+    except index_file.IndexFileError as e:
+        message = str(e)
     except KeyboardInterrupt:
         print(f"gfm shards {a.cmd}: interrupted; finished shards are kept, re-run to resume", file=sys.stderr)
         return 130
+    print(f"gfm shards {a.cmd}: error: {message}", file=sys.stderr)
     return 2
 
 

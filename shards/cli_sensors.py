@@ -10,6 +10,7 @@ from gfm.sensors import SensorError, format_sensor_table, get_sensor, load_senso
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``gfm sensors``: list the registered sensors, or print one sensor's band table."""
     p = argparse.ArgumentParser(prog="gfm sensors", description="List sensor presets and their band tables.")
     p.add_argument("name", nargs="?", help="a sensor name: print its band table")
     p.add_argument("--yaml", help="register user sensors from this YAML file first")

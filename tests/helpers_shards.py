@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 import webdataset as wds
 
-from gfm.schema import Tile, band_entry, encode, make_key, stats_key
+from gfm.index import stats_key
+from gfm.schema import Tile, band_entry, encode, make_key
 
 # Three Landsat-8-like reflectance bands and a two-band "other" sensor for mixed band sets.
 L8 = [

@@ -12,8 +12,8 @@ from rasterio.enums import Resampling
 from rasterio.windows import Window
 
 from gfm.schema import decode
+from gfm.shards.verify import iter_samples
 from shards.cli import main as shards_main
-from shards.verify import _iter_samples
 from tests.shared_data import data, needs_shared_data
 
 pytestmark = needs_shared_data
@@ -33,7 +33,7 @@ def tiles(root: Path) -> dict[str, object]:
     index = json.loads((root / "index.json").read_text())
     out = {}
     for entry in index["shards"]:
-        for sample in _iter_samples(root / entry["name"]):
+        for sample in iter_samples(root / entry["name"]):
             t = decode(sample)
             out[t.key] = t
     return out
@@ -246,7 +246,7 @@ def test_resume_parts_workers_are_deterministic(tmp_path):
 
 
 def test_interrupted_shard_leaves_nothing(tmp_path, monkeypatch):
-    import shards.build as sb
+    import gfm.shards.write as sb
 
     calls = {"n": 0}
     real = sb.make_tile

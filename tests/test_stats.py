@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from shards.stats import BandStats
+from gfm.shards.stats import BandStats
 
 
 def test_exact_integer_stats_merge_like_numpy():

@@ -1,4 +1,4 @@
-"""Scene manifests: many scenes, and time series of one place, in one YAML file.
+"""Scene manifests: many scenes, several sensors on one grid, and time series of one place, in one YAML file.
 
 Format (paths relative to the manifest's folder)::
 
@@ -37,7 +37,8 @@ from typing import Any
 import yaml
 
 from gfm.sensors import SensorError, load_sensors_yaml
-from shards.scene import DateSpec, FileSpec, SceneSpec, ShardError
+from gfm.shards.errors import InputError
+from gfm.shards.spec import DateSpec, FileSpec, SceneSpec
 
 _SCENE_KEYS = {
     "id", "sensor", "date", "files", "observations", "label", "label_key", "label_class", "label_ignore",
@@ -55,10 +56,10 @@ def _file(base: Path, entry: Any, scene: dict[str, Any], where: str) -> FileSpec
     if isinstance(entry, str):
         entry = {"path": entry}
     if not isinstance(entry, dict) or "path" not in entry:
-        raise ShardError(f"{where}: a file entry must be a path or a mapping with 'path'")
+        raise InputError(f"{where}: a file entry must be a path or a mapping with 'path'")
     unknown = set(entry) - _FILE_KEYS
     if unknown:
-        raise ShardError(
+        raise InputError(
             f"{where}: unknown key(s) {', '.join(sorted(unknown))}; expected {', '.join(sorted(_FILE_KEYS))}"
         )
     bands = entry.get("bands", scene.get("bands"))
@@ -80,45 +81,45 @@ def load_manifest(path: str | Path) -> list[SceneSpec]:
     """Parse a manifest into scene specs.
 
     Raises:
-        ShardError: naming the manifest, the scene and the key that is wrong.
+        InputError: naming the manifest, the scene and the key that is wrong.
     """
     p = Path(path)
     try:
         doc = yaml.safe_load(p.read_text())
     except OSError as e:
-        raise ShardError(f"{p}: cannot read manifest ({e.strerror})") from None
+        raise InputError(f"{p}: cannot read manifest ({e.strerror})") from None
     except yaml.YAMLError as e:
-        raise ShardError(f"{p}: not valid YAML ({e})") from None
+        raise InputError(f"{p}: not valid YAML ({e})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("scenes"), list):
-        raise ShardError(f"{p}: expected a mapping with a 'scenes' list")
+        raise InputError(f"{p}: expected a mapping with a 'scenes' list")
     base = p.parent
     if "sensors" in doc:
         try:
             load_sensors_yaml(_resolve(base, doc["sensors"]), replace=True)
         except SensorError as e:
-            raise ShardError(str(e)) from None
+            raise InputError(str(e)) from None
     defaults = doc.get("defaults") or {}
     specs = []
     for i, raw in enumerate(doc["scenes"]):
         where = f"{p}: scenes[{i}]"
         if not isinstance(raw, dict):
-            raise ShardError(f"{where}: expected a mapping")
+            raise InputError(f"{where}: expected a mapping")
         scene = {**defaults, **raw}
         unknown = set(scene) - _SCENE_KEYS
         if unknown:
-            raise ShardError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+            raise InputError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
         sid = str(scene.get("id", f"scene{i}"))
         where = f"{p}: scene {sid!r}"
         if "observations" in scene:
             if "files" in scene:
-                raise ShardError(f"{where}: give either 'files' (one date) or 'observations' (a time series)")
+                raise InputError(f"{where}: give either 'files' (one date) or 'observations' (a time series)")
             obs = scene["observations"]
             if not isinstance(obs, list) or not obs:
-                raise ShardError(f"{where}.observations: expected a non-empty list of {{date, files}}")
+                raise InputError(f"{where}.observations: expected a non-empty list of {{date, files}}")
             dates = []
             for j, o in enumerate(obs):
                 if not isinstance(o, dict) or "files" not in o:
-                    raise ShardError(f"{where}.observations[{j}]: expected a mapping with 'files' (and 'date')")
+                    raise InputError(f"{where}.observations[{j}]: expected a mapping with 'files' (and 'date')")
                 files = [_file(base, f, scene, f"{where}.observations[{j}].files") for f in o["files"]]
                 dates.append(DateSpec(str(o["date"]) if o.get("date") is not None else None, files))
         elif "files" in scene:
@@ -126,7 +127,7 @@ def load_manifest(path: str | Path) -> list[SceneSpec]:
             date = scene.get("date")
             dates = [DateSpec(str(date) if date is not None else None, files)]
         else:
-            raise ShardError(f"{where}: needs 'files' or 'observations'")
+            raise InputError(f"{where}: needs 'files' or 'observations'")
         specs.append(
             SceneSpec(
                 id=sid,

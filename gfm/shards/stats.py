@@ -1,7 +1,7 @@
 """Streaming, mergeable per-band statistics (count, mean, std, min, max, 1st/99th percentiles).
 
 Each shard keeps one :class:`BandStats` per ``"<sensor>/<band>"`` and saves its state in the shard's
-sidecar; ``index.json`` merges the states of all shards (across workers and ``--part`` jobs).
+sidecar; ``index.json`` merges the states of all shards (across workers and build parts).
 Integer bands of at most 16 bits keep an exact sparse histogram (values, counts), so percentiles are
 exact and merge exactly; other dtypes keep a fixed-size weighted reservoir sample for percentiles.
 Count, mean and variance merge exactly with Chan's parallel formula.
@@ -12,6 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+
+from gfm.index import BandSummary
 
 RESERVOIR = 4096  # float samples kept per band per shard
 _BUFFER = 1 << 20  # values buffered per band before they are folded in
@@ -155,6 +157,12 @@ class BandStats:
             "p01": self.percentile(1),
             "p99": self.percentile(99),
         }
+
+    def band_summary(self) -> BandSummary:
+        """:meth:`summary` as the typed ``index.json`` entry."""
+        s = self.summary()
+        return BandSummary(count=self.count, mean=s["mean"], std=s["std"], min=s["min"], max=s["max"],
+                           p01=s["p01"], p99=s["p99"])
 
     def state(self) -> dict[str, Any]:
         """A JSON-able state for :meth:`from_state`."""

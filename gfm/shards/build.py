@@ -1,0 +1,186 @@
+"""The whole build: check every input, plan, write the shards (in parallel, resumably), merge the index.
+
+Every scene is opened once before anything is written, so input errors surface first. The plan is
+a pure function of the inputs and options; a re-run skips the shards whose sidecar exists, and a
+build split into parts (``BuildOptions.part``) writes only its share, to be merged by
+:func:`gfm.shards.write_index` once every part has finished.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from gfm.index import Index
+from gfm.shards.errors import OptionError, ShardError
+from gfm.shards.merge import write_index
+from gfm.shards.options import BuildOptions
+from gfm.shards.plan import make_plan, tile_origins, write_plan
+from gfm.shards.scene import open_scene
+from gfm.shards.sidecar import ShardSummary, is_complete
+from gfm.shards.spec import SceneSpec, check_specs
+from gfm.shards.write import ShardJob, close_cached_scenes, write_shard
+
+_logger = logging.getLogger("gfm.shards")
+
+
+@dataclass(frozen=True)
+class BuildReport:
+    """What one :func:`build` call did.
+
+    Attributes:
+        planned_shards: shards in the whole plan (every part).
+        part: ``(i, n)`` of this call.
+        written: shards written by this call (a shard whose tiles were all dropped writes no tar).
+        skipped_complete: shards of this part already complete from an earlier run.
+        tiles_read: candidate tiles read by this call.
+        samples: tiles written as samples.
+        dropped_low_valid: tiles dropped below ``min_valid``.
+        bytes: bytes of the tars written.
+        seconds: wall time of reading and writing (after planning).
+        index: the merged ``index.json`` when the build is not split into parts, else None.
+        notices: what was noticed on the way (resampled files, skipped layers, resumed shards).
+    """
+
+    planned_shards: int
+    part: tuple[int, int]
+    written: int
+    skipped_complete: int
+    tiles_read: int
+    samples: int
+    dropped_low_valid: int
+    bytes: int
+    seconds: float
+    index: Index | None
+    notices: tuple[str, ...]
+
+    @property
+    def tiles_per_second(self) -> float:
+        """Tiles read per second of writing."""
+        return self.tiles_read / self.seconds if self.seconds > 0 else 0.0
+
+
+def _worker(job: ShardJob) -> ShardSummary | ShardError:
+    """Run in a worker process: a :class:`ShardError` comes back as a value, anything else is raised."""
+    try:
+        return write_shard(job)
+    except ShardError as e:
+        return e
+
+
+def build(
+    scenes: Sequence[SceneSpec], options: BuildOptions, *, log: Callable[[str], None] | None = None
+) -> BuildReport:
+    """Build (or resume) the shards of ``scenes`` into ``options.out``; merge ``index.json`` unless split.
+
+    Args:
+        scenes: the scenes to tile, in order (sample order follows it).
+        options: tiling, filtering, sharding and parallelism.
+        log: called with each notice (default: the ``gfm.shards`` logger at INFO).
+
+    Returns:
+        A :class:`BuildReport`.
+
+    Raises:
+        InputError: bad input (raised before any shard is written).
+        OptionError: no tile fits a scene, or no tile of a scene is valid enough.
+        DatasetError: ``options.out`` holds shards of a different build, or a finished shard is unreadable.
+    """
+    notices: list[str] = []
+
+    def emit(message: str) -> None:
+        notices.append(message)
+        (log or _log_info)(message)
+
+    opts = options
+    out = Path(opts.out)
+    check_specs(scenes)
+    specs = list(scenes)
+
+    # Open every scene once up front: all input errors surface before anything is written.
+    opened = []
+    try:
+        for spec in specs:
+            scene = open_scene(spec, resampling=opts.resampling)
+            opened.append(scene)
+            for notice in scene.notices:
+                emit(notice)
+        empty = [s for s in opened if not tile_origins(s.grid.height, s.grid.width, opts.tile, opts.step)]
+        if empty:
+            sizes = ", ".join(f"{s.spec.id} ({s.grid.width}x{s.grid.height})" for s in empty)
+            raise OptionError(f"no tile fits in scene(s) {sizes} at {{tile}}", tile=opts.tile)
+        plans = make_plan(opened, opts)
+    finally:
+        for s in opened:
+            s.close()
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_plan(out, specs, opts, plans)
+    i, n = opts.part
+    mine = [p for p in plans if p.index % n == i]
+    todo = [p for p in mine if not is_complete(out, p.name)]
+    skipped = len(mine) - len(todo)
+    if skipped:
+        emit(f"resuming: {skipped} of {len(mine)} shards already complete")
+    total_tiles = sum(len(p.tiles) for p in todo)
+    t0 = time.perf_counter()
+    results: list[ShardSummary] = []
+    errors: list[ShardError] = []
+    bar = tqdm(total=total_tiles, unit="tile", desc="shards", disable=not opts.progress, file=sys.stderr)
+    jobs = [ShardJob(p, specs, opts) for p in todo]
+    try:
+        if opts.workers <= 1 or len(jobs) <= 1:
+            for job in jobs:
+                results.append(write_shard(job, on_tile=bar.update))
+        else:
+            with ProcessPoolExecutor(max_workers=opts.workers) as pool:
+                pending = {pool.submit(_worker, job): job for job in jobs}
+                while pending:
+                    finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for fut in finished:
+                        job = pending.pop(fut)
+                        res = fut.result()
+                        if isinstance(res, ShardError):
+                            errors.append(res)
+                        else:
+                            results.append(res)
+                        bar.update(len(job.plan.tiles))
+    finally:
+        bar.close()
+        close_cached_scenes()
+    if errors:
+        raise errors[0]
+    seconds = time.perf_counter() - t0
+    index = None
+    if n == 1:
+        index = write_index(out)
+        no_valid = [sid for sid, c in index.scenes.items() if c.samples == 0]
+        if no_valid:
+            raise OptionError(
+                f"no tile of scene(s) {', '.join(no_valid)} has a valid fraction >= {{min_valid}}",
+                min_valid=opts.min_valid,
+            )
+    return BuildReport(
+        planned_shards=len(plans),
+        part=(i, n),
+        written=sum(1 for r in results if r.samples),
+        skipped_complete=skipped,
+        tiles_read=total_tiles,
+        samples=sum(r.samples for r in results),
+        dropped_low_valid=sum(r.dropped_low_valid for r in results),
+        bytes=sum(r.bytes for r in results),
+        seconds=seconds,
+        index=index,
+        notices=tuple(notices),
+    )
+
+
+def _log_info(message: str) -> None:
+    _logger.info(message)

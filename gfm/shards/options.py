@@ -1,0 +1,63 @@
+"""The options of one build: everything that decides which tiles land in which shard, and how."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gfm.shards.errors import OptionError
+
+#: Resampling methods for bands not on the scene grid (labels and quality layers always use nearest).
+RESAMPLING: tuple[str, ...] = ("nearest", "bilinear", "cubic", "average", "lanczos", "mode")
+
+
+@dataclass
+class BuildOptions:
+    """Options of one build.
+
+    Attributes:
+        out: output directory (shards, sidecars, ``build.json`` and ``index.json``).
+        tile: tile size in pixels.
+        stride: tile stride in pixels (None: the tile size, no overlap).
+        min_valid: tiles whose valid fraction is below this are dropped (and counted).
+        shard_size: target shard size in bytes (estimated from tile size, bands and dtype).
+        workers: parallel worker processes.
+        part: ``(i, n)``: build only the shards whose index is ``i`` modulo ``n`` (several machines);
+            ``index.json`` is written only when ``n == 1``, else merge with :func:`gfm.shards.write_index`.
+        name: shard file name prefix (``<name>-<index:06d>.tar``).
+        resampling: one of :data:`RESAMPLING`.
+        progress: show a progress bar on stderr.
+
+    Raises:
+        OptionError: a value out of range, naming the field and what was expected.
+    """
+
+    out: str
+    tile: int = 64
+    stride: int | None = None
+    min_valid: float = 0.5
+    shard_size: int = 256 * 1024**2
+    workers: int = 1
+    part: tuple[int, int] = (0, 1)
+    name: str = "gfm"
+    resampling: str = "bilinear"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.tile < 1:
+            raise OptionError("{tile}: expected a positive number of pixels", tile=self.tile)
+        if self.stride is not None and self.stride < 1:
+            raise OptionError("{stride}: expected a positive number of pixels", stride=self.stride)
+        if not 0.0 <= self.min_valid <= 1.0:
+            raise OptionError("{min_valid}: expected a fraction in [0, 1]", min_valid=self.min_valid)
+        if self.shard_size < 1:
+            raise OptionError("{shard_size}: expected a positive number of bytes", shard_size=self.shard_size)
+        i, n = self.part
+        if not (n >= 1 and 0 <= i < n):
+            raise OptionError("{part}: expected i/n with 0 <= i < n", part=self.part)
+        if self.resampling not in RESAMPLING:
+            raise OptionError(f"{{resampling}}: expected one of {', '.join(RESAMPLING)}", resampling=self.resampling)
+
+    @property
+    def step(self) -> int:
+        """Tile stride in pixels (the tile size when no stride is given)."""
+        return self.stride or self.tile

@@ -1,0 +1,90 @@
+"""Scene specifications: what the user asks for, before any file is opened.
+
+A :class:`SceneSpec` is one place: one or more dates (:class:`DateSpec`), each a list of files
+(:class:`FileSpec`), plus an optional label and, for cubes without georeference, a CRS and bounds.
+Specs are plain picklable data: worker processes receive them and open the files themselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import date as Date
+from typing import Any
+
+from gfm.shards.errors import InputError
+
+
+@dataclass
+class FileSpec:
+    """One input raster (or cube) and how its bands map to sensor bands.
+
+    Attributes:
+        path: a raster GDAL reads (GeoTIFF, JP2, ...) or a ``.npy``/``.mat`` cube.
+        sensor: sensor preset name; None: guessed from the product file name.
+        bands: band names in file band order; None: recognised from the file name or band descriptions.
+        nodata: nodata value overriding the file's own.
+        cube_key: variable name in a ``.mat`` cube.
+        cube_index: frame of a 4-D time stack ``[T, H, W, C]``.
+        wavelengths: wavelength list file (nm) for a hyperspectral cube.
+        fwhm: band width list file (nm) for a hyperspectral cube (default: band spacing).
+    """
+
+    path: str
+    sensor: str | None = None
+    bands: list[str] | None = None
+    nodata: float | None = None
+    cube_key: str | None = None
+    cube_index: int | None = None
+    wavelengths: str | None = None
+    fwhm: str | None = None
+
+
+@dataclass
+class DateSpec:
+    """All files of one acquisition date (``YYYY-MM-DD``, or None when unknown)."""
+
+    date: str | None
+    files: list[FileSpec]
+
+
+@dataclass
+class SceneSpec:
+    """One place: one or more dates, optional label, optional georeference for cubes.
+
+    Attributes:
+        id: scene id, the first part of every sample key (unique within a build).
+        dates: the acquisitions; the first date's rasters define the scene grid.
+        label: label raster (reprojected with nearest) or ``.npy``/``.mat`` array on the scene grid.
+        label_key: variable name in a ``.mat`` label file.
+        label_class: one integer class for every tile of the scene (instead of a label raster).
+        crs, bounds: georeference for cubes (``[left, bottom, right, top]`` in ``crs``).
+        gsd: target ground sampling distance (metres or CRS units); None: the finest band.
+        label_ignore: label value for pixels outside the label raster.
+    """
+
+    id: str
+    dates: list[DateSpec]
+    label: str | None = None
+    label_key: str | None = None
+    label_class: int | None = None
+    crs: str | None = None
+    bounds: list[float] | None = None
+    gsd: float | None = None
+    label_ignore: int = -1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def check_specs(specs: Sequence[SceneSpec]) -> None:
+    """Raise :class:`InputError` for repeated scene ids or dates that are not ``YYYY-MM-DD``."""
+    ids = [s.id for s in specs]
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    if dupes:
+        raise InputError(f"scene ids must be unique; repeated: {', '.join(dupes)}")
+    for spec in specs:
+        for d in spec.dates:
+            if d.date is not None:
+                try:
+                    Date.fromisoformat(d.date)
+                except ValueError:
+                    raise InputError(f"scene {spec.id!r}: date {d.date!r} is not YYYY-MM-DD") from None

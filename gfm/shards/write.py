@@ -1,0 +1,168 @@
+"""Writing one shard: read its tiles, drop those with too few valid pixels, write the tar, then the sidecar.
+
+The tar is written under a temporary name and renamed into place, and only then is its sidecar
+written, so an interrupted build never leaves a file a reader would take for a complete shard.
+Member mtimes are fixed, so identical inputs give byte-identical shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from gfm.index import BandInfo, SceneCounts, stats_key
+from gfm.schema import encode
+from gfm.shards.options import BuildOptions
+from gfm.shards.plan import ShardPlan
+from gfm.shards.scene import Scene, open_scene
+from gfm.shards.sidecar import ShardSummary, write_sidecar
+from gfm.shards.spec import SceneSpec
+from gfm.shards.stats import BandStats
+from gfm.shards.tiles import make_tile, read_row
+
+_TAR_MTIME = 0  # fixed member mtime: identical inputs give byte-identical shards
+
+
+class TarSampleWriter:
+    """Writes WebDataset samples (``__key__`` + ``member -> bytes``) as a POSIX tar.
+
+    The format is exactly what ``webdataset.TarWriter`` writes; it is done with the standard
+    library here because importing webdataset imports torch, which costs seconds at start-up of
+    every ``gfm shards`` call and every worker process.
+    """
+
+    def __init__(self, fileobj: BinaryIO) -> None:
+        self._tar = tarfile.open(fileobj=fileobj, mode="w", format=tarfile.USTAR_FORMAT)
+
+    def write(self, sample: dict[str, Any]) -> None:
+        """Append one sample: members ``<key>.<suffix>`` in sorted order."""
+        key = sample["__key__"]
+        for suffix in sorted(k for k in sample if not k.startswith("__")):
+            data = sample[suffix]
+            info = tarfile.TarInfo(f"{key}.{suffix}")
+            info.size, info.mtime, info.mode = len(data), _TAR_MTIME, 0o444
+            info.uname = info.gname = "gfm"
+            self._tar.addfile(info, io.BytesIO(data))
+
+    def close(self) -> None:
+        """Finish the archive (end-of-archive blocks)."""
+        self._tar.close()
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class ShardJob:
+    """Everything a worker process needs to write one shard (picklable)."""
+
+    plan: ShardPlan
+    specs: list[SceneSpec]
+    opts: BuildOptions
+
+
+def write_shard(job: ShardJob, on_tile: Callable[[int], None] | None = None) -> ShardSummary:
+    """Read, filter and write the tiles of one shard, then its sidecar; return the sidecar's summary.
+
+    ``on_tile(1)`` is called for every tile read (progress).
+    """
+    opts, plan = job.opts, job.plan
+    out = Path(opts.out)
+    by_scene: dict[int, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for si, r, c in plan.tiles:
+        by_scene[si][r].append(c)
+    stats: dict[str, BandStats] = {}
+    bands: dict[str, BandInfo] = {}
+    dates: set[str] = set()
+    sensors: set[str] = set()
+    per_scene: dict[str, list[int]] = {}  # scene id -> [samples, dropped]
+    samples = dropped = 0
+    tmp = out / f".{plan.name}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as fileobj:
+            writer = TarSampleWriter(fileobj)
+            for si in sorted(by_scene):
+                scene = _open_cached(job.specs[si], opts.resampling)
+                counts = per_scene.setdefault(scene.spec.id, [0, 0])
+                for row in sorted(by_scene[si]):
+                    for col, px, valid, label in read_row(scene, row, sorted(by_scene[si][row]), opts.tile):
+                        if on_tile is not None:
+                            on_tile(1)
+                        if valid.mean() < opts.min_valid:
+                            dropped += 1
+                            counts[1] += 1
+                            continue
+                        tile = make_tile(scene, row, col, opts.tile, px, valid, label)
+                        writer.write(encode(tile))
+                        samples += 1
+                        counts[0] += 1
+                        for i, b in enumerate(tile.meta["bands"]):
+                            key = stats_key(b["sensor"], b["name"])
+                            if key not in stats:
+                                stats[key] = BandStats(seed=plan.index)
+                                bands[key] = BandInfo(b["name"], b["sensor"], b["center_nm"], b["fwhm_nm"], b["kind"])
+                            stats[key].update(px[i][valid[i]])
+                            sensors.add(b["sensor"])
+                            if b["time"]:
+                                dates.add(b["time"])
+            writer.close()
+        nbytes = tmp.stat().st_size
+        digest = sha256_file(tmp) if samples else ""
+        if samples:
+            os.replace(tmp, out / plan.name)
+        else:
+            tmp.unlink()
+        summary = ShardSummary(
+            name=plan.name,
+            index=plan.index,
+            samples=samples,
+            bytes=nbytes if samples else 0,
+            sha256=digest,
+            dropped_low_valid=dropped,
+            tile_size=opts.tile,
+            bands=bands,
+            stats={k: s.state() for k, s in stats.items()},
+            dates=sorted(dates),
+            sensors=sorted(sensors),
+            scenes={sid: SceneCounts(n, d) for sid, (n, d) in per_scene.items()},
+        )
+        write_sidecar(out, summary)
+        return summary
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+_SCENE_CACHE: dict[str, Scene] = {}
+_SCENE_CACHE_SIZE = 2  # consecutive shards of one worker usually share a scene
+
+
+def _open_cached(spec: SceneSpec, resampling: str) -> Scene:
+    """Open a scene, reusing this process's last opened ones (files, VRTs, grid)."""
+    key = json.dumps([asdict(spec), resampling], sort_keys=True, default=str)
+    if key in _SCENE_CACHE:
+        return _SCENE_CACHE[key]
+    while len(_SCENE_CACHE) >= _SCENE_CACHE_SIZE:
+        _SCENE_CACHE.pop(next(iter(_SCENE_CACHE))).close()
+    scene = _SCENE_CACHE[key] = open_scene(spec, resampling=resampling)
+    return scene
+
+
+def close_cached_scenes() -> None:
+    """Close every cached scene of this process."""
+    while _SCENE_CACHE:
+        _SCENE_CACHE.popitem()[1].close()
