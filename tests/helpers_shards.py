@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -10,8 +9,9 @@ from typing import Any
 import numpy as np
 import webdataset as wds
 
-from gfm.index import stats_key
-from gfm.schema import Tile, band_entry, encode, make_key
+from gfm.index import BandInfo, BandSummary, Index, ShardEntry, stats_key
+from gfm.index import write as write_index
+from gfm.schema import SCHEMA_VERSION, Tile, band_entry, encode, make_key
 
 # Three Landsat-8-like reflectance bands and a two-band "other" sensor for mixed band sets.
 L8 = [
@@ -58,7 +58,7 @@ def write_dataset(
     seed: int = 0,
     name: str = "gfm",
 ) -> list[str]:
-    """Write ``len(shard_sizes)`` shards and an ``index.json`` in ``root``; returns all sample keys.
+    """Write ``len(shard_sizes)`` shards and an ``index.json`` (through :mod:`gfm.index`) in ``root``; returns keys.
 
     With ``mixed`` every third shard holds two-band Sentinel-1-like tiles instead of Landsat 8.
     """
@@ -81,22 +81,27 @@ def write_dataset(
                     acc[0] += v.size
                     acc[1] += v.sum()
                     acc[2] += (v * v).sum()
-        entries.append({"name": fname, "samples": n, "bytes": os.path.getsize(os.path.join(root, fname))})
+        entries.append(ShardEntry(fname, n, os.path.getsize(os.path.join(root, fname))))
     stats = {
-        k: {"count": int(n), "mean": s / n, "std": float(np.sqrt(max(0.0, sq / n - (s / n) ** 2)))}
+        k: BandSummary(count=int(n), mean=s / n, std=float(np.sqrt(max(0.0, sq / n - (s / n) ** 2))))
         for k, (n, s, sq) in sums.items()
     }
-    index = {
-        "schema": 1,
-        "shards": entries,
-        "samples": sum(shard_sizes),
-        "bytes": sum(e["bytes"] for e in entries),
-        "tile_size": size,
-        "bands": {stats_key(b["sensor"], b["name"]): dict(b) for b in L8 + (S1 if mixed else [])},
-        "stats": stats,
-        "planned_shards": len(entries),
-        "missing_shards": [],
-    }
-    with open(os.path.join(root, "index.json"), "w") as f:
-        json.dump(index, f)
+    bands = [BandInfo(**b) for b in L8 + (S1 if mixed else [])]
+    index = Index(
+        schema=SCHEMA_VERSION,
+        created_by="tests.helpers_shards",
+        shards=entries,
+        samples=sum(shard_sizes),
+        bytes=sum(e.bytes or 0 for e in entries),
+        tile_size=size,
+        sensors=sorted({b.sensor for b in bands}),
+        dates=["2015-08-04"],
+        bands={b.key: b for b in bands},
+        stats=stats,
+        scenes={},
+        dropped_low_valid=0,
+        planned_shards=len(entries),
+        missing_shards=[],
+    )
+    write_index(root, index)
     return keys

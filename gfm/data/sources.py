@@ -9,7 +9,7 @@ A shard spec is one of
 * a single URL. ``pipe:`` commands and the schemes webdataset's ``gopen`` knows (http, gs, hf, ...)
   go through webdataset; other ``scheme://`` URLs (``s3://``, ``az://``) through fsspec.
 
-URLs are passed through untouched. The ``index.json`` (format in docs/DESIGN.md) is found at the root,
+URLs are passed through untouched. The ``index.json`` (contract in :mod:`gfm.index`) is found at the root,
 or next to the first shard, unless given explicitly; it supplies sample counts and band statistics.
 
 Exact epochs split **samples**, not shards: the shards, in an order shuffled per epoch, are laid end to
@@ -22,7 +22,6 @@ there are enough samples.
 from __future__ import annotations
 
 import bisect
-import json
 import os
 import random
 import re
@@ -32,6 +31,9 @@ from typing import IO, Any
 
 from webdataset.gopen import gopen, gopen_schemes
 from webdataset.shardlists import expand_urls
+
+from gfm import index as index_file
+from gfm.index import INDEX_FILE, stats_key
 
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 
@@ -113,7 +115,7 @@ class DatasetIndex:
 
     def norm(self, sensor: str, band: str) -> tuple[float, float]:
         """``(mean, std)`` of one band. Raises :class:`LoaderError` naming the band when absent."""
-        key = f"{sensor}/{band}"
+        key = stats_key(sensor, band)
         entry = self.stats.get(key)
         if entry is None or "mean" not in entry or "std" not in entry:
             known = ", ".join(sorted(self.stats)) or "none"
@@ -125,22 +127,23 @@ class DatasetIndex:
 
 
 def load_index(url: str) -> DatasetIndex:
-    """Read and check an ``index.json`` (local path or URL)."""
+    """Read and check an ``index.json`` (local path or URL) against its contract (:mod:`gfm.index`)."""
     try:
         with open_url(url) as f:
-            raw = json.loads(f.read().decode("utf-8"))
+            data = f.read()
     except FileNotFoundError:
         raise LoaderError(
             f"no index.json at {url}: build the shards with `gfm shards build` (or merge parts with "
             "`gfm shards index DIR`), or set the loader's `index` to its location"
         ) from None
-    except (OSError, ValueError) as e:
+    except OSError as e:
         raise LoaderError(f"cannot read index {url}: {e}") from None
-    if not isinstance(raw, dict) or not isinstance(raw.get("shards"), list):
-        raise LoaderError(f"{url} is not a gfm index.json (no 'shards' list)")
-    counts = {str(s["name"]): int(s["samples"]) for s in raw["shards"]}
-    stats = raw.get("stats") or {}
-    return DatasetIndex(url=url, counts=counts, stats=stats, raw=raw)
+    try:
+        index = index_file.parse(data, url)
+    except index_file.IndexFileError as e:
+        raise LoaderError(str(e)) from None
+    stats = {key: summary.to_dict() for key, summary in index.stats.items()}
+    return DatasetIndex(url=url, counts=index.counts, stats=stats, raw=index.to_dict())
 
 
 @dataclass
@@ -168,13 +171,13 @@ def resolve_shards(spec: str, index: str | None = None) -> ShardSet:
     if not spec:
         raise LoaderError("loader.shards is empty: give a dataset directory, brace pattern, list file or URL")
     root: str | None = None
-    if spec.endswith("index.json"):
+    if spec.endswith(INDEX_FILE):
         root = _dirname(spec)
         index = index or spec
     elif os.path.isdir(spec) if _scheme(spec) is None else spec.endswith("/"):
         root = spec
     if root is not None:
-        idx = load_index(index or _join(root, "index.json"))
+        idx = load_index(index or _join(root, INDEX_FILE))
         urls = [_join(root, name) for name in idx.counts]
         if not urls:
             raise LoaderError(f"{idx.url} lists no shards")
@@ -188,7 +191,7 @@ def resolve_shards(spec: str, index: str | None = None) -> ShardSet:
             urls = list(expand_urls(spec))
         if not urls:
             raise LoaderError(f"shard spec {spec!r} names no shards")
-        idx = load_index(index or _join(_dirname(urls[0]), "index.json"))
+        idx = load_index(index or _join(_dirname(urls[0]), INDEX_FILE))
     counts = [idx.counts.get(_basename(u)) for u in urls]
     return ShardSet(urls=urls, counts=counts, index=idx)
 
