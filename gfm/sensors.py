@@ -2,9 +2,10 @@
 
 A :class:`Band` says what a raster band measures (centre wavelength, bandwidth, kind); a
 :class:`Sensor` is a named, ordered set of bands with their native ground sampling distance, the
-quality band if the product has one, and how its file names spell band names. Presets hold public
-band tables (ESA, USGS, NASA); users add sensors in YAML (:func:`load_sensors_yaml`) or build a
-generic hyperspectral sensor from a wavelength list (:func:`hyperspectral`).
+quality band if the product has one, and how its file names spell band names. Presets are data:
+public band tables (ESA, USGS, NASA) in ``gfm/sensor_presets/*.yaml``, read by the same strict loader
+(:func:`parse_sensors_yaml`) as the sensors users add in YAML (:func:`load_sensors_yaml`); a generic
+hyperspectral sensor is built from a wavelength list (:func:`hyperspectral`).
 
 Wavelengths are always nanometres. SAR bands carry the radar wavelength (C-band: ~5.55 cm, i.e.
 ~5.5e7 nm) so one continuous scale spans visible light to microwaves. Values that look like
@@ -15,8 +16,9 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +36,6 @@ KINDS: tuple[str, ...] = (
     "quality",  # quality / cloud mask band: used for validity, never an observation
 )
 KIND_CODE: dict[str, int] = {k: i for i, k in enumerate(KINDS)}
-
-SPEED_OF_LIGHT = 299_792_458.0  # m/s
 
 # Plausible centre-wavelength ranges in nanometres, per kind family.
 _OPTICAL_RANGE_NM = (300.0, 3_000.0)
@@ -223,184 +223,25 @@ _GENERIC_PATTERNS: tuple[str, ...] = (
 
 
 # ----------------------------------------------------------------------------------------------
-# Presets. Centre wavelength and FWHM in nm, native GSD in m (public band tables).
+# Presets: data files in gfm/sensor_presets, read by the same strict loader as user sensor YAML.
 
-def _bands(sensor: str, table: Sequence[tuple[str, float, float, str, float]]) -> tuple[Band, ...]:
-    return tuple(Band(n, sensor, c, w, k, g) for n, c, w, k, g in table)
+#: Preset files, in the order ``gfm sensors`` lists their sensors.
+PRESET_FILES: tuple[str, ...] = ("sentinel2.yaml", "landsat.yaml", "hls.yaml", "sentinel1.yaml", "modis.yaml")
 
-
-_S2_TABLE = [
-    ("B01", 442.7, 21.0, "reflectance", 60.0),
-    ("B02", 492.4, 66.0, "reflectance", 10.0),
-    ("B03", 559.8, 36.0, "reflectance", 10.0),
-    ("B04", 664.6, 31.0, "reflectance", 10.0),
-    ("B05", 704.1, 15.0, "reflectance", 20.0),
-    ("B06", 740.5, 15.0, "reflectance", 20.0),
-    ("B07", 782.8, 20.0, "reflectance", 20.0),
-    ("B08", 832.8, 106.0, "reflectance", 10.0),
-    ("B8A", 864.7, 21.0, "reflectance", 20.0),
-    ("B09", 945.1, 20.0, "reflectance", 60.0),
-    ("B10", 1373.5, 31.0, "reflectance", 60.0),
-    ("B11", 1613.7, 91.0, "reflectance", 20.0),
-    ("B12", 2202.4, 175.0, "reflectance", 20.0),
-]
-
-_LANDSAT89_TABLE = [
-    ("B1", 443.0, 16.0, "reflectance", 30.0),
-    ("B2", 482.0, 60.0, "reflectance", 30.0),
-    ("B3", 561.4, 57.0, "reflectance", 30.0),
-    ("B4", 654.6, 37.0, "reflectance", 30.0),
-    ("B5", 864.7, 28.0, "reflectance", 30.0),
-    ("B6", 1608.9, 85.0, "reflectance", 30.0),
-    ("B7", 2200.7, 187.0, "reflectance", 30.0),
-    ("B8", 589.5, 172.0, "reflectance", 15.0),
-    ("B9", 1373.4, 20.0, "reflectance", 30.0),
-    ("B10", 10895.0, 590.0, "thermal", 100.0),
-    ("B11", 12005.0, 1010.0, "thermal", 100.0),
-]
-
-_TM_TABLE = [
-    ("B1", 485.0, 70.0, "reflectance", 30.0),
-    ("B2", 560.0, 80.0, "reflectance", 30.0),
-    ("B3", 660.0, 60.0, "reflectance", 30.0),
-    ("B4", 830.0, 140.0, "reflectance", 30.0),
-    ("B5", 1650.0, 200.0, "reflectance", 30.0),
-    ("B6", 11450.0, 2100.0, "thermal", 120.0),
-    ("B7", 2215.0, 270.0, "reflectance", 30.0),
-]
-
-_ETM_TABLE = [
-    ("B1", 485.0, 70.0, "reflectance", 30.0),
-    ("B2", 560.0, 80.0, "reflectance", 30.0),
-    ("B3", 660.0, 60.0, "reflectance", 30.0),
-    ("B4", 835.0, 130.0, "reflectance", 30.0),
-    ("B5", 1650.0, 200.0, "reflectance", 30.0),
-    ("B6", 11450.0, 2100.0, "thermal", 60.0),
-    ("B7", 2220.0, 260.0, "reflectance", 30.0),
-    ("B8", 710.0, 380.0, "reflectance", 15.0),
-]
-
-# HLS v2 (S30/L30 harmonised to 30 m), band names as in the S30 product.
-_HLS_TABLE = [
-    ("B01", 443.0, 20.0, "reflectance", 30.0),
-    ("B02", 490.0, 65.0, "reflectance", 30.0),
-    ("B03", 560.0, 35.0, "reflectance", 30.0),
-    ("B04", 665.0, 30.0, "reflectance", 30.0),
-    ("B05", 705.0, 15.0, "reflectance", 30.0),
-    ("B06", 740.0, 15.0, "reflectance", 30.0),
-    ("B07", 783.0, 20.0, "reflectance", 30.0),
-    ("B08", 842.0, 115.0, "reflectance", 30.0),
-    ("B8A", 865.0, 20.0, "reflectance", 30.0),
-    ("B09", 945.0, 20.0, "reflectance", 30.0),
-    ("B10", 1375.0, 30.0, "reflectance", 30.0),
-    ("B11", 1610.0, 90.0, "reflectance", 30.0),
-    ("B12", 2190.0, 180.0, "reflectance", 30.0),
-]
-
-# HLS L30 (Landsat 8/9 harmonised): OLI/TIRS bands under the L30 product's names (B05 is NIR here).
-_HLS_L30_TABLE = [
-    ("B01", 443.0, 16.0, "reflectance", 30.0),
-    ("B02", 482.0, 60.0, "reflectance", 30.0),
-    ("B03", 561.4, 57.0, "reflectance", 30.0),
-    ("B04", 654.6, 37.0, "reflectance", 30.0),
-    ("B05", 864.7, 28.0, "reflectance", 30.0),
-    ("B06", 1608.9, 85.0, "reflectance", 30.0),
-    ("B07", 2200.7, 187.0, "reflectance", 30.0),
-    ("B09", 1373.4, 20.0, "reflectance", 30.0),
-    ("B10", 10895.0, 590.0, "thermal", 30.0),
-    ("B11", 12005.0, 1010.0, "thermal", 30.0),
-]
-
-_C_BAND_HZ = 5.405e9
-_C_BAND_NM = SPEED_OF_LIGHT / _C_BAND_HZ * 1e9  # ~5.547e7 nm
-# ~100 MHz range bandwidth expressed as a wavelength width: dλ = λ² df / c.
-_C_BAND_FWHM_NM = (SPEED_OF_LIGHT / _C_BAND_HZ) ** 2 * 100e6 / SPEED_OF_LIGHT * 1e9
-
-_S1_TABLE = [
-    ("VV", _C_BAND_NM, _C_BAND_FWHM_NM, "sar_vv", 10.0),
-    ("VH", _C_BAND_NM, _C_BAND_FWHM_NM, "sar_vh", 10.0),
-    ("HH", _C_BAND_NM, _C_BAND_FWHM_NM, "sar_hh", 10.0),
-    ("HV", _C_BAND_NM, _C_BAND_FWHM_NM, "sar_hv", 10.0),
-]
-
-# MODIS land bands 1-7 (MOD09) plus the MOD13 vegetation indices. An index is described by the
-# span of the bands it combines (red 645 nm .. NIR 858.5 nm).
-_MODIS_TABLE = [
-    ("B01", 645.0, 50.0, "reflectance", 250.0),
-    ("B02", 858.5, 35.0, "reflectance", 250.0),
-    ("B03", 469.0, 20.0, "reflectance", 500.0),
-    ("B04", 555.0, 20.0, "reflectance", 500.0),
-    ("B05", 1240.0, 20.0, "reflectance", 500.0),
-    ("B06", 1640.0, 24.0, "reflectance", 500.0),
-    ("B07", 2130.0, 50.0, "reflectance", 500.0),
-    ("NDVI", 751.75, 213.5, "index", 250.0),
-    ("EVI", 657.0, 389.5, "index", 250.0),
-]
-
-# Landsat quality: pre-collection/Collection 1 BQA bit 0 is fill (its cloud bits changed meaning between
-# versions, so only fill is trusted); Collection 2 QA_PIXEL bits 0 fill, 1 dilated cloud, 3 cloud, 4 shadow.
-_LANDSAT_QA = {"BQA": {"bits": [0]}, "QA_PIXEL": {"bits": [0, 1, 3, 4]}}
-
-_S2_PATTERNS = (r"_(?P<band>B\d{2}|B8A)(?:_\d{2}m)?$",)
-_LANDSAT_PATTERNS = (r"_(?:SR_|ST_)?(?P<band>B\d{1,2})$", r"_(?P<band>BQA|QA_PIXEL)$")
+# A quality layer has no wavelength; its Band carries these placeholders and is never embedded.
+_QUALITY_CENTER_NM = 500.0
+_QUALITY_FWHM_NM = 1.0
 
 
-def _preset(
-    name: str,
-    table: Sequence[tuple[str, float, float, str, float]],
-    description: str,
-    **kw: Any,
-) -> Sensor:
-    return Sensor(name=name, bands=_bands(name, table), description=description, **kw)
-
-
-def _build_presets() -> dict[str, Sensor]:
-    s2_qa = {"SCL": Band("SCL", "sentinel2_l2a", 500.0, 1.0, "quality", 20.0)}
-    presets = [
-        _preset(
-            "sentinel2_l1c", _S2_TABLE, "Sentinel-2 MSI Level-1C top-of-atmosphere reflectance",
-            nodata=0, scale=1e-4, file_patterns=_S2_PATTERNS,
-        ),
-        _preset(
-            "sentinel2_l2a", [r for r in _S2_TABLE if r[0] != "B10"],
-            "Sentinel-2 MSI Level-2A surface reflectance (SCL quality band)",
-            nodata=0, scale=1e-4, quality=s2_qa["SCL"],
-            # SCL classes: 0 no data, 1 saturated, 3 cloud shadow, 8/9 cloud, 10 cirrus.
-            invalid_quality={"SCL": {"values": [0, 1, 3, 8, 9, 10]}},
-            file_patterns=_S2_PATTERNS + (r"_(?P<band>SCL)(?:_\d{2}m)?$",),
-        ),
-        _preset("landsat5", _TM_TABLE, "Landsat 4-5 Thematic Mapper", nodata=0,
-                quality=Band("BQA", "landsat5", 500.0, 1.0, "quality", 30.0),
-                invalid_quality=_LANDSAT_QA, file_patterns=_LANDSAT_PATTERNS),
-        _preset("landsat7", _ETM_TABLE, "Landsat 7 Enhanced Thematic Mapper Plus", nodata=0,
-                quality=Band("BQA", "landsat7", 500.0, 1.0, "quality", 30.0),
-                invalid_quality=_LANDSAT_QA, file_patterns=_LANDSAT_PATTERNS),
-        _preset("landsat8", _LANDSAT89_TABLE, "Landsat 8 OLI/TIRS", nodata=0,
-                quality=Band("BQA", "landsat8", 500.0, 1.0, "quality", 30.0),
-                invalid_quality=_LANDSAT_QA, file_patterns=_LANDSAT_PATTERNS),
-        _preset("landsat9", _LANDSAT89_TABLE, "Landsat 9 OLI-2/TIRS-2", nodata=0,
-                quality=Band("BQA", "landsat9", 500.0, 1.0, "quality", 30.0),
-                invalid_quality=_LANDSAT_QA, file_patterns=_LANDSAT_PATTERNS),
-        _preset("hls", _HLS_TABLE, "Harmonized Landsat Sentinel-2 (HLS v2) S30 surface reflectance (L30: hls_l30)",
-                nodata=-9999, scale=1e-4,
-                quality=Band("FMASK", "hls", 500.0, 1.0, "quality", 30.0),
-                # Fmask bits: 1 cloud, 2 adjacent cloud/shadow, 3 cloud shadow.
-                invalid_quality={"FMASK": {"bits": [1, 2, 3]}}, file_patterns=(r"\.(?P<band>B\d{2}|B8A|FMASK)$",)),
-        _preset("hls_l30", _HLS_L30_TABLE, "Harmonized Landsat Sentinel-2 (HLS v2) L30 (Landsat) surface reflectance",
-                nodata=-9999, scale=1e-4,
-                quality=Band("FMASK", "hls_l30", 500.0, 1.0, "quality", 30.0),
-                invalid_quality={"FMASK": {"bits": [1, 2, 3]}}, file_patterns=(r"\.(?P<band>B\d{2}|FMASK)$",)),
-        _preset("sentinel1_grd", _S1_TABLE, "Sentinel-1 C-band SAR GRD backscatter (VV, VH, HH, HV)",
-                file_patterns=(r"(?:^|[_\-.])(?P<band>VV|VH|HH|HV)(?:[_\-.]|$)",)),
-        _preset("modis", _MODIS_TABLE, "Terra/Aqua MODIS land reflectance (bands 1-7) and NDVI/EVI",
-                nodata=-3000, scale=1e-4,
-                file_patterns=(r"(?:^|[_\-.])(?P<band>NDVI|EVI)(?:[_\-.]|$)", r"_b0?(?P<band>\d)(?:_|$)")),
-    ]
-    return {s.name: s for s in presets}
-
-
-_REGISTRY: dict[str, Sensor] = _build_presets()
-PRESET_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+def _load_presets() -> dict[str, Sensor]:
+    presets: dict[str, Sensor] = {}
+    folder = resources.files("gfm") / "sensor_presets"
+    for name in PRESET_FILES:
+        for sensor in parse_sensors_yaml((folder / name).read_text(encoding="utf-8"), f"gfm/sensor_presets/{name}"):
+            if sensor.name in presets:
+                raise SensorError(f"gfm/sensor_presets/{name}: sensor {sensor.name!r} is defined twice")
+            presets[sensor.name] = sensor
+    return presets
 
 
 def register(sensor: Sensor, *, replace: bool = False) -> Sensor:
@@ -494,74 +335,204 @@ def read_wavelengths(path: str | Path, expected: int | None = None) -> list[floa
 
 
 def load_sensors_yaml(path: str | Path, *, replace: bool = False) -> list[Sensor]:
-    """Register user sensors from YAML and return them.
+    """Register the sensors of a YAML file (format: :func:`parse_sensors_yaml`) and return them.
+
+    Raises:
+        SensorError: an unreadable file, or anything :func:`parse_sensors_yaml` refuses (naming the file).
+    """
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise SensorError(f"{p}: cannot read sensor YAML ({e.strerror})") from None
+    # registered one by one as they parse (the sensors before a bad one stay registered, as before)
+    return [register(s, replace=replace) for s in _iter_sensors(text, str(p))]
+
+
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's when built with it: 5x faster
+_SENSOR_KEYS = ("description", "unit", "nodata", "scale", "offset", "bands", "wavelengths", "fwhm", "gsd_m",
+                "quality_band", "invalid_quality", "file_patterns")
+_BAND_KEYS = ("name", "center", "fwhm", "kind", "gsd_m")
+_QUALITY_BAND_KEYS = ("name", "gsd_m")
+_RULE_KEYS = ("values", "bits")
+
+
+def _check_keys(obj: Any, known: Sequence[str], where: str) -> dict[str, Any]:
+    if not isinstance(obj, dict):
+        raise SensorError(f"{where}: expected a mapping")
+    unknown = [k for k in obj if k not in known]
+    if unknown:
+        raise SensorError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(known)})")
+    return obj
+
+
+def _number(value: Any, where: str) -> float:
+    # PyYAML reads 1e-4 (no dot) as a string; accept any numeral, refuse anything else
+    if isinstance(value, bool):
+        raise SensorError(f"{where}: expected a number, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise SensorError(f"{where}: expected a number, got {value!r}") from None
+
+
+def _int_list(value: Any, where: str, lo: int, hi: int) -> list[int]:
+    if not isinstance(value, list) or not value:
+        raise SensorError(f"{where}: expected a non-empty list of integers")
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise SensorError(f"{where}: {v!r} is not an integer in {lo}..{hi}")
+    return list(value)
+
+
+def _quality_rules(obj: Any, where: str) -> dict[str, dict[str, list[int]]]:
+    """``{token: {values: [...], bits: [...]}}``: file-name token of a quality layer → invalid pixels."""
+    if not isinstance(obj, dict) or not obj:
+        raise SensorError(f"{where}: expected a mapping of quality file tokens to rules")
+    rules = {}
+    for token, rule in obj.items():
+        at = f"{where}.{token}"
+        if not re.fullmatch(r"[A-Za-z0-9]+(?:_[A-Za-z0-9]+)*", str(token)):
+            raise SensorError(f"{at}: a quality token is letters, digits and inner underscores")
+        rule = _check_keys(rule, _RULE_KEYS, at)
+        if not rule:
+            raise SensorError(f"{at}: give 'values' (invalid class values) and/or 'bits' (invalid bit flags)")
+        rules[str(token)] = {k: _int_list(v, f"{at}.{k}", 0, 63 if k == "bits" else 2**32) for k, v in rule.items()}
+    return rules
+
+
+def _file_patterns(obj: Any, where: str) -> tuple[str, ...]:
+    """Regexes with a named group ``band`` that extract a band name from a file name (without extension)."""
+    if not isinstance(obj, list):
+        raise SensorError(f"{where}: expected a list of regular expressions")
+    for i, pattern in enumerate(obj):
+        try:
+            compiled = re.compile(str(pattern))
+        except re.error as e:
+            raise SensorError(f"{where}[{i}]: {pattern!r} is not a regular expression ({e})") from None
+        if "band" not in compiled.groupindex:
+            raise SensorError(f"{where}[{i}]: {pattern!r} has no named group (?P<band>...)")
+    return tuple(str(p) for p in obj)
+
+
+def _sensor(name: str, spec: Any, where: str) -> Sensor:
+    spec = _check_keys(spec, _SENSOR_KEYS, where)
+    unit = str(spec.get("unit", "nm")).lower()
+    if unit not in ("nm", "um", "µm"):
+        raise SensorError(f"{where}.unit: expected 'nm' or 'um', got {unit!r}")
+    mult = 1000.0 if unit in ("um", "µm") else 1.0
+    gsd_m = _number(spec.get("gsd_m", 0.0), f"{where}.gsd_m")
+    description = str(spec.get("description", ""))
+    if ("wavelengths" in spec) == ("bands" in spec):
+        raise SensorError(f"{where}: give either 'bands' (a band table) or 'wavelengths' (hyperspectral)")
+    if "wavelengths" in spec:
+        wl, fw = spec["wavelengths"], spec.get("fwhm")
+        if not isinstance(wl, list) or (fw is not None and not isinstance(fw, list)):
+            raise SensorError(f"{where}: 'wavelengths' and 'fwhm' are lists of numbers")
+        sensor = hyperspectral(
+            name,
+            [_number(w, f"{where}.wavelengths[{i}]") * mult for i, w in enumerate(wl)],
+            None if fw is None else [_number(f, f"{where}.fwhm[{i}]") * mult for i, f in enumerate(fw)],
+            gsd_m=gsd_m,
+            description=description,
+        )
+        bands, description = sensor.bands, sensor.description
+    else:
+        if "fwhm" in spec:
+            raise SensorError(f"{where}.fwhm: a band table gives each band's fwhm")
+        if not isinstance(spec["bands"], list):
+            raise SensorError(f"{where}.bands: expected a list of bands")
+        table = []
+        for i, b in enumerate(spec["bands"]):
+            at = f"{where}.bands[{i}]"
+            b = _check_keys(b, _BAND_KEYS, at)
+            missing = [k for k in ("name", "center", "fwhm") if k not in b]
+            if missing:
+                raise SensorError(f"{at}: missing {', '.join(missing)}")
+            table.append(Band(str(b["name"]), name, _number(b["center"], f"{at}.center") * mult,
+                              _number(b["fwhm"], f"{at}.fwhm") * mult, str(b.get("kind", "reflectance")),
+                              _number(b.get("gsd_m", gsd_m), f"{at}.gsd_m")))
+        bands = tuple(table)
+    rules = _quality_rules(spec["invalid_quality"], f"{where}.invalid_quality") if "invalid_quality" in spec else {}
+    quality = None
+    if "quality_band" in spec:
+        q = _check_keys(spec["quality_band"], _QUALITY_BAND_KEYS, f"{where}.quality_band")
+        if "name" not in q:
+            raise SensorError(f"{where}.quality_band: missing name")
+        qname = str(q["name"])
+        if qname not in rules:
+            raise SensorError(f"{where}.quality_band: {qname!r} has no rule in invalid_quality")
+        quality = Band(qname, name, _QUALITY_CENTER_NM, _QUALITY_FWHM_NM, "quality",
+                       _number(q.get("gsd_m", gsd_m), f"{where}.quality_band.gsd_m"))
+    patterns = _file_patterns(spec["file_patterns"], f"{where}.file_patterns") if "file_patterns" in spec else ()
+    nodata = spec.get("nodata")
+    if nodata is not None and (isinstance(nodata, bool) or not isinstance(nodata, (int, float))):
+        raise SensorError(f"{where}.nodata: expected a number, got {nodata!r}")
+    return Sensor(
+        name=name,
+        bands=bands,
+        description=description,
+        quality=quality,
+        invalid_quality=rules,
+        nodata=nodata,
+        scale=_number(spec.get("scale", 1.0), f"{where}.scale"),
+        offset=_number(spec.get("offset", 0.0), f"{where}.offset"),
+        file_patterns=patterns,
+    )
+
+
+def parse_sensors_yaml(text: str, where: str) -> list[Sensor]:
+    """Sensors from the text of a sensor YAML file (presets and user files alike); ``where`` names it in errors.
 
     Format::
 
         sensors:
           my_camera:
             description: 4-band drone camera
-            unit: nm            # or um; converted to nm
-            nodata: 0
-            bands:
+            unit: nm              # or um; converted to nm
+            nodata: 0             # fill value when files declare none
+            scale: 1.0e-4         # physical = raw * scale + offset (recorded, never applied)
+            offset: 0
+            bands:                # in the camera's file band order
               - {name: blue, center: 475, fwhm: 32, gsd_m: 0.1}
-              - {name: nir, center: 842, fwhm: 57, kind: reflectance}
+              - {name: nir, center: 842, fwhm: 57, kind: reflectance, gsd_m: 0.1}
+            file_patterns:        # regexes whose group 'band' finds a band name in a file name
+              - '_(?P<band>blue|nir)$'
+            quality_band: {name: CLOUD, gsd_m: 0.1}   # listed by `gfm sensors NAME`
+            invalid_quality:      # quality file-name token -> invalid pixels
+              CLOUD: {values: [1, 2]}                 # class values; and/or bits: [0, 3] (flags set)
           my_hsi:
-            wavelengths: [400.5, 405.1, ...]   # generic hyperspectral
+            wavelengths: [400.5, 405.1, ...]          # generic hyperspectral (bands B001...)
+            fwhm: [5.0, 5.0, ...]                     # optional: default the band spacing
+            gsd_m: 20
+
+    ``kind`` is one of :data:`KINDS` (default reflectance). Units are checked: a wavelength that looks
+    like micrometres where nanometres are expected is an error.
 
     Raises:
-        SensorError: naming the file, the sensor and the key that is wrong.
+        SensorError: unknown or missing keys, values of the wrong type, implausible wavelengths, bad
+            regexes or quality rules; the message names the file, the sensor and the key.
     """
-    p = Path(path)
+    return list(_iter_sensors(text, where))
+
+
+def _iter_sensors(text: str, where: str) -> Iterator[Sensor]:
     try:
-        doc = yaml.safe_load(p.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise SensorError(f"{p}: cannot read sensor YAML ({e})") from None
+        doc = yaml.load(text, Loader=_YAML_LOADER)  # a safe loader: plain data only
+    except yaml.YAMLError as e:
+        raise SensorError(f"{where}: not valid YAML ({e})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("sensors"), dict):
-        raise SensorError(f"{p}: expected a top-level mapping 'sensors: {{name: {{...}}}}'")
-    out = []
+        raise SensorError(f"{where}: expected a top-level mapping 'sensors: {{name: {{...}}}}'")
+    extra = [k for k in doc if k != "sensors"]
+    if extra:
+        raise SensorError(f"{where}: unknown key {extra[0]!r} (known: sensors)")
     for name, spec in doc["sensors"].items():
-        where = f"{p}: sensors.{name}"
-        if not isinstance(spec, dict):
-            raise SensorError(f"{where}: expected a mapping")
-        unit = str(spec.get("unit", "nm")).lower()
-        if unit not in ("nm", "um", "µm"):
-            raise SensorError(f"{where}.unit: expected 'nm' or 'um', got {unit!r}")
-        mult = 1000.0 if unit in ("um", "µm") else 1.0
+        at = f"{where}: sensors.{name}"
         try:
-            if "wavelengths" in spec:
-                fw = spec.get("fwhm")
-                sensor = hyperspectral(
-                    name,
-                    [float(w) * mult for w in spec["wavelengths"]],
-                    None if fw is None else [float(f) * mult for f in fw],
-                    gsd_m=float(spec.get("gsd_m", 0.0)),
-                    description=str(spec.get("description", "")),
-                )
-            else:
-                if not isinstance(spec.get("bands"), list):
-                    raise SensorError(f"{where}.bands: expected a list of bands")
-                bands = []
-                for i, b in enumerate(spec["bands"]):
-                    missing = [k for k in ("name", "center", "fwhm") if k not in b]
-                    if missing:
-                        raise SensorError(f"{where}.bands[{i}]: missing {', '.join(missing)}")
-                    bands.append(
-                        Band(str(b["name"]), name, float(b["center"]) * mult, float(b["fwhm"]) * mult,
-                             str(b.get("kind", "reflectance")), float(b.get("gsd_m", 0.0)))
-                    )
-                sensor = Sensor(
-                    name=name,
-                    bands=tuple(bands),
-                    description=str(spec.get("description", "")),
-                    nodata=spec.get("nodata"),
-                    scale=float(spec.get("scale", 1.0)),
-                    offset=float(spec.get("offset", 0.0)),
-                )
+            sensor = _sensor(str(name), spec, at)
         except SensorError as e:
-            raise SensorError(f"{where}: {e}") from None
-        out.append(register(sensor, replace=replace))
-    return out
+            raise SensorError(str(e) if str(e).startswith(at) else f"{at}: {e}") from None
+        yield sensor
 
 
 def guess_sensor(paths: Sequence[str | Path]) -> str | None:
@@ -635,3 +606,8 @@ def format_sensor_table(sensor: Sensor) -> str:
             centre = fwhm = "-"
         lines.append(f"{b.name:<6} {centre:>12} {fwhm:>10} {b.kind:<12} {b.gsd_m:>6g}")
     return "\n".join(lines)
+
+
+_REGISTRY: dict[str, Sensor] = _load_presets()
+#: Names of the preset sensors (``gfm/sensor_presets/*.yaml``), in listing order.
+PRESET_NAMES: tuple[str, ...] = tuple(_REGISTRY)

@@ -171,3 +171,80 @@ def test_schema_rejects_bad_samples():
 
 def test_kind_codes_are_stable():
     assert KIND_CODE["reflectance"] == 0 and KIND_CODE["sar_vv"] == 2
+
+
+def test_presets_are_the_shipped_yaml_files():
+    from importlib import resources
+
+    from gfm.sensors import PRESET_FILES, parse_sensors_yaml
+
+    folder = resources.files("gfm") / "sensor_presets"
+    shipped = sorted(p.name for p in folder.iterdir() if p.name.endswith(".yaml"))
+    assert shipped == sorted(PRESET_FILES)
+    names = [s.name for f in PRESET_FILES for s in parse_sensors_yaml((folder / f).read_text(), f)]
+    assert tuple(names) == PRESET_NAMES
+    l8 = get_sensor("landsat8")
+    assert l8.quality is not None and l8.quality.name == "BQA" and l8.quality.kind == "quality"
+    assert l8.quality_rule("LC08_L2SP_042034_20200101_20200823_02_T1_QA_PIXEL.TIF") == {"bits": [0, 1, 3, 4]}
+    assert l8.quality_rule("l8_BQA.tif") == {"bits": [0]}
+    assert get_sensor("sentinel2_l2a").quality_rule("T33UUU_20200101T101010_SCL_20m.jp2") == {
+        "values": [0, 1, 3, 8, 9, 10]}
+
+
+@pytest.mark.parametrize(
+    "body,match",
+    [
+        ("    colour: blue\n    bands: [{name: b, center: 475, fwhm: 32}]\n", r"sensors\.cam: unknown key 'colour'"),
+        ("    bands: [{name: b, centre: 475, fwhm: 32}]\n", r"sensors\.cam\.bands\[0\]: unknown key 'centre'"),
+        ("    bands: [{name: b, center: 475, fwhm: 32}]\n    invalid_quality: {CLOUD: {vals: [1]}}\n",
+         r"invalid_quality\.CLOUD: unknown key 'vals'"),
+        ("    bands: [{name: b, center: 475, fwhm: 32}]\n    quality_band: {name: CLOUD}\n",
+         r"quality_band: 'CLOUD' has no rule in invalid_quality"),
+        ("    bands: [{name: b, center: 475, fwhm: 32}]\n    file_patterns: ['_(?P<bnd>b)$']\n",
+         r"file_patterns\[0\]: .* has no named group"),
+        ("    bands: [{name: b, center: 475, fwhm: 32}]\n    invalid_quality: {CLOUD: {bits: [64]}}\n",
+         r"bits: 64 is not an integer in 0\.\.63"),
+        ("    bands: [{name: b, center: 475, fwhm: 32}]\n    scale: lots\n", r"sensors\.cam\.scale: expected a number"),
+    ],
+)
+def test_sensor_yaml_is_strict(tmp_path, body, match):
+    y = tmp_path / "cams.yaml"
+    y.write_text("sensors:\n  cam:\n" + body)
+    with pytest.raises(SensorError, match=match) as e:
+        load_sensors_yaml(y, replace=True)
+    assert str(e.value).startswith(f"{y}: ")  # every error names the file
+
+
+def test_sensor_yaml_top_level_unknown_key(tmp_path):
+    y = tmp_path / "s.yaml"
+    y.write_text("sensor:\n  cam: {}\n")
+    with pytest.raises(SensorError, match=r"s\.yaml: expected a top-level mapping 'sensors"):
+        load_sensors_yaml(y)
+    y.write_text("sensors:\n  cam:\n    bands: [{name: b, center: 475, fwhm: 32}]\nversion: 2\n")
+    with pytest.raises(SensorError, match=r"s\.yaml: unknown key 'version' \(known: sensors\)"):
+        load_sensors_yaml(y)
+
+
+def test_user_sensor_declares_quality_band_and_file_patterns(tmp_path):
+    y = tmp_path / "s.yaml"
+    y.write_text(
+        "sensors:\n"
+        "  drone_q:\n"
+        "    nodata: 0\n"
+        "    file_patterns: ['_(?P<band>blue|nir)$']\n"
+        "    bands:\n"
+        "      - {name: blue, center: 475, fwhm: 32, gsd_m: 0.1}\n"
+        "      - {name: nir, center: 842, fwhm: 57, gsd_m: 0.1}\n"
+        "    quality_band: {name: CLOUD, gsd_m: 0.1}\n"
+        "    invalid_quality: {CLOUD: {values: [2], bits: [7]}}\n"
+        "  drone_hsi:\n"
+        "    wavelengths: [400, 500, 600]\n"
+        "    nodata: -1\n"
+    )
+    s, h = load_sensors_yaml(y, replace=True)
+    assert s.band_from_filename("flight3_nir.tif").name == "nir"
+    assert s.band_from_filename("flight3_red.tif") is None
+    assert s.quality_rule("flight3_CLOUD.tif") == {"values": [2], "bits": [7]}
+    assert s.band("CLOUD").kind == "quality" and s.nodata == 0
+    assert h.band_names == ["B001", "B002", "B003"] and h.nodata == -1
+    assert get_sensor("drone_q") is s
