@@ -1,0 +1,233 @@
+"""What a fine-tuning run leaves behind, and how to load it again with identical predictions.
+
+``<run_dir>/finetune.json`` describes the run's model (task, classes, head, method, the encoder's
+architecture, where its base weights came from and their fingerprint). Beside it, by method:
+
+=================  ==============================================================================
+method             files
+=================  ==============================================================================
+lora               ``adapter/adapter_config.json`` + ``adapter/adapter_model.safetensors`` (peft's
+                   format; the head is in it as peft's ``modules_to_save``); with ``merge``,
+                   ``merged/model.safetensors``: the adapters folded into the encoder, plus the head
+linear_probe       ``head.safetensors``
+full, scratch      ``model.safetensors`` (encoder + head)
+=================  ==============================================================================
+
+A LoRA adapter or a probe needs its base encoder: the weights it was trained on are read again from
+``encoder.weights`` (or from ``base_encoder.safetensors``, written when the base was a random init), and
+their fingerprint must match the one recorded, else loading stops naming both.
+
+Tensors are saved in fp32 from DeepSpeed's fp32 master copy (``TrainModule.named_fp32_parameters``,
+which every rank calls), so bf16 training and ZeRO partitioning do not leak into the files.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from gfm.fileio import atomic_write
+from gfm.finetune.methods import HEAD_NAME, LoraConfig, MethodConfig, apply_method
+from gfm.finetune.model import HeadConfig, TaskModel
+from gfm.finetune.weights import (
+    EncoderLoadError,
+    build_arch,
+    encoder_state,
+    fingerprint,
+    read_weights,
+)
+
+MANIFEST = "finetune.json"
+MANIFEST_FORMAT = 1
+
+
+class AdapterError(ValueError):
+    """Saved fine-tuning outputs that cannot be loaded as asked; the message names files and fingerprints."""
+
+
+def _config_of(obj: Any) -> dict[str, Any]:
+    from gfm.config import to_dict
+
+    out: dict[str, Any] = to_dict(obj)
+    return out
+
+
+def manifest(*, task: str, class_names: list[str], label_values: list[int], window: int, head: HeadConfig,
+             method: MethodConfig, arch: dict[str, Any], source: str, fp: str, description: str,
+             counts: dict[str, int]) -> dict[str, Any]:
+    """The ``finetune.json`` document."""
+    return {
+        "format": MANIFEST_FORMAT,
+        "task": task,
+        "class_names": class_names,
+        "label_values": label_values,
+        "num_classes": len(class_names),
+        "window": window,
+        "head": _config_of(head),
+        "method": method.name,
+        "lora": _config_of(method.lora) if method.name == "lora" else None,
+        "encoder": {"arch": arch, "source": source, "fingerprint": fp, "description": description},
+        "base_file": None,
+        "parameters": counts,
+    }
+
+
+def _head_config(doc: dict[str, Any]) -> HeadConfig:
+    from gfm.config import from_dict
+
+    return from_dict(HeadConfig, doc["head"], prefix="head")
+
+
+def task_model(doc: dict[str, Any], encoder: nn.Module) -> TaskModel:
+    """The task model ``doc`` describes around ``encoder`` (weights of the head still random)."""
+    return TaskModel(encoder, doc["task"], int(doc["num_classes"]), _head_config(doc), int(doc["window"]))
+
+
+def _method(doc: dict[str, Any]) -> MethodConfig:
+    from gfm.config import from_dict
+
+    lora = from_dict(LoraConfig, doc["lora"], prefix="lora") if doc.get("lora") else LoraConfig()
+    return MethodConfig(name=doc["method"], lora=lora)
+
+
+def save_outputs(run_dir: Path, doc: dict[str, Any], trained: dict[str, torch.Tensor],
+                 base_state: dict[str, torch.Tensor],                 merge: bool = False) -> dict[str, str]:
+    """Write the run's model files (rank 0); returns ``{what: path}``.
+
+    Args:
+        run_dir: the run directory.
+        doc: the manifest (:func:`manifest`); written as ``finetune.json``.
+        trained: fp32 tensors of every trainable parameter, named as in the trained model.
+        base_state: the encoder's state before training (the base of an adapter or a probe).
+        merge: also fold LoRA adapters into the encoder (``merged/model.safetensors``).
+    """
+    from safetensors.torch import save_file
+
+    method = doc["method"]
+    files: dict[str, str] = {}
+    if method in ("lora", "linear_probe") and not doc["encoder"]["source"]:
+        base = run_dir / "base_encoder.safetensors"  # a random base cannot be read again: keep it
+        save_file({k: v.contiguous() for k, v in base_state.items()}, str(base))
+        doc["base_file"] = base.name
+        files["base"] = str(base)
+    encoder = build_arch(doc["encoder"]["arch"])
+    encoder.load_state_dict(base_state, strict=True)
+    model: Any = apply_method(task_model(doc, encoder), _method(doc))
+    params = dict(model.named_parameters())
+    missing = sorted(set(trained) - set(params))
+    if missing:
+        raise AdapterError(f"cannot save: trained tensors {missing[:4]} have no place in a fresh {method} model")
+    with torch.no_grad():
+        for name, t in trained.items():
+            params[name].copy_(t)
+    if method == "lora":
+        model.peft_config["default"].base_model_name_or_path = doc["encoder"]["source"] or "random-init"
+        model.save_pretrained(str(run_dir / "adapter"))
+        files["adapter"] = str(run_dir / "adapter")
+        if merge:
+            merged = model.merge_and_unload()
+            (run_dir / "merged").mkdir(exist_ok=True)
+            path = run_dir / "merged" / "model.safetensors"
+            save_file({k: v.contiguous() for k, v in merged.state_dict().items()}, str(path), metadata={"format": "pt"})
+            files["merged"] = str(path)
+    elif method == "linear_probe":
+        head = {k: v for k, v in model.state_dict().items() if k.startswith(f"{HEAD_NAME}.")}
+        save_file({k: v.contiguous() for k, v in head.items()}, str(run_dir / "head.safetensors"))
+        files["head"] = str(run_dir / "head.safetensors")
+    else:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(run_dir / "model.safetensors"),
+                  metadata={"format": "pt"})
+        files["model"] = str(run_dir / "model.safetensors")
+    doc["files"] = {k: str(Path(v).relative_to(run_dir)) for k, v in files.items()}
+    atomic_write(run_dir / MANIFEST, json.dumps(doc, indent=1) + "\n")
+    return files
+
+
+def read_manifest(run_dir: str | Path) -> dict[str, Any]:
+    """``finetune.json`` of a run directory."""
+    path = Path(run_dir) / MANIFEST
+    try:
+        doc: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise AdapterError(f"{path}: not a readable fine-tuning manifest ({e})") from None
+    if doc.get("format") != MANIFEST_FORMAT:
+        raise AdapterError(f"{path}: manifest format {doc.get('format')!r}, this gfm reads {MANIFEST_FORMAT}")
+    return doc
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise AdapterError(f"{path} is missing")
+    return load_file(str(path))
+
+
+def _strict(module: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    expected = module.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise AdapterError(f"{path}: keys do not match the model (missing: {missing[:5]}, "
+                           f"unexpected: {unexpected[:5]})")
+    module.load_state_dict(state, strict=True)
+
+
+def load_finetuned(run_dir: str | Path, base_weights: str | None = None, merged: bool = False) -> nn.Module:
+    """The fine-tuned model of ``run_dir`` (on the CPU, eval mode), predicting as it did when saved.
+
+    Args:
+        run_dir: a ``gfm finetune`` run directory (one seed).
+        base_weights: the base encoder's weights for an adapter or a probe, instead of the recorded source.
+        merged: load ``merged/model.safetensors`` (LoRA folded in) instead of base + adapter.
+
+    Raises:
+        AdapterError: missing files, keys that do not match, or a base encoder whose fingerprint is not
+            the one the adapter (or probe) was made for.
+    """
+    run_dir = Path(run_dir)
+    doc = read_manifest(run_dir)
+    encoder = build_arch(doc["encoder"]["arch"])
+    method = doc["method"]
+    if method in ("full", "scratch") or merged:
+        path = run_dir / ("merged/model.safetensors" if merged else "model.safetensors")
+        model = task_model(doc, encoder)
+        _strict(model, _load_safetensors(path), path)
+        return model.eval()
+    if base_weights is not None:
+        where = base_weights
+        state, _, _ = read_weights(base_weights)
+        own, _ = encoder_state(state, encoder, base_weights)
+    elif doc.get("base_file"):
+        where = str(run_dir / doc["base_file"])
+        own = _load_safetensors(run_dir / doc["base_file"])
+    else:
+        where = doc["encoder"]["source"]
+        try:
+            state, _, _ = read_weights(where)
+        except EncoderLoadError as e:
+            raise AdapterError(f"{run_dir}: the base encoder {where} cannot be read ({e}); pass base_weights") from None
+        own, _ = encoder_state(state, encoder, where)
+    encoder.load_state_dict(own, strict=True)
+    fp = fingerprint(encoder)
+    if fp != doc["encoder"]["fingerprint"]:
+        raise AdapterError(
+            f"{run_dir}: this {method} was made for another base model: base {where} has fingerprint {fp}, the "
+            f"{'adapter' if method == 'lora' else 'head'} was trained on {doc['encoder']['fingerprint']} "
+            f"({doc['encoder']['source'] or 'a random init'})"
+        )
+    model = task_model(doc, encoder)
+    if method == "linear_probe":
+        path = run_dir / "head.safetensors"
+        head = {k[len(HEAD_NAME) + 1:]: v for k, v in _load_safetensors(path).items()}
+        _strict(model.task_head, head, path)
+        return model.eval()
+    import peft
+
+    adapter = run_dir / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        raise AdapterError(f"{adapter}: no adapter_config.json")
+    return peft.PeftModel.from_pretrained(model, str(adapter)).eval()

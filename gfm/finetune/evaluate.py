@@ -1,0 +1,154 @@
+"""Evaluation: predictions of a split on every rank, counts summed over ranks, figures on rank 0.
+
+Each rank predicts every ``world_size``-th sample of the split; confusion matrices (or multi-label
+tallies) and per-scene prediction votes are summed with one all-reduce each, so the figures are those
+of the whole split whatever the number of ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from gfm import distributed as gdist
+from gfm.finetune.data import IGNORE, TaskData
+from gfm.finetune.metrics import (
+    classification_metrics,
+    confusion_matrix,
+    multilabel_counts,
+    multilabel_metrics,
+)
+
+#: the largest classes × pixels of a scene's prediction votes reduced over ranks (else no map)
+MAX_MAP_CELLS = 64_000_000
+
+
+@dataclass
+class Evaluation:
+    """What :func:`evaluate` found.
+
+    Attributes:
+        metrics: the figures (see :mod:`gfm.finetune.metrics`), fractions in [0, 1].
+        confusion: ``[K, K]`` counts (``[K, 4]`` TP/FP/FN/TN for multi-label).
+        maps: per scene, the predicted class of each evaluated pixel (-1 elsewhere), or None when too large.
+    """
+
+    metrics: dict[str, Any]
+    confusion: np.ndarray
+    maps: list[np.ndarray | None] = field(default_factory=list)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def predict(model: Any, data: TaskData, indices: Sequence[int] | np.ndarray, batch_size: int,
+            autocast: torch.dtype | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Predictions of ``model`` (a task model, or one wrapped by peft or DeepSpeed) for samples ``indices``.
+
+    Returns ``(targets, predictions)``: for scene/pixel ``[n]`` class arrays; for multi-label ``[n, K]``
+    multi-hot; for segmentation, targets are the concatenated label pixels and predictions a list of
+    ``[H, W]`` maps (one per sample).
+    """
+    was_training = model.training
+    model.eval()
+    device = _device_of(model)
+    preds: list[np.ndarray] = []
+    targets: list[np.ndarray] = []
+    for start in range(0, len(indices), batch_size):
+        chunk = list(indices[start : start + batch_size])
+        batch = data.batch(chunk).to(device)
+        ctx: Any = torch.autocast(device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
+        with ctx:
+            logits = model(batch).logits
+        pred = model.predict(logits.float()).cpu().numpy()  # peft and DeepSpeed forward the attribute
+        if data.task == "segmentation":
+            preds.extend(list(pred))
+        else:
+            preds.append(pred)
+        assert batch.label is not None  # task samples always carry their target
+        targets.append(batch.label.cpu().numpy())
+    model.train(was_training)
+    if data.task == "segmentation":
+        return (np.concatenate([t.reshape(-1) for t in targets]) if targets else np.zeros(0, np.int64)), preds
+    k = data.num_classes
+    empty_t = np.zeros((0, k)) if data.multilabel else np.zeros(0, np.int64)
+    return (np.concatenate(targets) if targets else empty_t), ([np.concatenate(preds)] if preds else [empty_t])
+
+
+def evaluate(model: Any, data: TaskData, indices: np.ndarray, batch_size: int, *,
+             dropped_classes: Sequence[int] = (), maps: bool = True,
+             autocast: torch.dtype | None = None) -> Evaluation:
+    """Metrics of ``model`` on samples ``indices`` over all ranks (every rank calls; rank 0 uses the result).
+
+    ``dropped_classes`` are left out of the per-class entries' averages (they have no samples anyway).
+    """
+    info = gdist.info()
+    mine = np.asarray(indices)[info.rank :: info.world_size]
+    targets, preds = predict(model, data, mine, batch_size, autocast)
+    k = data.num_classes
+    names = data.class_names
+    if data.multilabel:
+        pred = preds[0]
+        counts = multilabel_counts(targets, pred) if len(targets) else np.zeros((k, 4), np.int64)
+        exact = int((targets == pred).all(1).sum())
+        tally = torch.from_numpy(np.concatenate([counts.reshape(-1), [exact, len(targets)]]))
+        total = gdist.all_reduce_sum_tensor(tally).numpy().astype(np.int64)
+        counts, exact, n = total[:-2].reshape(k, 4), int(total[-2]), int(total[-1])
+        metrics = multilabel_metrics(counts, names, exact, n)
+        matrix = counts
+        pixel_pred = pred.argmax(1) if len(pred) else np.zeros(0, np.int64)  # map shows the first positive class
+    else:
+        if data.task == "segmentation":
+            flat = np.concatenate([p.reshape(-1) for p in preds]) if preds else np.zeros(0, np.int64)
+            cm = confusion_matrix(targets, flat, k)
+        else:
+            cm = confusion_matrix(targets, preds[0], k)
+        matrix = gdist.all_reduce_sum_tensor(torch.from_numpy(cm)).numpy().astype(np.int64)
+        metrics = classification_metrics(matrix, names, segmentation=data.task == "segmentation")
+        pixel_pred = preds[0] if data.task != "segmentation" else np.zeros(0, np.int64)
+    metrics["dropped_classes"] = [names[c] for c in dropped_classes]
+    out = Evaluation(metrics, matrix)
+    if maps:
+        out.maps = _maps(data, mine, pixel_pred, preds if data.task == "segmentation" else [])
+    return out
+
+
+def _maps(data: TaskData, mine: np.ndarray, pred: np.ndarray, seg_preds: list[np.ndarray]) -> list[np.ndarray | None]:
+    """Per scene, the predicted class of each evaluated pixel (votes summed over ranks, then argmax)."""
+    out: list[np.ndarray | None] = []
+    k = data.num_classes
+    w = data.windows
+    for s, (h, wd) in enumerate(data.scene_hw):
+        if k * h * wd > MAX_MAP_CELLS:
+            out.append(None)
+            continue
+        votes = np.zeros((k, h, wd), dtype=np.float32)
+        for j, i in enumerate(mine):
+            if w.scene[i] != s:
+                continue
+            if data.task == "pixel":
+                r, c = int(w.top[i]) + data.window // 2, int(w.left[i]) + data.window // 2
+                votes[int(pred[j]), r, c] += 1
+                continue
+            r0, c0 = int(w.top[i]), int(w.left[i])
+            r1, c1 = min(h, r0 + int(w.height[i])), min(wd, c0 + int(w.width[i]))
+            if data.task == "segmentation":
+                seg = seg_preds[j][: r1 - r0, : c1 - c0]
+                np.add.at(votes, (seg, *np.mgrid[r0:r1, c0:c1]), 1)
+            else:
+                votes[int(pred[j]), r0:r1, c0:c1] += 1
+        total = gdist.all_reduce_sum_tensor(torch.from_numpy(votes)).numpy()
+        m = total.argmax(0).astype(np.int64)
+        m[total.sum(0) == 0] = IGNORE
+        out.append(m)
+    return out

@@ -1,0 +1,294 @@
+"""The composition root of a fine-tuning run: config → data, split, encoder, method → engine → outputs → metrics.
+
+:func:`run` is what ``gfm finetune`` and ``torchrun -m finetune`` call. Training goes through the
+pretraining engine's own pieces (``gfm.train``'s ``TrainModule`` for the DeepSpeed step, ``Trainer`` for
+the loop, its metrics and checkpoint callbacks). After the last step the trained tensors are gathered
+in fp32 and written as adapters / head / model (:mod:`gfm.finetune.artifacts`); the model is then
+*loaded back from those files* on every rank and evaluated on the test split, so the reported figures
+are those of the files a user gets.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+import numpy as np
+from torch import nn
+
+from gfm import distributed as gdist
+from gfm.config import save_yaml
+from gfm.fileio import atomic_write
+from gfm.finetune import artifacts
+from gfm.finetune.config import FinetuneConfig
+from gfm.finetune.data import TaskData, TaskLoader
+from gfm.finetune.evaluate import Evaluation, evaluate
+from gfm.finetune.methods import apply_method, lora_modules, parameter_counts, trainable_names
+from gfm.finetune.metrics import summarize
+from gfm.finetune.model import TaskModel
+from gfm.finetune.splits import Split, load_split, make_split
+from gfm.finetune.weights import LoadedEncoder, load_encoder
+from gfm.train.callbacks import MetricsCallback
+from gfm.train.checkpoint import resolve_resume
+from gfm.train.module import StepResult, TrainModule
+from gfm.train.runner import seed_everything
+from gfm.train.trainer import Callback, Trainer
+
+if TYPE_CHECKING:  # the engine is typed on the pretraining config, whose engine sections FinetuneConfig carries
+    from gfm.train.config import TrainConfig
+
+
+def _input_errors() -> tuple[type[Exception], ...]:
+    from gfm.config import ConfigError
+    from gfm.data.sources import LoaderError
+    from gfm.finetune.artifacts import AdapterError
+    from gfm.finetune.data import TaskDataError
+    from gfm.finetune.splits import SplitError
+    from gfm.finetune.weights import EncoderLoadError
+    from gfm.hub import HubError
+    from gfm.schema import SchemaError
+
+    return (TaskDataError, SplitError, EncoderLoadError, AdapterError, ConfigError, LoaderError, SchemaError, HubError)
+
+
+#: exceptions that mean bad input (shards, labels, split, weights, adapter), not a bug: programs print one line
+INPUT_ERRORS = _input_errors()
+
+
+@dataclass
+class FinetuneResult:
+    """What one fine-tuning run produced.
+
+    Attributes:
+        run_dir: its directory.
+        metrics: the ``metrics.json`` document (test figures under ``test``).
+        split: the split used.
+        model: the trained model (the module DeepSpeed trained; for tests and notebooks).
+        data: the task data.
+    """
+
+    run_dir: Path
+    metrics: dict[str, Any]
+    split: Split
+    model: nn.Module | None = None
+    data: TaskData | None = None
+    seeds: list[FinetuneResult] = field(default_factory=list)
+
+
+class FinetuneMetrics(MetricsCallback):
+    """The engine's metrics callback (JSONL, TensorBoard, tqdm on rank 0), its bar labelled ``finetune``."""
+
+    def on_start(self, trainer: Trainer) -> None:
+        """Open the outputs as the engine does, then relabel the progress bar."""
+        super().on_start(trainer)
+        if self.bar is not None:
+            self.bar.set_description("finetune")
+
+
+class ValidationCallback(Callback):
+    """Every ``eval.every`` steps: metrics of the validation split in ``<run_dir>/val.jsonl`` (rank 0 writes)."""
+
+    def __init__(self, data: TaskData, split: Split, every: int, batch_size: int, run_dir: Path) -> None:
+        self.data, self.split, self.every, self.batch_size = data, split, every, batch_size
+        self.path = run_dir / "val.jsonl"
+
+    def on_step(self, trainer: Trainer, result: StepResult) -> None:
+        """Evaluate the engine's current model on the validation split."""
+        if not len(self.split.val) or trainer.step % self.every:
+            return
+        ev = evaluate(trainer.module.engine.module, self.data, self.split.val, self.batch_size, maps=False,
+                      dropped_classes=self.split.dropped_classes)
+        if gdist.is_main():
+            row = {"step": trainer.step, **{k: v for k, v in ev.metrics.items() if isinstance(v, float)}}
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            gdist.print0(f"step {trainer.step}: val OA {row.get('oa', float('nan')):.4f}")
+
+
+def _split(cfg: FinetuneConfig, data: TaskData, run_dir: Path) -> Split:
+    if cfg.split.load:
+        split = load_split(cfg.split.load, data.windows)
+    else:
+        split = make_split(data.windows, cfg.split, cfg.seed)
+    if gdist.is_main():
+        split.save(run_dir / "split.json", data.windows)
+    rep = split.report
+    guard = rep.get("dropped_by_guard")
+    gdist.print0(
+        f"split: {rep.get('mode', cfg.split.mode)}"
+        + (f", {cfg.split.block} px blocks {rep['blocks']}" if rep.get("blocks") else "")
+        + f"; train {len(split.train)} / val {len(split.val)} / test {len(split.test)} samples"
+        + (f"; guard band dropped {guard['val']} val + {guard['test']} test windows" if guard else "")
+        + f"; train/test window overlap {rep.get('overlap_train_test', '?')}"
+        + (f"; classes left out (no train or test sample): {', '.join(rep['dropped_classes'])}"
+           if rep.get("dropped_classes") else "")
+    )
+    if rep.get("budget_shortfall"):
+        gdist.print0(f"split: fewer training labels than asked for {rep['budget_shortfall']}")
+    return split
+
+
+def _encoder(cfg: FinetuneConfig) -> LoadedEncoder:
+    enc = cfg.encoder
+    if cfg.method.name == "scratch" and not enc.random_init:
+        enc = replace(enc, random_init=True)
+    loaded = load_encoder(enc)
+    gdist.print0(f"encoder: {loaded.description}")
+    return loaded
+
+
+def _describe_method(cfg: FinetuneConfig, model: nn.Module, counts: dict[str, int]) -> str:
+    share = 100.0 * counts["trainable"] / max(1, counts["total"])
+    line = (f"method {cfg.method.name}: {counts['trainable']:,} trainable of {counts['total']:,} parameters "
+            f"({share:.2f} %)")
+    if cfg.method.name == "lora":
+        lc = cfg.method.lora
+        line += (f"; LoRA r={lc.rank} alpha={lc.alpha:g}{' rsLoRA' if lc.rslora else ''}{' DoRA' if lc.dora else ''} "
+                 f"on {len(lora_modules(model))} modules ({lc.target_regex or ', '.join(lc.targets)})")
+    elif cfg.method.trains_encoder and cfg.optim.layer_decay < 1:
+        line += f"; layer-wise lr decay {cfg.optim.layer_decay:g}"
+    return line
+
+
+def _maps_and_pictures(run_dir: Path, data: TaskData, split: Split, ev: Evaluation, title: str) -> list[str]:
+    from gfm.finetune.pictures import confusion_png, prediction_png
+
+    written = []
+    if not data.multilabel:
+        written.append(str(confusion_png(ev.confusion, data.class_names, run_dir / "confusion_matrix.png", title)))
+    for s, pred in enumerate(ev.maps):
+        if pred is None or s >= len(data.label_mosaics):
+            continue
+        labels = data.label_mosaics[s]
+        split_map = np.zeros(labels.shape, dtype=np.int64)
+        w = data.windows
+        for code, idx in ((1, split.train), (2, split.val), (3, split.test)):
+            sel = idx[w.scene[idx] == s]
+            if data.task == "pixel":
+                split_map[w.top[sel] + data.window // 2, w.left[sel] + data.window // 2] = code
+            else:
+                for i in sel:
+                    split_map[w.top[i] : w.top[i] + w.height[i], w.left[i] : w.left[i] + w.width[i]] = code
+        name = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in data.scenes[s])
+        path = run_dir / f"prediction_map_{name}.png"
+        picture = prediction_png(labels, pred, split_map, data.class_names, path, f"{title} — {data.scenes[s]}")
+        written.append(str(picture))
+    return written
+
+
+def run_one(cfg: FinetuneConfig, data: TaskData | None = None) -> FinetuneResult:
+    """One fine-tuning run (one seed) on however many ranks the process group has."""
+    info = gdist.init_distributed(cfg.engine.timeout_s)
+    run_dir = Path(cfg.run_dir)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg, run_dir / "config.yaml")
+    gdist.barrier("run directory")
+    t0 = time.time()
+    seed_everything(cfg.seed)
+    if data is None:
+        data = cfg.data.build()
+    gdist.print0(f"finetune: task {data.task}, {data.num_classes} classes ({', '.join(data.class_names)}), "
+                 f"{len(data)} labelled samples in {len(data.scenes)} scene(s) from {data.source}")
+    split = _split(cfg, data, run_dir)
+
+    loaded = _encoder(cfg)
+    base_state = {k: v.detach().cpu().clone() for k, v in loaded.model.state_dict().items()}
+    model = apply_method(TaskModel(loaded.model, data.task, data.num_classes, cfg.head, data.window), cfg.method)
+    counts = parameter_counts(model)
+    gdist.print0(_describe_method(cfg, model, counts))
+    trainable = set(trainable_names(model))
+
+    # the engine is typed on the pretraining config; FinetuneConfig carries the same engine sections
+    engine_cfg = cast("TrainConfig", cfg)
+    checkpoints = cfg.checkpoint.build(run_dir) if cfg.checkpoint.every > 0 else None
+    resume = gdist.broadcast_object(resolve_resume(cfg.checkpoint.resume, run_dir) if info.is_main else None)
+    universal = False
+    if resume is not None and checkpoints is not None:
+        meta = checkpoints.manager.read_meta(resume)
+        universal = checkpoints.manager.needs_universal(meta, info.world_size, cfg.engine.zero_stage,
+                                                        cfg.engine.precision)
+        if universal:
+            checkpoints.manager.make_universal(resume)
+    module = TrainModule(model, engine_cfg, load_universal=universal)
+    module.write_deepspeed_config(run_dir)
+    loader = TaskLoader(data, split.train, cfg.data.batch_size, info.rank, info.world_size, cfg.seed,
+                        (cfg.data.hflip, cfg.data.vflip, cfg.data.rot90))
+    eval_bs = cfg.eval.batch_size or cfg.data.eval_batch_size
+    callbacks: list[Callback] = [FinetuneMetrics(run_dir)]
+    if cfg.eval.every:
+        callbacks.append(ValidationCallback(data, split, cfg.eval.every, eval_bs, run_dir))
+    if checkpoints is not None:
+        callbacks.append(checkpoints)
+    trainer = Trainer(engine_cfg, module, loader, callbacks, run_dir)
+    if resume is not None and checkpoints is not None:
+        trainer.restore(checkpoints.manager.load(module.engine, resume, universal))
+        gdist.print0(f"resumed from {resume} at step {trainer.step}")
+    else:
+        loader.set_epoch(0)
+    trainer.fit()
+    train_s = time.time() - t0
+
+    # fp32 tensors of what trained (a collective: every rank iterates), written by rank 0
+    trained = {n: t for n, t in module.named_fp32_parameters() if n in trainable}
+    doc = artifacts.manifest(
+        task=data.task, class_names=data.class_names, label_values=data.label_values, window=data.window,
+        head=cfg.head, method=cfg.method, arch=loaded.arch, source=loaded.source, fp=loaded.fingerprint,
+        description=loaded.description, counts=counts,
+    )
+    if info.is_main:
+        files = artifacts.save_outputs(run_dir, doc, trained, base_state, merge=cfg.merge)
+        gdist.print0(f"wrote {', '.join(sorted(files.values()))}")
+    gdist.barrier("outputs written")
+
+    # evaluate the model as loaded back from the files
+    reloaded = artifacts.load_finetuned(run_dir).to(info.device)
+    ev = evaluate(reloaded, data, split.test, eval_bs, dropped_classes=split.dropped_classes, maps=cfg.eval.maps)
+    doc_metrics: dict[str, Any] = {
+        "task": data.task, "method": cfg.method.name, "seed": cfg.seed, "steps": cfg.steps,
+        "encoder": loaded.description, "parameters": counts,
+        "trainable_fraction": counts["trainable"] / max(1, counts["total"]),
+        "class_names": data.class_names, "split": {k: v for k, v in split.report.items() if k != "per_class_samples"},
+        "test": ev.metrics, "train_seconds": train_s, "seconds": time.time() - t0,
+    }
+    if info.is_main:
+        atomic_write(run_dir / "metrics.json", json.dumps(doc_metrics, indent=1) + "\n")
+        title = f"{data.task} · {cfg.method.name} · seed {cfg.seed}"
+        pictures = _maps_and_pictures(run_dir, data, split, ev, title) if cfg.eval.maps else []
+        m = ev.metrics
+        figures = " ".join(f"{k} {m[k]:.4f}" for k in ("oa", "aa", "kappa", "macro_f1", "miou", "micro_f1")
+                           if isinstance(m.get(k), float))
+        gdist.print0(f"test ({m['samples']} samples): {figures}")
+        gdist.print0(f"wrote {run_dir / 'metrics.json'}" + (f", {', '.join(pictures)}" if pictures else ""))
+    gdist.barrier("metrics written")
+    return FinetuneResult(run_dir, doc_metrics, split, module.model, data)
+
+
+def run(cfg: FinetuneConfig) -> FinetuneResult:
+    """Fine-tune as ``cfg`` says: one run, or one per ``cfg.seeds`` plus ``summary.json`` (mean ± std)."""
+    if not cfg.seeds:
+        return run_one(cfg)
+    gdist.init_distributed(cfg.engine.timeout_s)
+    data = cfg.data.build()
+    results = []
+    for s in cfg.seeds:
+        gdist.print0(f"\n=== seed {s} ===")
+        one = replace(cfg, seed=s, seeds=[], run_dir=str(Path(cfg.run_dir) / f"seed_{s}"))
+        results.append(run_one(one, data))
+        results[-1].model = None  # keep memory flat over seeds
+    summary = {
+        "runs": [str(r.run_dir) for r in results],
+        "seeds": list(cfg.seeds),
+        "method": cfg.method.name,
+        "parameters": results[0].metrics["parameters"],
+        "test": summarize([r.metrics["test"] for r in results]),
+    }
+    if gdist.is_main():
+        atomic_write(Path(cfg.run_dir) / "summary.json", json.dumps(summary, indent=1) + "\n")
+        figures = " ".join(f"{k} {100 * v['mean']:.2f} ± {100 * v['std']:.2f}" for k, v in summary["test"].items()
+                           if k in ("oa", "aa", "kappa", "macro_f1", "miou"))
+        gdist.print0(f"\nover seeds {cfg.seeds}: {figures} (%)\nwrote {Path(cfg.run_dir) / 'summary.json'}")
+    return FinetuneResult(Path(cfg.run_dir), summary, results[-1].split, None, data, results)
