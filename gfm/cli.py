@@ -16,6 +16,7 @@ PROGRAMS: dict[str, tuple[str, str]] = {
     "shards": ("shards.cli", "build, index, verify and inspect WebDataset shards"),
     "sensors": ("shards.cli_sensors", "list sensor presets and their band tables"),
     "pretrain": ("pretrain.__main__", "pretrain a LESS ViT HyperMAE (DeepSpeed)"),
+    "finetune": ("finetune.__main__", "fine-tune an encoder on labelled shards: LoRA, linear probe, full, scratch"),
     "export": ("export.__main__", "export a run or checkpoint as a Hugging Face model directory"),
     "bench": ("bench.cli", "run a benchmark (shards, loader, model, train)"),
     "demo": ("shards.demo", "run the pipeline end to end on a dataset a PyPI package ships"),
