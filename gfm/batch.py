@@ -7,10 +7,16 @@ description as tensors, so a model needs no band list.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
+
+
+def sensor_code(name: str) -> int:
+    """A stable int64 id for a sensor name (CRC-32), for :attr:`Batch.sensor`: equal names, equal ids."""
+    return zlib.crc32(name.encode())
 
 
 @dataclass
@@ -24,7 +30,11 @@ class Batch:
         kind: ``[B, C]`` int64 codes from :data:`gfm.sensors.KIND_CODE`.
         time: ``[B, C]`` float32 acquisition date as days since 1970-01-01; NaN when unknown.
         valid: ``[B, C, H, W]`` bool, True = usable pixel (nodata, clouds, fill are False).
-        gsd: ``[B]`` float32 ground sampling distance in metres.
+        gsd: ``[B]`` float32 ground sampling distance in metres; NaN when unknown.
+        lonlat: optional ``[B, 2]`` float32 tile centre (longitude, latitude) in WGS84 degrees; NaN
+            (or None for the whole batch) when unknown.
+        sensor: optional ``[B, C]`` int64 sensor ids (:func:`sensor_code` of the sensor name; equal
+            ids = same sensor); None when unknown. Spectral patching never groups across sensors.
         label: optional ``[B, H, W]`` int64 segmentation labels or ``[B]`` int64 classes.
         keys: the sample keys, for logging and fault reports.
     """
@@ -36,6 +46,8 @@ class Batch:
     time: torch.Tensor
     valid: torch.Tensor
     gsd: torch.Tensor
+    lonlat: torch.Tensor | None = None
+    sensor: torch.Tensor | None = None
     label: torch.Tensor | None = None
     keys: list[str] = field(default_factory=list)
 
@@ -45,7 +57,7 @@ class Batch:
         return int(self.pixels.shape[0])
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The tensor fields by name (label omitted when absent)."""
+        """The tensor fields by name (optional fields omitted when absent)."""
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gfm.batch import Batch
+from gfm.batch import Batch, sensor_code
 from gfm.data.sources import DatasetIndex
 from gfm.schema import SchemaError, Tile
 from gfm.sensors import KIND_CODE
@@ -121,8 +121,23 @@ def _nodata(value: Any, c: int) -> np.ndarray | None:
     return arr[:, None, None]
 
 
+def tile_lonlat(tile: Tile) -> tuple[float, float]:
+    """meta.json's ``lonlat`` (tile centre, WGS84 degrees) as floats; NaN when absent or null.
+
+    Raises:
+        SchemaError: a value that is not ``[lon, lat]`` with lon in [-180, 180] and lat in [-90, 90].
+    """
+    value = tile.meta.get("lonlat")
+    if value is None:
+        return math.nan, math.nan
+    ok = isinstance(value, list) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value)
+    if not ok or not (-180.0 <= value[0] <= 180.0 and -90.0 <= value[1] <= 90.0):
+        raise SchemaError(f"sample {tile.key!r}: meta.json lonlat {value!r} is not [lon, lat] in degrees")
+    return float(value[0]), float(value[1])
+
+
 def check_tile(tile: Tile, crop_size: int | None) -> None:
-    """Reader-side checks beyond the schema: big enough to crop, usable nodata. Raises SchemaError.
+    """Reader-side checks beyond the schema: big enough to crop, usable nodata and lonlat. Raises SchemaError.
 
     Leaves the parsed nodata (``[C, 1, 1]`` or None) in ``tile.extra["nodata"]`` for :func:`collate`.
     """
@@ -130,6 +145,7 @@ def check_tile(tile: Tile, crop_size: int | None) -> None:
     if crop_size and (h < crop_size or w < crop_size):
         raise SchemaError(f"sample {tile.key!r}: tile {h}x{w} is smaller than crop_size {crop_size}")
     tile.extra["nodata"] = _nodata(tile.meta.get("nodata"), c)
+    tile_lonlat(tile)
 
 
 def valid_masks(tiles: Sequence[Tile], geoms: Sequence[Geometry], px: np.ndarray) -> np.ndarray:
@@ -173,7 +189,8 @@ def collate(
         keep: optional ``[C']`` observation indices kept (spectral/temporal dropout), same for the batch.
 
     Returns:
-        a Batch with ``pixels [B, C', h, w]`` float32 where invalid pixels are 0 (the band mean).
+        a Batch with ``pixels [B, C', h, w]`` float32 where invalid pixels are 0 (the band mean), the
+        tile centres ``lonlat [B, 2]`` (NaN when unknown) and the sensor id of each observation.
     """
     px = np.stack([apply_geometry(t.pixels, g) for t, g in zip(tiles, geoms)])  # [B, C, h, w] source dtype
     valid = valid_masks(tiles, geoms, px)  # [B, C, h, w] bool
@@ -181,9 +198,10 @@ def collate(
         [[days_since_epoch(b["time"]) for b in t.meta["bands"]] for t in tiles], dtype=np.float32
     )  # [B, C]
     wl, bw, kind, mean, std = table.wavelength, table.bandwidth, table.kind, table.mean, table.std
+    sensor = np.array([sensor_code(b["sensor"]) for b in tiles[0].meta["bands"]], dtype=np.int64)  # one signature
     if keep is not None:
         px, valid, times = px[:, keep], valid[:, keep], times[:, keep]
-        wl, bw, kind, mean, std = wl[keep], bw[keep], kind[keep], mean[keep], std[keep]
+        wl, bw, kind, mean, std, sensor = wl[keep], bw[keep], kind[keep], mean[keep], std[keep], sensor[keep]
     x = px.astype(np.float32)
     x -= mean[None, :, None, None]
     x *= (1.0 / std)[None, :, None, None]
@@ -204,6 +222,8 @@ def collate(
         time=torch.from_numpy(times),
         valid=torch.from_numpy(valid),
         gsd=torch.tensor([float(t.meta["gsd_m"]) for t in tiles], dtype=torch.float32),
+        lonlat=torch.tensor([tile_lonlat(t) for t in tiles], dtype=torch.float32),
+        sensor=torch.from_numpy(np.broadcast_to(sensor, (b, sensor.shape[0])).copy()),
         label=label,
         keys=[t.key for t in tiles],
     )
