@@ -1,22 +1,27 @@
-"""Tokens: per-observation patch embedding and the continuous positional-channel embedding.
+"""Tokens: per-observation patch embedding, spectral grouping, and the continuous embeddings.
 
 Every observation (a (band, time) pair) is cut into ``p × p`` patches by one shared linear map, so a
-model takes any number of bands in any order. Optional *spectral patching* folds ``s`` adjacent
-observations into one token (hyperspectral cubes with C ≈ 200); the group is then described by the
-wavelength span it covers.
+model takes any number of bands in any order. Optional *spectral patching* folds up to ``s``
+consecutive observations of one sensor, date and kind into one token (hyperspectral cubes with
+C ≈ 200); a group never spans two sensors, dates or kinds, and is described by the wavelength span
+it covers.
 
 Where a token sits is told by physics, not by an index into a fixed band list:
 
-- position: the patch's offset inside the tile in metres (grid index × p × GSD), 2D sin-cos;
-- channel: log wavelength and log bandwidth (one scale from 400 nm light to 5.5 cm C-band radar),
-  the observation kind (reflectance, thermal, SAR polarisation, index), and the acquisition date
-  (day of year, year; NaN = unknown). Fixed sin-cos features go through a small learned MLP, so an
-  unseen sensor or wavelength still lands near its physical neighbours.
+- position: the patch's offset inside the tile in metres (grid index × p × GSD), 2D sin-cos at
+  periods no shorter than two patch pitches at the finest GSD the model is meant for;
+- channel: log wavelength and log bandwidth (one scale from 400 nm light to 5.5 cm C-band radar) and
+  the observation kind (reflectance, thermal, SAR polarisation, index), through a small learned MLP,
+  so an unseen sensor or wavelength still lands near its physical neighbours;
+- metadata: the acquisition date (day of year, year) per observation, and per tile its location on
+  the sphere (spherical harmonics of lon/lat) and its GSD, each through its own small MLP and added
+  with a learned scale. Any unknown value (NaN) is replaced by a learned "unknown" embedding of its
+  kind, so nothing is silently defaulted and NaN never reaches a feature.
 
-Shapes: ``B`` batch, ``C`` observations (token rows after spectral grouping), ``N = h·w`` patch
-positions, ``D`` embedding width. The token grid is ``[B, C+1, N+1, D]``: row 0 is the summary row
-(one token per position), column 0 the summary column (one token per observation), ``[0, 0]`` the
-global CLS token.
+Shapes: ``B`` batch, ``C`` observations, ``G`` token rows after spectral grouping (``G = C`` when
+``s = 1``), ``N = h·w`` patch positions, ``D`` embedding width. The token grid is ``[B, G+1, N+1, D]``:
+row 0 is the summary row (one token per position), column 0 the summary column (one token per row),
+``[0, 0]`` the global CLS token.
 """
 
 from __future__ import annotations
@@ -53,8 +58,13 @@ def sincos(x: torch.Tensor, periods: torch.Tensor) -> torch.Tensor:
     return torch.cat([angle.sin(), angle.cos()], dim=-1).to(torch.float32)
 
 
+def known(x: torch.Tensor) -> torch.Tensor:
+    """True where a metadata value is known (finite and, for physical sizes, positive)."""
+    return torch.isfinite(x) & (x > 0)
+
+
 # ------------------------------------------------------------------------------------------------
-# Patches
+# Patches and spectral groups
 
 
 def pad_to_multiple(pixels: torch.Tensor, valid: torch.Tensor, patch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,22 +80,81 @@ def pad_to_multiple(pixels: torch.Tensor, valid: torch.Tensor, patch_size: int) 
     return pixels, valid
 
 
-def group_observations(x: torch.Tensor, spectral_patch: int, fill: float | bool = 0.0) -> torch.Tensor:
-    """Pad the observation axis of ``x: [B, C, ...]`` to a multiple of ``spectral_patch`` with ``fill``."""
-    C = x.shape[1]
-    pad = (-C) % spectral_patch
-    if pad == 0:
-        return x
-    shape = list(x.shape)
-    shape[1] = pad
-    return torch.cat([x, x.new_full(shape, fill)], dim=1)
+@dataclass
+class SpectralGroups:
+    """Which observation fills which slot of which token row (spectral patching).
+
+    Attributes:
+        size: ``s``, slots per group.
+        member: ``[B, G·s]`` int64, the observation in each slot (``C`` = empty slot).
+        slot: ``[B, C]`` int64, the slot of each observation (inverse of ``member``).
+        num_obs: ``C``.
+    """
+
+    size: int
+    member: torch.Tensor
+    slot: torch.Tensor
+    num_obs: int
+
+    @property
+    def num_groups(self) -> int:
+        """``G``, token rows."""
+        return self.member.shape[1] // self.size
+
+    @property
+    def filled(self) -> torch.Tensor:
+        """``[B, G·s]`` bool, True where a slot holds an observation."""
+        return self.member < self.num_obs
+
+    def group(self, x: torch.Tensor, fill: float | bool = 0.0) -> torch.Tensor:
+        """Observations ``[B, C, ...]`` → slots ``[B, G·s, ...]`` (empty slots hold ``fill``)."""
+        pad = x.new_full((x.shape[0], 1, *x.shape[2:]), fill)
+        index = self.member.view(*self.member.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
+        return torch.cat([x, pad], dim=1).gather(1, index)
+
+    def ungroup(self, x: torch.Tensor) -> torch.Tensor:
+        """Slots ``[B, G·s, ...]`` → observations ``[B, C, ...]`` (inverse of :meth:`group`)."""
+        index = self.slot.view(*self.slot.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
+        return x.gather(1, index)
+
+
+def spectral_groups(
+    kind: torch.Tensor, time: torch.Tensor, sensor: torch.Tensor | None, spectral_patch: int
+) -> SpectralGroups:
+    """Fold runs of consecutive observations that share sensor, date and kind into groups of ≤ ``s``.
+
+    ``kind, time, sensor: [B, C]`` (``sensor`` None = one sensor; two unknown dates count as the
+    same date). Each run is cut into groups of ``s`` from its start; a run's last group may be
+    short, and samples with fewer groups than the batch's most get empty trailing rows (all their
+    pixels invalid). With ``s = 1`` every observation is its own row.
+    """
+    B, C = kind.shape
+    device = kind.device
+    obs = torch.arange(C, device=device)
+    if spectral_patch == 1:
+        index = obs.expand(B, C)
+        return SpectralGroups(1, index, index, C)
+    same = kind[:, 1:] == kind[:, :-1]
+    same &= (time[:, 1:] == time[:, :-1]) | (time[:, 1:].isnan() & time[:, :-1].isnan())
+    if sensor is not None:
+        same &= sensor[:, 1:] == sensor[:, :-1]
+    run_start = F.pad(~same, (1, 0), value=True)  # [B, C]
+    first = torch.where(run_start, obs, torch.zeros_like(obs)).cummax(dim=1).values  # run's first observation
+    in_run = obs - first
+    group_start = run_start | (in_run % spectral_patch == 0)
+    group_id = group_start.long().cumsum(dim=1) - 1
+    num_groups = int(group_id[:, -1].max()) + 1  # host sync: the row count is data-dependent
+    slot = group_id * spectral_patch + in_run % spectral_patch  # [B, C]
+    member = torch.full((B, num_groups * spectral_patch), C, dtype=torch.long, device=device)
+    member.scatter_(1, slot, obs.expand(B, C))
+    return SpectralGroups(spectral_patch, member, slot, C)
 
 
 def patchify(pixels: torch.Tensor, patch_size: int, spectral_patch: int = 1) -> torch.Tensor:
-    """Cut ``pixels: [B, C, H, W]`` into patch vectors ``[B, C/s, N, s·p·p]``.
+    """Cut ``pixels: [B, G·s, H, W]`` (slots) into patch vectors ``[B, G, N, s·p·p]``.
 
-    ``H``, ``W`` must be multiples of ``p`` and ``C`` of ``s`` (see :func:`pad_to_multiple`,
-    :func:`group_observations`). Positions run row-major over the ``h × w`` grid.
+    ``H``, ``W`` must be multiples of ``p`` (see :func:`pad_to_multiple`). Positions run row-major
+    over the ``h × w`` grid.
     """
     return rearrange(
         pixels, "b (g s) (h p1) (w p2) -> b g (h w) (s p1 p2)", s=spectral_patch, p1=patch_size, p2=patch_size
@@ -95,7 +164,7 @@ def patchify(pixels: torch.Tensor, patch_size: int, spectral_patch: int = 1) -> 
 def unpatchify(
     tokens: torch.Tensor, patch_size: int, grid_hw: tuple[int, int], spectral_patch: int = 1
 ) -> torch.Tensor:
-    """Inverse of :func:`patchify`: ``[B, C/s, N, s·p·p]`` → ``[B, C, h·p, w·p]``."""
+    """Inverse of :func:`patchify`: ``[B, G, N, s·p·p]`` → ``[B, G·s, h·p, w·p]``."""
     h, w = grid_hw
     return rearrange(
         tokens, "b g (h w) (s p1 p2) -> b (g s) (h p1) (w p2)", h=h, w=w, s=spectral_patch, p1=patch_size, p2=patch_size
@@ -108,7 +177,7 @@ class PatchEmbed(nn.Module):
     Args:
         patch_size: ``p``, pixels per patch side.
         embed_dim: ``D``.
-        spectral_patch: ``s``, adjacent observations folded into one token (1 = one token per band).
+        spectral_patch: ``s``, observations folded into one token (1 = one token per band).
     """
 
     def __init__(self, patch_size: int, embed_dim: int, spectral_patch: int = 1) -> None:
@@ -118,19 +187,20 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Linear(spectral_patch * patch_size * patch_size, embed_dim)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """``pixels: [B, C, H, W]`` (already padded, invalid pixels zeroed) → ``[B, C/s, N, D]``."""
+        """``pixels: [B, G·s, H, W]`` (padded, grouped, invalid pixels zeroed) → ``[B, G, N, D]``."""
         return self.proj(patchify(pixels, self.patch_size, self.spectral_patch))
 
     def flops(self, num_tokens: int) -> int:
-        """Forward matmul FLOPs for ``num_tokens`` (observation, position) tokens of one sample."""
+        """Forward matmul FLOPs for ``num_tokens`` (row, position) tokens of one sample."""
         return 2 * num_tokens * self.proj.in_features * self.proj.out_features
 
 
 @dataclass
 class Descriptors:
-    """The physical description of each token row, ``[B, C]`` each (after spectral grouping).
+    """The physical description of each token row, ``[B, G]`` each (after spectral grouping).
 
-    ``wavelength``/``bandwidth`` in nm, ``kind`` int64 codes, ``time`` days since 1970 (NaN unknown).
+    ``wavelength``/``bandwidth`` in nm (NaN or ≤ 0 = unknown), ``kind`` int64 codes, ``time`` days
+    since 1970 (NaN = unknown).
     """
 
     wavelength: torch.Tensor
@@ -144,71 +214,85 @@ class Descriptors:
 
 
 def group_descriptors(
-    wavelength: torch.Tensor, bandwidth: torch.Tensor, kind: torch.Tensor, time: torch.Tensor, spectral_patch: int
+    wavelength: torch.Tensor, bandwidth: torch.Tensor, kind: torch.Tensor, time: torch.Tensor, groups: SpectralGroups
 ) -> Descriptors:
-    """Describe each group of ``s`` adjacent observations (inputs ``[B, C]``, output ``[B, C/s]``).
+    """Describe each token row (inputs ``[B, C]``, output ``[B, G]``).
 
     A group is embedded as the wavelength interval it spans: centre = middle of
-    ``[min(λ - Δλ/2), max(λ + Δλ/2)]``, bandwidth = its width; kind and date are the first member's.
-    The padded tail repeats the last observation, which leaves the span unchanged.
+    ``[min(λ - Δλ/2), max(λ + Δλ/2)]``, bandwidth = its width (unknown when any member's bandwidth
+    is; the centre then spans the members' centres). Kind and date are the first member's (all
+    members share them). Empty rows copy observation 0's description; their tokens are invalid.
     """
-    if spectral_patch == 1:
+    if groups.size == 1:
         return Descriptors(wavelength, bandwidth, kind, time)
-    C = wavelength.shape[1]
-    pad = (-C) % spectral_patch
+    s = groups.size
+    filled = rearrange(groups.filled, "b (g s) -> b g s", s=s)
+    member = torch.where(groups.filled, groups.member, torch.zeros_like(groups.member))
 
-    def grouped(x: torch.Tensor) -> torch.Tensor:
-        if pad:
-            x = torch.cat([x, x[:, -1:].expand(-1, pad)], dim=1)
-        return rearrange(x, "b (g s) -> b g s", s=spectral_patch)
+    def slots(x: torch.Tensor) -> torch.Tensor:
+        return rearrange(x.gather(1, member), "b (g s) -> b g s", s=s)
 
-    lo = grouped(wavelength - bandwidth / 2).amin(-1)
-    hi = grouped(wavelength + bandwidth / 2).amax(-1)
-    return Descriptors((lo + hi) / 2, hi - lo, grouped(kind)[..., 0], grouped(time)[..., 0])
+    bw_known = known(bandwidth)
+    half = torch.where(bw_known, bandwidth, torch.zeros_like(bandwidth)) / 2
+    inf = torch.full_like(filled, math.inf, dtype=wavelength.dtype)
+    lo = torch.where(filled, slots(wavelength - half), inf).amin(-1)
+    hi = torch.where(filled, slots(wavelength + half), -inf).amax(-1)
+    all_known = (slots(bw_known) | ~filled).all(-1)
+    width = torch.where(all_known, hi - lo, torch.full_like(hi, math.nan))
+    return Descriptors((lo + hi) / 2, width, slots(kind)[..., 0], slots(time)[..., 0])
 
 
 # ------------------------------------------------------------------------------------------------
-# Positional and channel embeddings
+# Position
+
+
+def grid_coords(grid_hw: tuple[int, int], pitch: torch.Tensor) -> torch.Tensor:
+    """Offsets of the patch grid in metres, row-major: ``pitch: [B]`` (p × GSD) → ``[B, N, 2]`` (row, col)."""
+    h, w = grid_hw
+    rows, cols = torch.meshgrid(
+        torch.arange(h, device=pitch.device), torch.arange(w, device=pitch.device), indexing="ij"
+    )
+    index = torch.stack([rows.flatten(), cols.flatten()], dim=-1).to(torch.float32)  # [N, 2]
+    return index[None] * pitch.float()[:, None, None]
 
 
 class PositionEmbed(nn.Module):
     """Fixed 2D sin-cos embedding of patch offsets in metres: ``[B, N, 2] → [B, N, D]``.
 
     Half the width encodes the row offset, half the column offset, each at ``D/4`` geometric periods
-    between ``shortest_m`` and ``longest_m``. Metres (not grid indices) make a 10 m Sentinel-2 tile
-    and a 30 m Landsat tile of the same ground agree.
+    from ``shortest_m`` to ``longest_m``. Metres (not grid indices) make a 10 m Sentinel-2 tile and a
+    30 m Landsat tile of the same ground agree. Positions are sampled once per patch pitch, so a
+    period under two pitches aliases (at one pitch the sampled code is constant): ``shortest_m``
+    should be ``2 · p · finest GSD`` (:class:`~gfm.model.encoder.LESSViT` sets it so). For a coarser
+    sample, periods under two of its pitches fade linearly to zero at one pitch (gfm extension), so
+    the aliased codes are attenuated and the embedding still changes continuously with GSD.
     """
 
-    def __init__(self, embed_dim: int, shortest_m: float = 1.0, longest_m: float = 1e5) -> None:
+    def __init__(self, embed_dim: int, shortest_m: float, longest_m: float = 1e5) -> None:
         super().__init__()
         if embed_dim % 4:
             raise ValueError(f"embed_dim {embed_dim} must be a multiple of 4 for the 2D sin-cos embedding")
         self.register_buffer("periods", geometric_periods(embed_dim // 4, shortest_m, longest_m), persistent=False)
 
-    def forward(self, coords: torch.Tensor) -> torch.Tensor:
-        """``coords: [B, N, 2]`` (row, col offset in metres) → ``[B, N, D]``."""
+    def forward(self, coords: torch.Tensor, pitch: torch.Tensor) -> torch.Tensor:
+        """``coords: [B, N, 2]`` (row, col offset in metres), ``pitch: [B]`` metres → ``[B, N, D]``."""
         periods: torch.Tensor = self.periods  # type: ignore[assignment]
-        return torch.cat([sincos(coords[..., 0], periods), sincos(coords[..., 1], periods)], dim=-1)
+        fade = (periods.to(pitch.device)[None] / pitch.double()[:, None] - 1).clamp(0, 1)  # [B, K]
+        fade = repeat(fade.float(), "b k -> b 1 (two k)", two=2)  # sin and cos of each period
+        return torch.cat([sincos(coords[..., 0], periods) * fade, sincos(coords[..., 1], periods) * fade], dim=-1)
 
 
-def grid_coords(grid_hw: tuple[int, int], patch_size: int, gsd: torch.Tensor) -> torch.Tensor:
-    """Offsets of the patch grid in metres, row-major: ``gsd: [B]`` → ``[B, N, 2]`` (row, col)."""
-    h, w = grid_hw
-    rows, cols = torch.meshgrid(
-        torch.arange(h, device=gsd.device), torch.arange(w, device=gsd.device), indexing="ij"
-    )
-    index = torch.stack([rows.flatten(), cols.flatten()], dim=-1).to(torch.float32)  # [N, 2]
-    return index[None] * (patch_size * gsd.float())[:, None, None]
+# ------------------------------------------------------------------------------------------------
+# Channel and metadata
 
 
 class ChannelEmbed(nn.Module):
-    """Embed an observation's physical description: ``[B, C]`` descriptors → ``[B, C, D]``.
+    """Embed an observation's spectral description: wavelength, bandwidth, kind → ``[B, G, D]``.
 
     Fixed features: sin-cos of ln(wavelength / nm) and ln(bandwidth / nm) at geometric periods (the
-    shortest resolves 10 nm hyperspectral steps at 2.5 µm, the longest spans light to radar); day of
-    year as its first ``time_harmonics`` annual harmonics; the year at periods of 2..200 years; a
-    flag for a known date. Unknown dates (NaN) give zero time features and a zero flag, so NaN never
-    propagates. ``kind`` enters through a learned embedding. A two-layer MLP maps all to ``D``.
+    shortest resolves 10 nm hyperspectral steps at 2.5 µm, the longest spans light to radar).
+    ``kind`` enters through a learned embedding; an unknown wavelength or bandwidth contributes its
+    learned "unknown" vector instead of its features. A two-layer MLP maps all to ``D``.
     """
 
     def __init__(
@@ -216,82 +300,216 @@ class ChannelEmbed(nn.Module):
         embed_dim: int,
         hidden_dim: int | None = None,
         num_spectral: int = 16,
-        time_harmonics: int = 3,
-        num_year: int = 4,
         act_layer: type[nn.Module] = nn.GELU,
     ) -> None:
         super().__init__()
         hidden_dim = hidden_dim or embed_dim
         # ln λ spans ~6.0 (400 nm) .. ~17.8 (5.5 cm); neighbouring hyperspectral bands differ by ~0.004.
         self.register_buffer("log_periods", geometric_periods(num_spectral, 0.01, 50.0), persistent=False)
-        self.register_buffer(
-            "year_periods", geometric_periods(num_year, 2.0, 200.0), persistent=False
-        )
-        self.register_buffer(
-            "doy_periods", DAYS_PER_YEAR / torch.arange(1, time_harmonics + 1, dtype=torch.float64), persistent=False
-        )
-        num_features = 2 * 2 * num_spectral + 2 * time_harmonics + 2 * num_year + 1
-        self.fc1 = nn.Linear(num_features, hidden_dim)
+        self.fc_wavelength = nn.Linear(2 * num_spectral, hidden_dim)
+        self.fc_bandwidth = nn.Linear(2 * num_spectral, hidden_dim, bias=False)
+        self.unknown_wavelength = nn.Parameter(torch.zeros(hidden_dim))
+        self.unknown_bandwidth = nn.Parameter(torch.zeros(hidden_dim))
         self.kind_embed = nn.Embedding(len(KINDS), hidden_dim)
         self.act = act_layer()
         self.fc2 = nn.Linear(hidden_dim, embed_dim)
 
-    def features(self, d: Descriptors) -> torch.Tensor:
-        """The fixed features ``[B, C, F]``."""
+    def _spectral(self, x: torch.Tensor, fc: nn.Linear, unknown: torch.Tensor) -> torch.Tensor:
         log_periods: torch.Tensor = self.log_periods  # type: ignore[assignment]
-        year_periods: torch.Tensor = self.year_periods  # type: ignore[assignment]
-        doy_periods: torch.Tensor = self.doy_periods  # type: ignore[assignment]
-        wl = sincos(d.wavelength.clamp_min(1e-3).log(), log_periods)
-        bw = sincos(d.bandwidth.clamp_min(1e-3).log(), log_periods)
-        known = torch.isfinite(d.time)
-        days = torch.where(known, d.time, torch.zeros_like(d.time))  # NaN never enters sin/cos
-        doy = sincos(days, doy_periods)
-        year = sincos(days / DAYS_PER_YEAR + 1970.0 - REFERENCE_YEAR, year_periods)
-        time = torch.cat([doy, year], dim=-1) * known[..., None]
-        return torch.cat([wl, bw, time, known[..., None].float()], dim=-1)
+        ok = known(x)
+        feats = sincos(torch.where(ok, x, torch.ones_like(x)).log(), log_periods)  # NaN never enters sin/cos
+        y = fc(feats.to(fc.weight.dtype))
+        return torch.where(ok[..., None], y, unknown.to(y.dtype))
 
     def forward(self, d: Descriptors) -> torch.Tensor:
-        """Descriptors ``[B, C]`` → ``[B, C, D]``."""
-        h = self.fc1(self.features(d)) + self.kind_embed(d.kind)
+        """Descriptors ``[B, G]`` → ``[B, G, D]``."""
+        h = self._spectral(d.wavelength, self.fc_wavelength, self.unknown_wavelength)
+        h = h + self._spectral(d.bandwidth, self.fc_bandwidth, self.unknown_bandwidth) + self.kind_embed(d.kind)
         return self.fc2(self.act(h))
 
-    def flops(self, num_obs: int) -> int:
-        """Forward matmul FLOPs for ``num_obs`` observations of one sample."""
-        fc1, fc2 = self.fc1, self.fc2
-        return 2 * num_obs * (fc1.in_features * fc1.out_features + fc2.in_features * fc2.out_features)
+    def flops(self, num_rows: int) -> int:
+        """Forward matmul FLOPs for ``num_rows`` token rows of one sample."""
+        fw, fb, f2 = self.fc_wavelength, self.fc_bandwidth, self.fc2
+        return 2 * num_rows * (fw.in_features * fw.out_features + fb.in_features * fb.out_features
+                               + f2.in_features * f2.out_features)
+
+
+class MetaMLP(nn.Module):
+    """Fixed features → ``D`` through a two-layer MLP; rows whose value is unknown get a learned vector.
+
+    Args:
+        in_features: feature width.
+        embed_dim: ``D``.
+        act_layer: activation type.
+    """
+
+    def __init__(self, in_features: int, embed_dim: int, act_layer: type[nn.Module] = nn.GELU) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, embed_dim)
+        self.act = act_layer()
+        self.fc2 = nn.Linear(embed_dim, embed_dim)
+        self.unknown = nn.Parameter(torch.zeros(embed_dim))
+
+    def forward(self, features: torch.Tensor, is_known: torch.Tensor) -> torch.Tensor:
+        """``features: [..., F]`` (finite everywhere), ``is_known: [...]`` bool → ``[..., D]``."""
+        y = self.fc2(self.act(self.fc1(features.to(self.fc1.weight.dtype))))
+        return torch.where(is_known[..., None], y, self.unknown.to(y.dtype))
+
+    def flops(self, rows: int) -> int:
+        """Forward matmul FLOPs for ``rows`` inputs."""
+        return 2 * rows * (self.fc1.in_features * self.fc1.out_features + self.fc2.in_features * self.fc2.out_features)
+
+
+def time_features(time: torch.Tensor, doy_periods: torch.Tensor, year_periods: torch.Tensor) -> torch.Tensor:
+    """Day-of-year harmonics and year sin-cos of ``time: [...]`` days since 1970 (NaN → zeros)."""
+    ok = torch.isfinite(time)
+    days = torch.where(ok, time, torch.zeros_like(time))  # NaN never enters sin/cos
+    return torch.cat([sincos(days, doy_periods), sincos(days / DAYS_PER_YEAR + 1970.0 - REFERENCE_YEAR, year_periods)],
+                     dim=-1)
+
+
+def spherical_harmonics(lonlat: torch.Tensor, degree: int) -> torch.Tensor:
+    """Real, orthonormal spherical harmonics ``Y_l^m`` for ``l < degree`` of ``lonlat: [..., 2]`` degrees.
+
+    Returns ``[..., degree²]`` ordered ``(l, m)`` with ``m = -l..l``; ``m > 0`` uses ``cos(mφ)``,
+    ``m < 0`` ``sin(|m|φ)``, no Condon-Shortley phase. The associated Legendre functions come from
+    the standard stable recurrences on fully normalised functions, in float64.
+    """
+    lon, lat = torch.deg2rad(lonlat.double()).unbind(-1)
+    x, y = torch.sin(lat), torch.cos(lat)  # cos and sin of the colatitude
+    p: dict[tuple[int, int], torch.Tensor] = {(0, 0): torch.full_like(x, math.sqrt(1 / (4 * math.pi)))}
+    for m in range(1, degree):
+        p[m, m] = math.sqrt((2 * m + 1) / (2 * m)) * y * p[m - 1, m - 1]
+    for m in range(degree - 1):
+        p[m + 1, m] = math.sqrt(2 * m + 3) * x * p[m, m]
+        for ell in range(m + 2, degree):
+            a = math.sqrt((4 * ell * ell - 1) / (ell * ell - m * m))
+            b = math.sqrt(((ell - 1) ** 2 - m * m) / (4 * (ell - 1) ** 2 - 1))
+            p[ell, m] = a * (x * p[ell - 1, m] - b * p[ell - 2, m])
+    out = []
+    for ell in range(degree):
+        for m in range(-ell, ell + 1):
+            if m == 0:
+                out.append(p[ell, 0])
+            elif m > 0:
+                out.append(math.sqrt(2) * p[ell, m] * torch.cos(m * lon))
+            else:
+                out.append(math.sqrt(2) * p[ell, -m] * torch.sin(-m * lon))
+    return torch.stack(out, dim=-1).float()
+
+
+class MetadataEmbed(nn.Module):
+    """Date (per observation), location and GSD (per tile), each with a learned scale.
+
+    - date: day of year as ``time_harmonics`` annual harmonics and the year at periods of 2..200
+      years, read together with the location (day 180 is summer in one hemisphere, winter in the
+      other);
+    - location: real spherical harmonics of (lon, lat) up to ``sh_degree - 1`` (as SatCLIP's
+      location encoder; smooth on the sphere, no seam at the antimeridian or pole);
+    - GSD: sin-cos of ln(GSD / m).
+
+    Each goes through its own :class:`MetaMLP`; an unknown value (NaN date, NaN location, NaN or
+    non-positive GSD) gives that kind's learned "unknown" embedding. The scales start at 0.1 so
+    metadata starts as a gentle hint next to the pixels.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        time_harmonics: int = 3,
+        num_year: int = 4,
+        sh_degree: int = 10,
+        num_gsd: int = 6,
+        init_scale: float = 0.1,
+        act_layer: type[nn.Module] = nn.GELU,
+    ) -> None:
+        super().__init__()
+        self.sh_degree = sh_degree
+        self.register_buffer(
+            "doy_periods", DAYS_PER_YEAR / torch.arange(1, time_harmonics + 1, dtype=torch.float64), persistent=False
+        )
+        self.register_buffer("year_periods", geometric_periods(num_year, 2.0, 200.0), persistent=False)
+        # ln GSD from ~0.1 m (-2.3) to ~1 km (6.9)
+        self.register_buffer("gsd_periods", geometric_periods(num_gsd, 1.0, 40.0), persistent=False)
+        self.time = MetaMLP(2 * time_harmonics + 2 * num_year, embed_dim, act_layer)
+        self.location = MetaMLP(sh_degree**2, embed_dim, act_layer)
+        self.gsd = MetaMLP(2 * num_gsd, embed_dim, act_layer)
+        self.time_scale = nn.Parameter(torch.tensor(init_scale))
+        self.location_scale = nn.Parameter(torch.tensor(init_scale))
+        self.gsd_scale = nn.Parameter(torch.tensor(init_scale))
+
+    def per_observation(self, time: torch.Tensor) -> torch.Tensor:
+        """Date embedding ``time: [B, G]`` → ``[B, G, D]`` (scaled)."""
+        doy: torch.Tensor = self.doy_periods  # type: ignore[assignment]
+        year: torch.Tensor = self.year_periods  # type: ignore[assignment]
+        return self.time_scale * self.time(time_features(time, doy, year), torch.isfinite(time))
+
+    def per_tile(self, lonlat: torch.Tensor, gsd: torch.Tensor) -> torch.Tensor:
+        """Location ``[B, 2]`` and GSD ``[B]`` embedding → ``[B, D]`` (scaled, summed)."""
+        loc_known = torch.isfinite(lonlat).all(-1)
+        where = torch.where(loc_known[:, None], lonlat, torch.zeros_like(lonlat))
+        loc = self.location(spherical_harmonics(where, self.sh_degree), loc_known)
+        gsd_known = known(gsd)
+        gsd_periods: torch.Tensor = self.gsd_periods  # type: ignore[assignment]
+        feats = sincos(torch.where(gsd_known, gsd, torch.ones_like(gsd)).log(), gsd_periods)
+        return self.location_scale * loc + self.gsd_scale * self.gsd(feats, gsd_known)
+
+    def flops(self, num_rows: int) -> int:
+        """Forward matmul FLOPs for one sample with ``num_rows`` token rows."""
+        return self.time.flops(num_rows) + self.location.flops(1) + self.gsd.flops(1)
+
+
+@dataclass
+class TileMeta:
+    """Per-tile metadata the embedding reads: ``lonlat [B, 2]`` degrees, ``gsd [B]`` metres (NaN = unknown)."""
+
+    lonlat: torch.Tensor
+    gsd: torch.Tensor
 
 
 class PosChanEmbed(nn.Module):
-    """Positional-channel embedding of the whole token grid: ``[B, C+1, N+1, D]``.
+    """Positional-channel-metadata embedding of the whole token grid: ``[B, G+1, N+1, D]``.
 
-    Observation tokens get position + channel; the summary row gets the position of its column, the
-    summary column the channel of its row (so every summary token knows what it summarises); CLS
-    gets zero.
+    Observation tokens get position + channel + date; the summary row gets the position of its
+    column, the summary column the channel and date of its row (so every summary token knows what it
+    summarises). Every token, CLS included, gets the tile's location and GSD embedding. The paper
+    adds position and wavelength only (its ``(pos + chan) / 2``); the metadata terms are a gfm
+    extension.
+
+    Args:
+        embed_dim: ``D``.
+        shortest_m: shortest position period in metres (``2 · p · finest GSD``).
+        act_layer: activation type of the MLPs.
     """
 
-    def __init__(self, embed_dim: int, act_layer: type[nn.Module] = nn.GELU) -> None:
+    def __init__(self, embed_dim: int, shortest_m: float, act_layer: type[nn.Module] = nn.GELU) -> None:
         super().__init__()
-        self.pos = PositionEmbed(embed_dim)
+        self.pos = PositionEmbed(embed_dim, shortest_m)
         self.chan = ChannelEmbed(embed_dim, act_layer=act_layer)
+        self.meta = MetadataEmbed(embed_dim, act_layer=act_layer)
 
-    def forward(self, coords: torch.Tensor, d: Descriptors) -> torch.Tensor:
-        """``coords: [B, N, 2]`` metres, descriptors ``[B, C]`` → ``[B, C+1, N+1, D]``."""
-        pos = self.pos(coords)  # [B, N, D]
-        chan = self.chan(d)  # [B, C, D]
-        pos = F.pad(pos, (0, 0, 1, 0))  # [B, N+1, D], zero for the summary column
-        chan = F.pad(chan, (0, 0, 1, 0))  # [B, C+1, D], zero for the summary row
-        return rearrange(pos, "b n d -> b 1 n d") + rearrange(chan, "b c d -> b c 1 d")
+    def forward(self, coords: torch.Tensor, pitch: torch.Tensor, d: Descriptors, tile: TileMeta) -> torch.Tensor:
+        """``coords: [B, N, 2]`` metres, ``pitch: [B]`` m, descriptors ``[B, G]`` → ``[B, G+1, N+1, D]``."""
+        pos = F.pad(self.pos(coords, pitch), (0, 0, 1, 0))  # [B, N+1, D], zero for the summary column
+        chan = F.pad(self.chan(d) + self.meta.per_observation(d.time), (0, 0, 1, 0))  # [B, G+1, D]
+        per_tile = self.meta.per_tile(tile.lonlat, tile.gsd)  # [B, D]
+        return (rearrange(pos, "b n d -> b 1 n d") + rearrange(chan, "b c d -> b c 1 d")
+                + rearrange(per_tile, "b d -> b 1 1 d"))
+
+    def flops(self, num_rows: int) -> int:
+        """Forward matmul FLOPs for one sample with ``num_rows`` token rows."""
+        return self.chan.flops(num_rows) + self.meta.flops(num_rows)
 
 
 def add_summary_tokens(
     x: torch.Tensor, cls_token: torch.Tensor, row_token: torch.Tensor, col_token: torch.Tensor
 ) -> torch.Tensor:
-    """Frame ``x: [B, C, N, D]`` with the summary row, summary column and CLS → ``[B, C+1, N+1, D]``.
+    """Frame ``x: [B, G, N, D]`` with the summary row, summary column and CLS → ``[B, G+1, N+1, D]``.
 
     The tokens are ``[D]`` parameters.
     """
-    B, C, N, _ = x.shape
-    col = repeat(col_token, "d -> b c 1 d", b=B, c=C)
-    x = torch.cat([col, x], dim=2)  # [B, C, N+1, D]
+    B, G, N, _ = x.shape
+    col = repeat(col_token, "d -> b c 1 d", b=B, c=G)
+    x = torch.cat([col, x], dim=2)  # [B, G, N+1, D]
     row = torch.cat([repeat(cls_token, "d -> b 1 1 d", b=B), repeat(row_token, "d -> b 1 n d", b=B, n=N)], dim=2)
     return torch.cat([row, x], dim=1)

@@ -20,24 +20,24 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from gfm.batch import Batch
-from gfm.model.attention import Block, perception_field_mask
+from gfm.model.attention import Block, GridMask, make_grid_mask
 from gfm.model.embed import (
     Descriptors,
     PatchEmbed,
     PosChanEmbed,
+    SpectralGroups,
+    TileMeta,
     add_summary_tokens,
     grid_coords,
     group_descriptors,
-    group_observations,
+    known,
     pad_to_multiple,
+    patchify,
+    spectral_groups,
 )
 from gfm.sensors import KIND_CODE
 
-#: Defaults for fields a caller may leave out when passing plain tensors.
-DEFAULT_GSD_M = 10.0
-DEFAULT_BANDWIDTH_NM = 10.0
-
-#: LayerNorm with the epsilon ViTs use.
+#: LayerNorm with the epsilon ViTs use (encoder and decoder alike).
 DEFAULT_NORM: type[nn.Module] = partial(nn.LayerNorm, eps=1e-6)  # type: ignore[assignment]
 
 Inputs = Batch | Mapping[str, torch.Tensor]
@@ -46,8 +46,9 @@ Inputs = Batch | Mapping[str, torch.Tensor]
 def as_batch(inputs: Inputs) -> Batch:
     """A :class:`Batch` from a Batch or a mapping of its tensor fields.
 
-    Only ``pixels [B, C, H, W]`` and ``wavelength [B, C]`` are required in a mapping; missing
-    fields default to bandwidth 10 nm, kind reflectance, unknown time, all pixels valid, GSD 10 m.
+    Only ``pixels [B, C, H, W]`` and ``wavelength [B, C]`` are required in a mapping; missing fields
+    are unknown (bandwidth, time and GSD NaN, no location, no sensor ids), except kind (reflectance)
+    and valid (every pixel). Unknown values get the model's learned "unknown" embeddings.
     """
     if isinstance(inputs, Batch):
         return inputs
@@ -63,11 +64,13 @@ def as_batch(inputs: Inputs) -> Batch:
     return Batch(
         pixels=pixels,
         wavelength=wavelength,
-        bandwidth=get("bandwidth", torch.full_like(wavelength, DEFAULT_BANDWIDTH_NM)),
+        bandwidth=get("bandwidth", torch.full_like(wavelength, math.nan)),
         kind=get("kind", torch.full((B, C), KIND_CODE["reflectance"], dtype=torch.long, device=pixels.device)),
         time=get("time", torch.full_like(wavelength, math.nan)),
         valid=get("valid", torch.ones(pixels.shape, dtype=torch.bool, device=pixels.device)),
-        gsd=get("gsd", torch.full((B,), DEFAULT_GSD_M, device=pixels.device)),
+        gsd=get("gsd", torch.full((B,), math.nan, device=pixels.device)),
+        lonlat=inputs.get("lonlat"),
+        sensor=inputs.get("sensor"),
     )
 
 
@@ -76,11 +79,15 @@ class Tokens:
     """The embedded token grid of a batch and what is needed to read it back.
 
     Attributes:
-        x: ``[B, C+1, N+1, D]`` tokens with positional-channel embedding added.
+        x: ``[B, G+1, N+1, D]`` tokens with the positional-channel-metadata embedding added.
         coords: ``[B, N, 2]`` patch offsets in metres (row, col).
-        desc: token-row descriptors ``[B, C]`` (after spectral grouping).
-        pixels: ``[B, C·s, H', W']`` input padded to whole patches and groups, invalid pixels zeroed.
-        valid: ``[B, C·s, H', W']`` bool, False on invalid and padded pixels.
+        pitch: ``[B]`` metres between neighbouring patches (``p ×`` GSD, the nominal GSD when unknown).
+        desc: token-row descriptors ``[B, G]`` (after spectral grouping).
+        tile: the per-tile metadata (location, GSD; NaN = unknown).
+        groups: which observation fills which slot of which row (spectral patching).
+        pixels: ``[B, G·s, H', W']`` input padded to whole patches and grouped, invalid pixels zeroed.
+        valid: ``[B, G·s, H', W']`` bool, False on invalid, padded and empty-slot pixels.
+        token_valid: ``[B, G, N]`` bool, True where the token holds at least one valid pixel.
         grid_hw: ``(h, w)`` patch grid, ``N = h·w``.
         image_hw: ``(H, W)`` before padding.
         num_obs: observations ``C`` of the input before spectral grouping.
@@ -88,9 +95,13 @@ class Tokens:
 
     x: torch.Tensor
     coords: torch.Tensor
+    pitch: torch.Tensor
     desc: Descriptors
+    tile: TileMeta
+    groups: SpectralGroups
     pixels: torch.Tensor
     valid: torch.Tensor
+    token_valid: torch.Tensor
     grid_hw: tuple[int, int]
     image_hw: tuple[int, int]
     num_obs: int
@@ -100,17 +111,25 @@ class LESSViT(nn.Module):
     """LESS ViT encoder (or its dense joint-attention counterpart, ``attention="dense"``).
 
     Args:
-        embed_dim: token width ``D`` (multiple of 4 and of ``rank·spectral_head_dim``).
+        embed_dim: token width ``D`` (multiple of 4 and of ``num_heads·spectral_head_dim``).
         depth: number of blocks.
-        rank: LESS rank ``r`` (heads; each a Kronecker term) / heads of the dense reference.
-        spectral_head_dim: ``d_c``; spatial head width ``d_s = D / (r·d_c)``.
+        num_heads: ``h`` (LESS and dense); head width ``D/h = d_c·d_s``.
+        rank: LESS rank ``r``: Kronecker terms per head (1 = one spectral ⊗ spatial product per head).
+        spectral_head_dim: ``d_c``; spatial head width ``d_s = D / (h·d_c)``.
         mlp_ratio: MLP hidden width / ``D``.
         patch_size: ``p``.
-        spectral_patch: ``s`` adjacent observations per token (1 = one token per band).
+        spectral_patch: ``s``: up to ``s`` consecutive observations of one sensor, date and kind per
+            token (1 = one token per band).
         attention: ``"less"`` or ``"dense"``.
         perception_radius_m: spatial attention radius in metres (0 = global attention).
+        finest_gsd_m: the finest GSD the model is meant for; the shortest position period is two patch
+            pitches at it (``2·p·finest_gsd_m``), so no position code aliases.
+        nominal_gsd_m: the GSD used for positions and the perception field when a tile's GSD is
+            unknown (the GSD embedding then says "unknown", so this is never silent).
         qkv_bias, qk_norm: attention options.
         drop_path: stochastic depth at the last block (linear ramp from 0).
+        attn_drop: dropout on attention weights.
+        proj_drop: dropout after attention projections and in MLPs.
         init_values: LayerScale initial value (None = off).
         num_classes: classes of the CLS head (0 = no head, ``forward_head`` returns features).
         norm_layer, act_layer: normalisation and activation types.
@@ -121,54 +140,72 @@ class LESSViT(nn.Module):
         *,
         embed_dim: int = 192,
         depth: int = 12,
-        rank: int = 3,
+        num_heads: int = 3,
+        rank: int = 1,
         spectral_head_dim: int = 4,
         mlp_ratio: float = 4.0,
         patch_size: int = 8,
         spectral_patch: int = 1,
         attention: str = "less",
-        perception_radius_m: float = 0.0,
+        perception_radius_m: float = 640.0,
+        finest_gsd_m: float = 10.0,
+        nominal_gsd_m: float = 10.0,
         qkv_bias: bool = True,
         qk_norm: bool = False,
         drop_path: float = 0.0,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
         init_values: float | None = None,
         num_classes: int = 0,
         norm_layer: type[nn.Module] = DEFAULT_NORM,
         act_layer: type[nn.Module] = nn.GELU,
     ) -> None:
         super().__init__()
+        if not (finest_gsd_m > 0 and nominal_gsd_m > 0):
+            raise ValueError(f"finest_gsd_m and nominal_gsd_m must be positive, got {finest_gsd_m}, {nominal_gsd_m}")
         self.embed_dim = embed_dim
         self.patch_size = patch_size
         self.spectral_patch = spectral_patch
         self.attention = attention
         self.perception_radius_m = perception_radius_m
+        self.finest_gsd_m = finest_gsd_m
+        self.nominal_gsd_m = nominal_gsd_m
         self.num_classes = num_classes
         self.grad_checkpointing = False
+        #: block settings a decoder built around this encoder reuses (the authors share them)
+        self.block_options = dict(
+            mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_norm=qk_norm, attn_drop=attn_drop, proj_drop=proj_drop,
+            init_values=init_values, norm_layer=norm_layer, act_layer=act_layer,
+        )
+        self.drop_path = drop_path
+        self.norm_layer = norm_layer
+        self.act_layer = act_layer
 
         self.patch_embed = PatchEmbed(patch_size, embed_dim, spectral_patch)
-        self.pos_chan_embed = PosChanEmbed(embed_dim, act_layer=act_layer)
+        self.pos_chan_embed = PosChanEmbed(embed_dim, self.shortest_period_m, act_layer=act_layer)
         self.cls_token = nn.Parameter(torch.zeros(embed_dim))
         self.row_token = nn.Parameter(torch.zeros(embed_dim))  # summary row: one per position
-        self.col_token = nn.Parameter(torch.zeros(embed_dim))  # summary column: one per observation
+        self.col_token = nn.Parameter(torch.zeros(embed_dim))  # summary column: one per token row
         self.blocks = nn.ModuleList(
             Block(
                 embed_dim,
                 attention,
+                num_heads,
                 rank,
                 spectral_head_dim,
-                mlp_ratio,
-                qkv_bias,
-                qk_norm,
                 drop_path=drop_path * i / max(depth - 1, 1),
-                init_values=init_values,
-                norm_layer=norm_layer,
-                act_layer=act_layer,
+                **self.block_options,  # type: ignore[arg-type]
             )
             for i in range(depth)
         )
         self.norm = norm_layer(embed_dim)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.init_weights()
+
+    @property
+    def shortest_period_m(self) -> float:
+        """Shortest position period: two patch pitches at the finest GSD."""
+        return 2.0 * self.patch_size * self.finest_gsd_m
 
     def init_weights(self) -> None:
         """The one place weights are initialised: :func:`init_module_weights`, N(0, 0.02) tokens."""
@@ -184,27 +221,34 @@ class LESSViT(nn.Module):
     # Embedding
 
     def embed(self, inputs: Inputs) -> Tokens:
-        """Embed a batch into the token grid ``[B, C/s+1, N+1, D]`` (see :class:`Tokens`)."""
+        """Embed a batch into the token grid ``[B, G+1, N+1, D]`` (see :class:`Tokens`)."""
         batch = as_batch(inputs)
         p, s = self.patch_size, self.spectral_patch
         valid = batch.valid & torch.isfinite(batch.pixels)
         pixels = torch.where(valid, batch.pixels, torch.zeros_like(batch.pixels))  # fill never reaches a token
         image_hw = (int(pixels.shape[-2]), int(pixels.shape[-1]))
         pixels, valid = pad_to_multiple(pixels, valid, p)
-        pixels, valid = group_observations(pixels, s, 0.0), group_observations(valid, s, False)
+        groups = spectral_groups(batch.kind, batch.time, batch.sensor, s)
+        pixels, valid = groups.group(pixels, 0.0), groups.group(valid, False)
         grid_hw = (pixels.shape[-2] // p, pixels.shape[-1] // p)
-        desc = group_descriptors(batch.wavelength, batch.bandwidth, batch.kind, batch.time, s)
-        gsd = torch.where(torch.isfinite(batch.gsd) & (batch.gsd > 0), batch.gsd, DEFAULT_GSD_M)  # unknown → 10 m
-        coords = grid_coords(grid_hw, p, gsd)
+        desc = group_descriptors(batch.wavelength, batch.bandwidth, batch.kind, batch.time, groups)
+        gsd = batch.gsd.float()
+        pitch = p * torch.where(known(gsd), gsd, torch.full_like(gsd, self.nominal_gsd_m))
+        lonlat = batch.lonlat if batch.lonlat is not None else gsd.new_full((gsd.shape[0], 2), math.nan)
+        tile = TileMeta(lonlat.float(), gsd)
+        coords = grid_coords(grid_hw, pitch)
+        token_valid = patchify(valid, p, s).any(dim=-1)  # [B, G, N]
         x = add_summary_tokens(self.patch_embed(pixels), self.cls_token, self.row_token, self.col_token)
-        x = x + self.pos_chan_embed(coords, desc).to(x.dtype)
-        return Tokens(x, coords, desc, pixels, valid, grid_hw, image_hw, int(batch.pixels.shape[1]))
+        x = x + self.pos_chan_embed(coords, pitch, desc, tile).to(x.dtype)
+        return Tokens(x, coords, pitch, desc, tile, groups, pixels, valid, token_valid, grid_hw, image_hw,
+                      int(batch.pixels.shape[1]))
 
-    def spatial_mask(self, coords: torch.Tensor) -> torch.Tensor | None:
-        """Perception-field mask ``[B, 1, N+1, N+1]`` for patches at ``coords: [B, N, 2]``, or None."""
-        if self.perception_radius_m <= 0:
-            return None
-        return perception_field_mask(coords, self.perception_radius_m)
+    def grid_mask(
+        self, token_valid: torch.Tensor, pitch: torch.Tensor, grid_hw: tuple[int, int],
+        positions: torch.Tensor | None = None,
+    ) -> GridMask:
+        """The encoder's :class:`~gfm.model.attention.GridMask` (perception field, invalid tokens)."""
+        return make_grid_mask(token_valid, pitch, grid_hw, self.perception_radius_m, positions)
 
     # --------------------------------------------------------------------------------------------
     # Blocks
@@ -212,20 +256,19 @@ class LESSViT(nn.Module):
     def forward_tokens(
         self,
         x: torch.Tensor,
-        coords: torch.Tensor,
+        mask: GridMask | None = None,
         indices: Sequence[int] = (),
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Run the blocks on a token grid.
 
         Args:
-            x: ``[B, C+1, N+1, D]`` embedded tokens (any subset of observations and positions).
-            coords: ``[B, N, 2]`` metre offsets of the grid's positions (for the perception mask).
+            x: ``[B, G+1, N+1, D]`` embedded tokens (any subset of rows and positions).
+            mask: what may attend what (:meth:`grid_mask`); None = everything.
             indices: blocks whose outputs to keep (0-based).
 
         Returns:
-            The final-norm tokens ``[B, C+1, N+1, D]`` and the kept block outputs (un-normed).
+            The final-norm tokens ``[B, G+1, N+1, D]`` and the kept block outputs (un-normed).
         """
-        mask = self.spatial_mask(coords)
         kept = []
         for i, block in enumerate(self.blocks):
             if self.grad_checkpointing and torch.is_grad_enabled():
@@ -237,9 +280,10 @@ class LESSViT(nn.Module):
         return self.norm(x), kept
 
     def forward_features(self, inputs: Inputs) -> torch.Tensor:
-        """Batch → normalised token grid ``[B, C/s+1, N+1, D]`` (``[:, 0, 0]`` is CLS)."""
+        """Batch → normalised token grid ``[B, G+1, N+1, D]`` (``[:, 0, 0]`` is CLS)."""
         tokens = self.embed(inputs)
-        return self.forward_tokens(tokens.x, tokens.coords)[0]
+        mask = self.grid_mask(tokens.token_valid, tokens.pitch, tokens.grid_hw)
+        return self.forward_tokens(tokens.x, mask)[0]
 
     def forward_intermediates(
         self,
@@ -267,7 +311,8 @@ class LESSViT(nn.Module):
         depth = len(self.blocks)
         chosen = list(range(depth - indices, depth)) if isinstance(indices, int) else [i % depth for i in indices]
         tokens = self.embed(inputs)
-        final, kept = self.forward_tokens(tokens.x, tokens.coords, chosen)
+        mask = self.grid_mask(tokens.token_valid, tokens.pitch, tokens.grid_hw)
+        final, kept = self.forward_tokens(tokens.x, mask, chosen)
         h, w = tokens.grid_hw
         maps = []
         for x in kept:
@@ -289,7 +334,11 @@ class LESSViT(nn.Module):
     # Accounting
 
     def grid_size(self, num_obs: int, img_size: int | tuple[int, int]) -> tuple[int, int]:
-        """Token rows ``C/s`` and positions ``N`` for ``num_obs`` observations of ``img_size`` pixels."""
+        """Token rows ``G`` and positions ``N`` for ``num_obs`` observations of ``img_size`` pixels.
+
+        ``G = ⌈C/s⌉``: exact when the observations form one run of one sensor, date and kind, a lower
+        bound otherwise (each run starts a new group).
+        """
         H, W = (img_size, img_size) if isinstance(img_size, int) else img_size
         p, s = self.patch_size, self.spectral_patch
         return -(-num_obs // s), -(-H // p) * -(-W // p)
@@ -298,7 +347,7 @@ class LESSViT(nn.Module):
         """Forward matmul FLOPs of one sample with ``rows`` token rows and ``positions`` positions."""
         flops = sum(block.flops(rows + 1, positions + 1) for block in self.blocks)  # type: ignore[operator]
         if with_embed:
-            flops += self.patch_embed.flops(rows * positions) + self.pos_chan_embed.chan.flops(rows)
+            flops += self.patch_embed.flops(rows * positions) + self.pos_chan_embed.flops(rows)
         return flops
 
     def flops(self, batch_size: int, num_obs: int, img_size: int | tuple[int, int]) -> int:
