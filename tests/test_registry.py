@@ -38,6 +38,8 @@ def test_full_size_builds_with_the_documented_parameter_count(name: str) -> None
         model = create_model(name)
     stated = re.search(r"\(([\d.]+) M params\)", _MODELS[name].__doc__ or "")
     assert stated, f"{name}: the builder's docstring states no parameter count"
+    # DeepSpeed broadcasts and flattens parameters viewed as bytes, which a 0-dim tensor cannot be
+    assert not [n for n, p in model.named_parameters() if p.ndim == 0], f"{name} has 0-dim parameters"
     count = sum(p.numel() for p in model.parameters()) / 1e6
     assert round(count, 1) == float(stated.group(1)), f"{name}: {count:.2f} M parameters, docstring says {stated[1]}"
 

@@ -67,6 +67,9 @@ class TrainModule:
     def __init__(self, model: nn.Module, cfg: TrainConfig, load_universal: bool = False) -> None:
         import deepspeed
 
+        scalars = [name for name, p in model.named_parameters() if p.ndim == 0]
+        if scalars:  # DeepSpeed broadcasts and flattens parameters as bytes, which a 0-dim tensor cannot be
+            raise ValueError(f"DeepSpeed cannot train 0-dim parameters; give them shape [1]: {', '.join(scalars)}")
         self.cfg = cfg
         self.info = gdist.info()
         self.micro_batch = cfg.data.batch_size
