@@ -41,7 +41,7 @@ def _inputs() -> tuple[list[SceneSpec], list[list[Path]] | None, str]:
         base = [[f for f in l8_files if "BQA" not in f.name], s2_20m, gw_files]
         label = "3 scenes: Landsat 8 (10 bands + BQA), Sentinel-2 (6x20 m + 3x60 m), Landsat 8 (3 bands, 2041x1860)"
         return specs, base, label
-    from shards.demo import aviris_indian_pines_wavelengths, tensorly_indian_pines
+    from demo.indian_pines import aviris_indian_pines_wavelengths, tensorly_indian_pines
 
     cube, _ = tensorly_indian_pines()
     wl = Path(tempfile.mkdtemp()) / "wl.txt"

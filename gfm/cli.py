@@ -19,7 +19,7 @@ PROGRAMS: dict[str, tuple[str, str]] = {
     "finetune": ("finetune.__main__", "fine-tune an encoder on labelled shards: LoRA, linear probe, full, scratch"),
     "export": ("export.__main__", "export a run or checkpoint as a Hugging Face model directory"),
     "bench": ("bench.cli", "run a benchmark (shards, loader, model, train)"),
-    "demo": ("shards.demo", "run the pipeline end to end on a dataset a PyPI package ships"),
+    "demo": ("demo.__main__", "run the pipeline end to end on a dataset a PyPI package ships"),
 }
 
 

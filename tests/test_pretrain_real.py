@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from demo.indian_pines import aviris_indian_pines_wavelengths, tensorly_indian_pines
 from shards.cli import main as shards_main
-from shards.demo import aviris_indian_pines_wavelengths, tensorly_indian_pines
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "pretrain" / "configs" / "demo_indian_pines.yaml"

@@ -1,0 +1,1 @@
+"""The ``gfm demo`` program: shards -> info/verify -> pretraining, on a dataset a PyPI package ships."""
