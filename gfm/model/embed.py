@@ -434,9 +434,9 @@ class MetadataEmbed(nn.Module):
         self.time = MetaMLP(2 * time_harmonics + 2 * num_year, embed_dim, act_layer)
         self.location = MetaMLP(sh_degree**2, embed_dim, act_layer)
         self.gsd = MetaMLP(2 * num_gsd, embed_dim, act_layer)
-        self.time_scale = nn.Parameter(torch.tensor(init_scale))
-        self.location_scale = nn.Parameter(torch.tensor(init_scale))
-        self.gsd_scale = nn.Parameter(torch.tensor(init_scale))
+        self.time_scale = nn.Parameter(torch.full((1,), init_scale))  # [1]: DeepSpeed cannot broadcast 0-dim
+        self.location_scale = nn.Parameter(torch.full((1,), init_scale))
+        self.gsd_scale = nn.Parameter(torch.full((1,), init_scale))
 
     def per_observation(self, time: torch.Tensor) -> torch.Tensor:
         """Date embedding ``time: [B, G]`` → ``[B, G, D]`` (scaled)."""
