@@ -18,6 +18,8 @@ PROGRAMS: dict[str, tuple[str, str]] = {
     "pretrain": ("pretrain.__main__", "pretrain a LESS ViT HyperMAE (DeepSpeed)"),
     "finetune": ("finetune.__main__", "fine-tune an encoder on labelled shards: LoRA, linear probe, full, scratch"),
     "export": ("export.__main__", "export a run or checkpoint as a Hugging Face model directory"),
+    "embed": ("export.embed", "embed the tiles of shards or a scene into GeoParquet"),
+    "predict": ("export.predict", "predict a whole scene into a Cloud-Optimized GeoTIFF"),
     "bench": ("bench.cli", "run a benchmark (shards, loader, model, train)"),
     "demo": ("demo.__main__", "run the pipeline end to end on a dataset a PyPI package ships"),
 }

@@ -84,6 +84,7 @@ class UnknownBandsError(HubError):
     def __init__(self, bands: Sequence[str], known: Sequence[str], where: str = "") -> None:
         self.bands = list(bands)
         self.known = list(known)
+        self.where = where
         shown = ", ".join(self.known[:12]) + (" ..." if len(self.known) > 12 else "")
         super().__init__(
             f"{where}band(s) {', '.join(self.bands)} have no normalisation statistics in this model "
@@ -624,6 +625,16 @@ class GFMModel(
         return enc
 
     @property
+    def embed_dim(self) -> int:
+        """Token width ``D`` of the encoder."""
+        return _int_attr(self.encoder, "embed_dim")
+
+    @property
+    def patch_size(self) -> int:
+        """Patch side ``p`` in pixels."""
+        return _int_attr(self.encoder, "patch_size")
+
+    @property
     def stats(self) -> dict[str, dict[str, float]]:
         """``"sensor/band"`` → ``{"mean", "std"}`` used in pretraining."""
         return stats_of(self.config)
@@ -643,7 +654,7 @@ class GFMModel(
 
     def embed(self, inputs: Batch | Mapping[str, torch.Tensor], pooling: Pooling = "mean") -> torch.Tensor:
         """One ``[B, D]`` vector per tile: see :func:`pool`."""
-        return pool(self.features(inputs), inputs, pooling, int(getattr(self.encoder, "patch_size", 1)))
+        return pool(self.features(inputs), inputs, pooling, self.patch_size)
 
     # -- mixin hooks ------------------------------------------------------------------------------
 
@@ -690,6 +701,13 @@ class GFMModel(
         model.to(map_location)
         model.eval()
         return model
+
+
+def _int_attr(module: nn.Module, name: str) -> int:
+    value = getattr(module, name, None)
+    if not isinstance(value, int):
+        raise HubError(f"{type(module).__name__} has no integer attribute {name!r}")
+    return value
 
 
 def load_strict(net: nn.Module, weights: str | Path) -> None:
@@ -769,20 +787,96 @@ def _days(date: Any) -> float:
     return float((np.datetime64(str(date)[:10], "D") - np.datetime64("1970-01-01", "D")).astype(np.int64))
 
 
-def resolve_bands(
+@dataclass
+class InputBands:
+    """A band set matched to the model's statistics: turns raw arrays into :class:`Batch` objects.
+
+    Attributes:
+        keep: indices of the observations used (bands without statistics dropped with ``unknown="drop"``).
+        table: per kept observation, its description (name, sensor, center_nm, fwhm_nm, kind, time) with
+            its ``mean`` and ``std``.
+        dropped: ``"sensor/band"`` keys left out.
+    """
+
+    keep: list[int]
+    table: list[dict[str, Any]]
+    dropped: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        std = np.array([t["std"] for t in self.table], dtype=np.float32)
+        self.mean = np.array([t["mean"] for t in self.table], dtype=np.float32)
+        self.std = np.where(std > 0, std, np.float32(1.0)).astype(np.float32)
+        self.wavelength = torch.tensor([t["center_nm"] for t in self.table], dtype=torch.float32)
+        self.bandwidth = torch.tensor([t["fwhm_nm"] or 10.0 for t in self.table], dtype=torch.float32)
+        self.kind = torch.tensor([KIND_CODE[t["kind"] or "reflectance"] for t in self.table], dtype=torch.int64)
+        self.time = torch.tensor([_days(t["time"]) for t in self.table], dtype=torch.float32)
+        from gfm import batch as batch_module
+
+        code = getattr(batch_module, "sensor_code", None)
+        self.sensor = torch.tensor([code(t["sensor"]) for t in self.table]) if code is not None else None
+
+    @property
+    def keys(self) -> list[str]:
+        """``"sensor/band"`` of each kept observation."""
+        return [f"{t['sensor']}/{t['name']}" for t in self.table]
+
+    def batch(
+        self,
+        pixels: np.ndarray,
+        valid: np.ndarray,
+        *,
+        gsd: float | None = None,
+        lonlat: np.ndarray | None = None,
+        keys: Sequence[str] = (),
+    ) -> Batch:
+        """``pixels [B, C, H, W]`` raw values of *all* observations + ``valid`` (same shape) → a Batch.
+
+        Normalises as the training loader does, ``(raw - mean) / std`` in float32 with invalid pixels set
+        to 0; ``lonlat`` is ``[B, 2]`` (NaN rows: unknown).
+        """
+        px, mask = pixels[:, self.keep], valid[:, self.keep]
+        x = px.astype(np.float32)
+        x -= self.mean[None, :, None, None]
+        x *= (1.0 / self.std)[None, :, None, None]
+        x[~mask] = 0.0
+        b, c = x.shape[:2]
+        tensors: dict[str, Any] = {
+            "pixels": torch.from_numpy(x),
+            "wavelength": self.wavelength.expand(b, c).clone(),
+            "bandwidth": self.bandwidth.expand(b, c).clone(),
+            "kind": self.kind.expand(b, c).clone(),
+            "time": self.time.expand(b, c).clone(),
+            "valid": torch.from_numpy(np.ascontiguousarray(mask)),
+            "gsd": torch.full((b,), math.nan if gsd is None else float(gsd), dtype=torch.float32),
+            "keys": list(keys),
+        }
+        optional = {f.name for f in fields(Batch)}
+        if "lonlat" in optional and lonlat is not None:
+            tensors["lonlat"] = torch.as_tensor(np.asarray(lonlat, dtype=np.float32).reshape(b, 2))
+        if "sensor" in optional and self.sensor is not None:
+            tensors["sensor"] = self.sensor.expand(b, c).clone()
+        return Batch(**tensors)
+
+
+def input_bands(
     bands: Sequence[Any],
     config: Mapping[str, Any],
     stats: Mapping[str, Mapping[str, Any]] | None = None,
     unknown: Literal["error", "drop"] = "error",
-) -> tuple[list[int], list[dict[str, Any]]]:
-    """Match band descriptions to the model's statistics.
+    where: str = "",
+) -> InputBands:
+    """Match band descriptions to the model's statistics (explicit ``stats`` win over the model's own).
 
-    Returns:
-        The indices of the observations kept and, per kept observation, its description with
-        ``mean``/``std`` filled in (explicit ``stats`` win over the model's own).
+    Args:
+        bands: one per observation: ``"sensor/band"``, a mapping (``name``, ``sensor`` and optionally
+            ``center_nm``, ``fwhm_nm``, ``kind``, ``time``) or a ``gfm.sensors.Band``.
+        config: the exported ``config.json``.
+        stats: extra or overriding ``"sensor/band"`` → ``{"mean", "std"}``.
+        unknown: ``"error"`` refuses bands without statistics, ``"drop"`` leaves them out.
+        where: prefix of error messages (the scene or file).
 
     Raises:
-        UnknownBandsError: a band has no statistics and ``unknown`` is ``"error"``.
+        UnknownBandsError: a band has no statistics and ``unknown`` is ``"error"`` (or no band is left).
     """
     table = dict(config.get("bands") or {})
     known = stats_of(config)
@@ -802,16 +896,16 @@ def resolve_bands(
                 b = get_sensor(full["sensor"]).band(full["name"])
                 full.update(center_nm=b.center_nm, fwhm_nm=b.fwhm_nm, kind=b.kind)
             except (SensorError, KeyError):
-                raise HubError(f"band {key!r}: no wavelength given and none known for it") from None
+                raise HubError(f"{where}band {key!r}: no wavelength given and none known for it") from None
         full["time"] = desc.get("time")
         full.update(known[key])
         keep.append(i)
         out.append(full)
     if missing and unknown == "error":
-        raise UnknownBandsError(missing, sorted(known))
+        raise UnknownBandsError(missing, sorted(known), where)
     if not out:
-        raise UnknownBandsError(missing, sorted(known), "no band left: ")
-    return keep, out
+        raise UnknownBandsError(missing, sorted(known), f"{where}no band left: ")
+    return InputBands(keep, out, missing)
 
 
 def prepare(
@@ -854,7 +948,11 @@ def prepare(
     b, c, h, w = px.shape
     if len(bands) != c:
         raise HubError(f"bands: {len(bands)} descriptions for {c} observations in pixels")
-    keep, table = resolve_bands(bands, config, stats, unknown)
+    if dates is not None:
+        if len(dates) != c:
+            raise HubError(f"dates: {len(dates)} dates for {c} observations")
+        bands = [{**_band_key(band)[1], "time": d} for band, d in zip(bands, dates)]
+    spec = input_bands(bands, config, stats, unknown)
     mask = np.ones(px.shape, dtype=bool)
     if valid is not None:
         v = (valid.detach().cpu().numpy() if isinstance(valid, torch.Tensor) else np.asarray(valid)).astype(bool)
@@ -875,35 +973,8 @@ def prepare(
                 mask[:, i] &= px[:, i] != value
     if px.dtype.kind == "f":
         mask &= np.isfinite(px)
-    px, mask = px[:, keep], mask[:, keep]
-    mean = np.array([t["mean"] for t in table], dtype=np.float32)
-    std = np.array([t["std"] for t in table], dtype=np.float32)
-    std = np.where(std > 0, std, np.float32(1.0)).astype(np.float32)
-    x = px.astype(np.float32)
-    x -= mean[None, :, None, None]
-    x *= (1.0 / std)[None, :, None, None]
-    x[~mask] = 0.0
-    times = [d for i, d in enumerate(dates) if i in set(keep)] if dates is not None else [t["time"] for t in table]
-    k = len(table)
-    tensors: dict[str, Any] = {
-        "pixels": torch.from_numpy(x),
-        "wavelength": torch.tensor([[t["center_nm"] for t in table]] * b, dtype=torch.float32),
-        "bandwidth": torch.tensor([[t["fwhm_nm"] or 10.0 for t in table]] * b, dtype=torch.float32),
-        "kind": torch.tensor([[KIND_CODE[t["kind"] or "reflectance"] for t in table]] * b, dtype=torch.int64),
-        "time": torch.tensor([[_days(d) for d in times]] * b, dtype=torch.float32).reshape(b, k),
-        "valid": torch.from_numpy(mask),
-        "gsd": torch.full((b,), math.nan if gsd is None else float(gsd), dtype=torch.float32),
-    }
-    optional = {f.name for f in fields(Batch)}
-    if "lonlat" in optional and lonlat is not None:
-        tensors["lonlat"] = torch.tensor([list(lonlat)] * b, dtype=torch.float32)
-    if "sensor" in optional:
-        from gfm import batch as batch_module
-
-        code = getattr(batch_module, "sensor_code", None)
-        if code is not None:
-            tensors["sensor"] = torch.tensor([[code(t["sensor"]) for t in table]] * b, dtype=torch.int64)
-    return Batch(**tensors)
+    ll = None if lonlat is None else np.tile(np.asarray(lonlat, dtype=np.float32), (b, 1))
+    return spec.batch(px, mask, gsd=gsd, lonlat=ll)
 
 
 def pool(

@@ -1,0 +1,81 @@
+r"""``gfm predict``: a fine-tuned model over whole scenes → a tiled, compressed, georeferenced COG of classes.
+
+    gfm predict LC08_*_B*.TIF --model exported/l8_seg --out pred.tif
+    gfm predict pines.npy --wavelengths wl.txt --sensor aviris --gsd 20 --model exported/base \
+        --adapter runs/finetune/indian_pines_lora --out pines_pred.tif --probabilities pines_probs.tif
+
+The scene is opened as ``gfm shards build`` opens it (same sensor and band recognition, grid and
+alignment) and read window by window; tiles overlap and blend with a raised-cosine window; the output is
+written block by block (memory flat in the scene's size), under a temporary name renamed at the end.
+Input nodata becomes output nodata (255). Class names and a colour map are in the file. See
+docs/export.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from export.scene_args import add_model_arguments, add_scene_arguments, explain, open_scene_from, stats_from
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line of ``gfm predict``."""
+    p = argparse.ArgumentParser(prog="gfm predict", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("files", nargs="+", metavar="SCENE_FILE",
+                   help="the scene's rasters (GeoTIFF, JP2, anything GDAL reads) or one .npy/.mat cube")
+    p.add_argument("--out", required=True, help="class map to write (Cloud-Optimized GeoTIFF)")
+    p.add_argument("--adapter", help="fine-tuning run directory (or an export's adapter/) to apply to --model")
+    p.add_argument("--probabilities", metavar="TIF", help="also write class probabilities (uint8, p x 254) here")
+    p.add_argument("--tile", type=int, help="tile side in pixels (default: the model's training tile, else 64)")
+    p.add_argument("--overlap", type=int,
+                   help="pixels shared by neighbouring tiles (default: tile/4; 0 for pixel-window models)")
+    p.add_argument("--block", type=int, default=512, help="output block side in pixels (default 512)")
+    p.add_argument("--window-batch", type=int, default=256,
+                   help="pixel-window models: windows per forward (default 256)")
+    add_model_arguments(p)
+    add_scene_arguments(p)
+    return p.parse_args(list(sys.argv[1:] if argv is None else argv))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Predict; 0 on success, 2 with one line on stderr for a problem with the input."""
+    a = parse_args(argv)
+    from gfm.hub import HubError, input_bands
+    from gfm.infer.predict import PredictOptions, predict_scene
+    from gfm.infer.predictors import load_task_model, make_predictor
+    from gfm.infer.scenes import observation_bands
+    from gfm.shards import ShardError
+
+    try:
+        loaded = load_task_model(a.model, a.adapter)
+        loaded.model.to(a.device)
+        predictor = make_predictor(loaded.model, loaded.info, a.window_batch)
+        scene = open_scene_from(a)
+        for notice in scene.notices:
+            print(notice, file=sys.stderr)
+        config = loaded.config  # the export's statistics and band table
+        bands = input_bands(observation_bands(scene), config, stats_from(a),
+                            "drop" if a.drop_unknown_bands else "error", where=f"scene {scene.spec.id}: ")
+        if bands.dropped:
+            print(f"notice: leaving out band(s) without statistics: {', '.join(bands.dropped)}", file=sys.stderr)
+        tile = a.tile or int((config.get("inputs") or {}).get("tile_size_trained") or 64)
+        opts = PredictOptions(tile=tile, overlap=a.overlap, batch_size=a.batch_size, block=a.block,
+                              probabilities=a.probabilities, overwrite=a.overwrite, progress=not a.no_progress,
+                              device=a.device)
+        report = predict_scene(scene, predictor, bands, a.out, opts)
+    except (HubError, ShardError) as e:
+        print(explain("gfm predict", e), file=sys.stderr)
+        return 2
+    top = ", ".join(f"{k} {v}" for k, v in sorted(report.counts.items(), key=lambda kv: -kv[1])[:5])
+    print(f"wrote {report.out} ({report.width}x{report.height}, {len(report.classes)} classes; {report.tiles} "
+          f"tiles, {report.forwards} forwards in {report.seconds:.1f} s); most pixels: {top or 'none'}")
+    if report.probabilities:
+        print(f"wrote {report.probabilities} (class probabilities, uint8 = p x 254, 255 = nodata)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""Whole-scene inference: read window by window, predict tiles with overlap, blend, write a COG block by block.
+
+:func:`predict_scene` covers the scene grid with a fixed grid of overlapping tiles (:mod:`gfm.infer.tiling`)
+and walks the output in blocks. For each block it reads the tiles that intersect it (aligned reads of
+the scene, :func:`gfm.infer.scenes.read_window`), normalises them with the model's statistics, runs the
+predictor in batches, accumulates class probabilities weighted by a raised-cosine window, divides by
+the summed weights and writes the block's classes (and optionally its probabilities) into a tiled,
+compressed GeoTIFF that becomes a Cloud-Optimized GeoTIFF at the end (:mod:`gfm.infer.cog`). Memory is
+one block's accumulators plus one batch of tiles: flat in the scene's size. Tiles that straddle two
+blocks are predicted for each (the price of flat memory; a few per cent with the default sizes).
+
+A pixel where every observation is invalid (nodata, NaN, masked by a quality layer, outside the source
+rasters) is nodata in the output. The output file is written under a temporary name and renamed at the
+end, so an interrupted run never leaves a file that looks complete.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gfm.hub import InputBands, OutputExistsError
+from gfm.infer.cog import BLOCK, CogWriter, gdal_env
+from gfm.infer.predictors import Predictor, class_table, classes_or_default, palette
+from gfm.infer.scenes import read_window, tile_lonlat
+from gfm.infer.tiling import Layout, blend_weights
+from gfm.shards.scene import Scene
+
+#: probabilities are stored as round(p × PROB_SCALE) in uint8, 255 = nodata
+PROB_SCALE = 254
+
+
+@dataclass
+class PredictOptions:
+    """How to cut, batch and write.
+
+    Attributes:
+        tile: tile side in pixels (a pixel-task model reads ``tile + window - 1`` per tile).
+        overlap: pixels shared by neighbouring tiles (blended); ``None``: a quarter of the tile for
+            segmentation, 0 for pixel-task models (their prediction per pixel does not depend on the tile).
+        batch_size: tiles per forward.
+        block: output block side in pixels (rounded up to a multiple of the file's 256-pixel tiles).
+        probabilities: also write class probabilities (uint8, ``p × 254``, 255 = nodata) to this path.
+        overwrite: replace existing outputs.
+        progress: show a tqdm bar.
+        device: where the model runs.
+    """
+
+    tile: int = 64
+    overlap: int | None = None
+    batch_size: int = 8
+    block: int = 512
+    probabilities: str | Path | None = None
+    overwrite: bool = False
+    progress: bool = True
+    device: str = "cpu"
+
+
+@dataclass
+class PredictReport:
+    """What :func:`predict_scene` did."""
+
+    out: Path
+    probabilities: Path | None
+    width: int
+    height: int
+    tiles: int
+    forwards: int
+    blocks: int
+    seconds: float
+    classes: list[str] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def _check_output(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise OutputExistsError(path)
+
+
+def predict_scene(
+    scene: Scene,
+    predictor: Predictor,
+    bands: InputBands,
+    out: str | Path,
+    options: PredictOptions | None = None,
+    on_tiles: Callable[[int], None] | None = None,
+) -> PredictReport:
+    """Predict every pixel of ``scene`` and write a class map COG (and optionally probabilities).
+
+    Args:
+        scene: an opened scene (:func:`gfm.shards.scene.open_scene`).
+        predictor: :class:`~gfm.infer.predictors.SegmentationPredictor` or
+            :class:`~gfm.infer.predictors.PixelPredictor`.
+        bands: the scene's observations matched to the model's statistics (:func:`gfm.hub.input_bands`).
+        out: the class map to write (``uint8``, 255 = nodata; ``uint16``/65535 beyond 255 classes).
+        options: see :class:`PredictOptions`.
+        on_tiles: called with the number of tiles predicted after each batch (progress hooks, tests).
+    """
+    opts = options or PredictOptions()
+    out = Path(out)
+    prob_path = Path(opts.probabilities) if opts.probabilities else None
+    _check_output(out, opts.overwrite)
+    if prob_path is not None:
+        _check_output(prob_path, opts.overwrite)
+    info = predictor.info
+    k = info.num_classes
+    halo = predictor.halo
+    overlap = opts.overlap if opts.overlap is not None else (opts.tile // 4 if halo == 0 else 0)
+    block = -(-max(opts.block, BLOCK) // BLOCK) * BLOCK
+    g = scene.grid
+    layout = Layout.make(g.height, g.width, opts.tile, overlap, block)
+    weights = torch.from_numpy(blend_weights(layout.tile_h, layout.tile_w, overlap))
+    names = list(classes_or_default(info, k))
+    dtype, nodata = ("uint8", 255) if k < 255 else ("uint16", 65535)
+    colors = info.colors if info.colors and len(info.colors) == k else palette(k)
+    crs = g.crs
+    gsd = g.gsd_m()  # as gfm shards build records it in every tile
+    forwards_total = sum(len(layout.tiles_in(*b)) for b in layout.blocks())
+    bar = None
+    if opts.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=forwards_total, desc=f"predict {scene.spec.id}", unit="tile", dynamic_ncols=True)
+    start = time.perf_counter()
+    counts = np.zeros(k, dtype=np.int64)
+    forwards = blocks = 0
+    common: dict[str, Any] = dict(width=g.width, height=g.height, crs=crs, transform=g.transform)
+    with gdal_env():
+        writer = CogWriter(out, count=1, dtype=dtype, nodata=nodata, descriptions=["class"],
+                           colormap={i: (*colors[i], 255) for i in range(min(k, 256))},
+                           tags={**class_table(info), "MODEL": info.source}, **common)
+        prob_writer = None
+        try:
+            if prob_path is not None:
+                prob_writer = CogWriter(prob_path, count=k, dtype="uint8", nodata=255, descriptions=names,
+                                        tags=class_table(info), scales=[1.0 / PROB_SCALE] * k,
+                                        overview_resampling="average", **common)
+            for r, c, h, w in layout.blocks():
+                acc = torch.zeros(k, h, w)
+                wsum = torch.zeros(h, w)
+                seen = torch.zeros(h, w, dtype=torch.bool)
+                origins = layout.tiles_in(r, c, h, w)
+                for i in range(0, len(origins), opts.batch_size):
+                    chunk = origins[i: i + opts.batch_size]
+                    reads = [read_window(scene, tr - halo, tc - halo, layout.tile_h + 2 * halo,
+                                         layout.tile_w + 2 * halo) for tr, tc in chunk]
+                    pixels = np.stack([p for p, _ in reads])
+                    valid = np.stack([v for _, v in reads])
+                    lonlat = tile_lonlat(scene, chunk, layout.tile_h, layout.tile_w)
+                    batch = bands.batch(pixels, valid, gsd=gsd, lonlat=lonlat,
+                                        keys=[f"{scene.spec.id}_{tr}_{tc}" for tr, tc in chunk])
+                    probs = predictor(batch.to(opts.device)).float().cpu()  # [b, K, th, tw]
+                    inner = batch.valid[..., halo: halo + layout.tile_h, halo: halo + layout.tile_w].any(dim=1)
+                    for j, (tr, tc) in enumerate(chunk):
+                        # the part of tile j inside this block, in block and in tile coordinates
+                        y0, y1 = max(tr, r), min(tr + layout.tile_h, r + h)
+                        x0, x1 = max(tc, c), min(tc + layout.tile_w, c + w)
+                        tb = (slice(y0 - tr, y1 - tr), slice(x0 - tc, x1 - tc))
+                        bb = (slice(y0 - r, y1 - r), slice(x0 - c, x1 - c))
+                        acc[(slice(None), *bb)] += probs[j][(slice(None), *tb)] * weights[tb]
+                        wsum[bb] += weights[tb]
+                        seen[bb] |= inner[j][tb]
+                    forwards += len(chunk)
+                    if bar is not None:
+                        bar.update(len(chunk))
+                    if on_tiles is not None:
+                        on_tiles(len(chunk))
+                prob = acc / wsum.clamp_min(1e-12)
+                classes = prob.argmax(dim=0).numpy().astype(dtype)
+                classes[~seen.numpy()] = nodata
+                writer.write(classes[None], r, c)
+                counts += np.bincount(classes[seen.numpy()].astype(np.int64), minlength=k)[:k]
+                if prob_writer is not None:
+                    q = torch.round(prob * PROB_SCALE).clamp(0, PROB_SCALE).to(torch.uint8).numpy()
+                    q[:, ~seen.numpy()] = 255
+                    prob_writer.write(q, r, c)
+                blocks += 1
+            writer.commit()
+            if prob_writer is not None:
+                prob_writer.commit()
+        except BaseException:
+            writer.abort()
+            if prob_writer is not None:
+                prob_writer.abort()
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+    return PredictReport(
+        out=out, probabilities=prob_path, width=g.width, height=g.height, tiles=layout.tiles, forwards=forwards,
+        blocks=blocks, seconds=time.perf_counter() - start, classes=names,
+        counts={names[i]: int(n) for i, n in enumerate(counts) if n},
+    )

@@ -1,0 +1,268 @@
+"""Dense predictors: a task model turned into per-pixel class probabilities for a batch of tiles.
+
+- :class:`SegmentationPredictor`: a model whose ``logits(batch)`` are ``[B, K, H, W]`` (a segmentation
+  task model); tiles overlap and blend.
+- :class:`PixelPredictor`: a model that classifies the centre pixel of a ``window × window`` window
+  (``logits(batch)`` ``[B, K]``, the ``pixel`` task of hyperspectral scenes): every pixel of a tile gets its
+  own window, cut from the tile read with a halo of ``window // 2`` pixels; no blending is needed.
+
+:func:`load_task_model` loads what ``gfm predict --model DIR [--adapter DIR]`` names: a merged export
+(the task model is the export), an export with its adapter beside it, or an export plus a fine-tuning
+run's adapter (LoRA through peft, or a linear probe's head), checking that the adapter was trained on
+this base.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gfm.batch import Batch
+from gfm.hub import ADAPTER_DIR, GFMModel, HubError, from_pretrained
+
+#: fine-tuning tasks that give a class per pixel
+DENSE_TASKS = ("segmentation", "pixel")
+
+
+@dataclass
+class TaskInfo:
+    """What a task model predicts.
+
+    Attributes:
+        task: ``segmentation`` or ``pixel``.
+        num_classes: ``K``, the model's output classes.
+        classes: class names, one per output class index.
+        label_values: the label value each class index stands for in the training labels.
+        window: pixel task: the window side.
+        colors: ``(r, g, b)`` per class, when the export carries them.
+        source: where the task came from (for messages and the output's metadata).
+    """
+
+    task: str
+    num_classes: int
+    classes: list[str]
+    label_values: list[int] = field(default_factory=list)
+    window: int = 0
+    colors: list[tuple[int, int, int]] | None = None
+    source: str = ""
+
+
+class SegmentationPredictor:
+    """``[B, K, H, W]`` class probabilities from a model with ``logits(batch) -> [B, K, H, W]``."""
+
+    halo = 0
+
+    def __init__(self, model: nn.Module, info: TaskInfo) -> None:
+        self.model = model
+        self.info = info
+
+    @torch.no_grad()
+    def __call__(self, batch: Batch) -> torch.Tensor:
+        """Probabilities ``[B, K, H, W]`` for the batch's tiles."""
+        logits = self.model.logits(batch)  # type: ignore[operator]
+        return F.softmax(logits.float(), dim=1)
+
+
+class PixelPredictor:
+    """``[B, K, T, T]`` class probabilities from a centre-pixel classifier, one window per pixel.
+
+    The tiles come with a halo of ``window // 2`` pixels; pixel ``(i, j)`` of a tile is classified from
+    the window centred on it. Windows whose centre is invalid are not computed (probabilities 0).
+
+    Args:
+        model: ``logits(batch) -> [B, K]`` for ``window × window`` inputs.
+        info: the task (``window`` is used).
+        batch_size: windows per forward.
+    """
+
+    def __init__(self, model: nn.Module, info: TaskInfo, batch_size: int = 256) -> None:
+        self.model = model
+        self.info = info
+        self.window = int(info.window)
+        self.halo = self.window // 2
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def __call__(self, batch: Batch) -> torch.Tensor:
+        """Probabilities ``[B, K, H - 2·halo, W - 2·halo]`` for tiles read with the halo."""
+        w, r = self.window, self.halo
+        B, C, H, W = batch.pixels.shape
+        h, wd = H - 2 * r, W - 2 * r
+        out = torch.zeros(B, self.info.num_classes, h, wd)
+        for b in range(B):
+            # [C, H, W] -> [C, h, wd, w, w] -> [h·wd, C, w, w]: every pixel's window
+            px = batch.pixels[b].unfold(1, w, 1).unfold(2, w, 1)[:, :h, :wd].permute(1, 2, 0, 3, 4)
+            ok = batch.valid[b].unfold(1, w, 1).unfold(2, w, 1)[:, :h, :wd].permute(1, 2, 0, 3, 4)
+            px, ok = px.reshape(h * wd, C, w, w), ok.reshape(h * wd, C, w, w)
+            centre = ok[:, :, r, r].any(dim=1)  # [h·wd]
+            todo = torch.nonzero(centre).flatten()
+            probs = torch.zeros(h * wd, self.info.num_classes)
+            for start in range(0, len(todo), self.batch_size):
+                idx = todo[start: start + self.batch_size]
+                windows = _repeat(batch, b, len(idx), px[idx].contiguous(), ok[idx].contiguous())
+                probs[idx] = F.softmax(self.model.logits(windows).float(), dim=1)  # type: ignore[operator]
+            out[b] = probs.T.reshape(-1, h, wd)
+        return out
+
+
+def _repeat(batch: Batch, b: int, n: int, pixels: torch.Tensor, valid: torch.Tensor) -> Batch:
+    """A batch of ``n`` windows that share sample ``b``'s descriptors."""
+    per_sample: dict[str, Any] = {}
+    for name, t in batch.tensors().items():
+        if name in ("pixels", "valid", "label"):
+            continue
+        per_sample[name] = t[b: b + 1].expand(n, *t.shape[1:]).contiguous()
+    return replace(batch, pixels=pixels, valid=valid, keys=[], label=None, **per_sample)
+
+
+Predictor = SegmentationPredictor | PixelPredictor
+
+
+def make_predictor(model: nn.Module, info: TaskInfo, batch_size: int = 256) -> Predictor:
+    """The dense predictor for ``info.task``."""
+    if info.task == "segmentation":
+        return SegmentationPredictor(model, info)
+    if info.task == "pixel":
+        return PixelPredictor(model, info, batch_size)
+    raise HubError(f"{info.source}: task {info.task!r} gives one class per tile, not a map; gfm predict needs a "
+                   f"{' or '.join(DENSE_TASKS)} model")
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _task_info(doc: dict[str, Any], source: str) -> TaskInfo:
+    colors = doc.get("colors")
+    classes = [str(c) for c in doc.get("class_names") or doc.get("classes") or []]
+    return TaskInfo(
+        task=str(doc["task"]),
+        num_classes=int(doc.get("num_classes") or len(classes)),
+        classes=classes,
+        label_values=[int(v) for v in doc.get("label_values") or []],
+        window=int(doc.get("window") or 0),
+        colors=[tuple(c) for c in colors] if colors else None,  # type: ignore[misc]
+        source=source,
+    )
+
+
+def _adapter_dir(path: Path) -> Path:
+    """The directory holding ``finetune.json``: a fine-tuning run, or an export's ``adapter/``."""
+    if (path / "finetune.json").is_file():
+        return path
+    raise HubError(f"{path}: not a fine-tuning run or adapter directory (no finetune.json)")
+
+
+def attach_adapter(base: GFMModel, adapter: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """The task model of a fine-tuning run (or an export's ``adapter/``) on top of ``base``'s encoder.
+
+    LoRA adapters go through ``peft.PeftModel.from_pretrained`` (the head is in the adapter as peft's
+    ``modules_to_save``); a linear probe's head is loaded strictly. The base encoder's fingerprint must be
+    the one the adapter was trained on.
+
+    Returns:
+        ``(task model in eval mode, the fine-tuning manifest)``.
+    """
+    from gfm.finetune.artifacts import AdapterError, read_manifest, task_model
+    from gfm.finetune.methods import HEAD_NAME
+    from gfm.finetune.weights import fingerprint
+
+    where = _adapter_dir(Path(adapter))
+    try:
+        doc = read_manifest(where)
+    except AdapterError as e:
+        raise HubError(str(e)) from None
+    encoder = base.encoder
+    fp = fingerprint(encoder)
+    if fp != doc["encoder"]["fingerprint"]:
+        raise HubError(f"{where}: the adapter was trained on another base model (fingerprint "
+                       f"{doc['encoder']['fingerprint']}, this model's encoder is {fp})")
+    model = task_model(doc, encoder)
+    method = doc["method"]
+    files = doc.get("files") or {}
+    if method == "lora":
+        import peft
+
+        peft_dir = where / files.get("adapter", "adapter") if (where / files.get("adapter", "adapter")).is_dir() \
+            else where
+        if not (peft_dir / "adapter_config.json").is_file():
+            raise HubError(f"{peft_dir}: no adapter_config.json (peft adapter)")
+        return peft.PeftModel.from_pretrained(model, str(peft_dir)).eval(), doc
+    if method == "linear_probe":
+        from safetensors.torch import load_file
+
+        path = where / files.get("head", "head.safetensors")
+        if not path.is_file():
+            raise HubError(f"{path}: the probe's head is missing")
+        head = {k[len(HEAD_NAME) + 1:]: v for k, v in load_file(str(path)).items()}
+        from gfm.hub import check_keys
+
+        check_keys(model.task_head, head, str(path))
+        model.task_head.load_state_dict(head, strict=True)
+        return model.eval(), doc
+    raise HubError(f"{where}: method {method!r} keeps no adapter (its model.safetensors is the whole model); "
+                   "export it with --merge")
+
+
+@dataclass
+class LoadedTask:
+    """A task model, what it predicts, and the export's ``config.json`` (statistics, band table, inputs)."""
+
+    model: nn.Module
+    info: TaskInfo
+    config: dict[str, Any]
+
+
+def load_task_model(model_dir: str | Path, adapter: str | Path | None = None) -> LoadedTask:
+    """A task model and what it predicts, from an export (merged, or with an adapter) and an optional adapter.
+
+    Raises:
+        HubError: the export has no task and no adapter was given (a pretraining-only model predicts no
+            classes), or the adapter does not fit.
+    """
+    base = from_pretrained(model_dir)
+    task = base.config.get("task")
+    if adapter is None and task and task.get("merged"):
+        return LoadedTask(base.net, _task_info(task, str(model_dir)), base.config)
+    if adapter is None and (Path(model_dir) / ADAPTER_DIR / "finetune.json").is_file():
+        adapter = Path(model_dir) / ADAPTER_DIR
+    if adapter is None:
+        raise HubError(f"{model_dir}: a pretraining export has no task head, so it predicts no classes; pass a "
+                       "fine-tuning run's adapter (adapter=DIR), or export the fine-tuned model with it")
+    model, doc = attach_adapter(base, adapter)
+    info = _task_info(doc, str(adapter))
+    if task and task.get("colors"):
+        info.colors = [tuple(c) for c in task["colors"]]  # type: ignore[misc]
+    return LoadedTask(model, info, base.config)
+
+
+def palette(n: int) -> list[tuple[int, int, int]]:
+    """``n`` distinct colours: matplotlib's tab20 (then evenly spaced hues beyond 20)."""
+    from matplotlib import colormaps
+    from matplotlib.colors import hsv_to_rgb
+
+    if n <= 20:
+        cmap = colormaps["tab20"]
+        return [tuple(int(round(255 * v)) for v in cmap(i)[:3]) for i in range(n)]  # type: ignore[misc]
+    return [tuple(int(round(255 * v)) for v in hsv_to_rgb((i / n, 0.65, 0.9))) for i in range(n)]  # type: ignore[misc]
+
+
+def class_table(info: TaskInfo) -> dict[str, str]:
+    """GeoTIFF metadata tags that describe the classes (JSON lists)."""
+    return {
+        "CLASS_NAMES": json.dumps(info.classes),
+        "CLASS_VALUES": json.dumps(info.label_values),
+        "TASK": info.task,
+    }
+
+
+def classes_or_default(info: TaskInfo, k: int) -> Sequence[str]:
+    """Class names, or ``class_<i>`` when the task did not name them."""
+    return info.classes if len(info.classes) == k else [f"class_{i}" for i in range(k)]
