@@ -3,6 +3,8 @@
     gfm export runs/demo exported/demo
     gfm export runs/demo/checkpoints/step_00000200 exported/step200 --index shards/pines/index.json
     gfm export runs/demo exported/demo --push user/gfm-demo      # needs `hf auth login`
+    gfm export runs/demo exported/pines --adapter runs/finetune/indian_pines_lora          # adapter beside
+    gfm export runs/demo exported/pines_merged --adapter runs/finetune/indian_pines_lora --merge
 
 The directory holds config.json (architecture, every hyper-parameter, bands and statistics, inputs,
 training summary), model.safetensors (fp32) and a model card README.md; load it with
@@ -24,6 +26,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="run directory, checkpoint directory (step_XXXXXXXX, any ZeRO stage), .safetensors file "
                         "or exported directory")
     p.add_argument("out", metavar="OUT_DIR", help="directory to write (refused if it exists, unless --overwrite)")
+    p.add_argument("--adapter", metavar="DIR",
+                   help="a gfm finetune run: its adapter (peft format) or probe head travels in OUT_DIR/adapter/")
+    p.add_argument("--merge", action="store_true",
+                   help="with --adapter: fold it into the weights, the export is the fine-tuned model")
     p.add_argument("--index", help="index.json with the band statistics, when the run's own cannot be found")
     p.add_argument("--license", default="other", help="licence id for the model card metadata (default: other)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
@@ -38,8 +44,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from gfm.hub import HubError, OutputExistsError, export
 
     try:
-        report = export(args.source, args.out, index=args.index, license=args.license, overwrite=args.overwrite,
-                        push=args.push)
+        if args.merge and not args.adapter:
+            raise HubError("--merge needs --adapter DIR")
+        report = export(args.source, args.out, adapter=args.adapter, merge=args.merge, index=args.index,
+                        license=args.license, overwrite=args.overwrite, push=args.push)
     except OutputExistsError as e:
         print(f"gfm export: {e.path}: already exists (pass --overwrite to replace it)", file=sys.stderr)
         return 2
@@ -49,6 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     src = report.source
     print(f"exported {src.kind} {src.weights} (step {src.step}) to {report.out_dir}: {report.tensors} tensors, "
           f"{report.parameters / 1e6:.2f} M parameters, {report.bands} band(s) with statistics")
+    if report.adapter:
+        print(f"adapter: {report.adapter}")
     if report.bands == 0:
         print(f"note: no band statistics recorded ({report.stats_note or 'the index lists none'}); pass --index "
               "INDEX.json so users can normalise inputs", file=sys.stderr)

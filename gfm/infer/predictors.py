@@ -8,8 +8,8 @@
 
 :func:`load_task_model` loads what ``gfm predict --model DIR [--adapter DIR]`` names: a merged export
 (the task model is the export), an export with its adapter beside it, or an export plus a fine-tuning
-run's adapter (LoRA through peft, or a linear probe's head), checking that the adapter was trained on
-this base.
+run's adapter (LoRA through peft, or a linear probe's head; :func:`gfm.hub.task_model_from`), checking
+that the adapter was trained on this base.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gfm.batch import Batch
-from gfm.hub import ADAPTER_DIR, GFMModel, HubError, from_pretrained
+from gfm.hub import ADAPTER_DIR, FINETUNE_MANIFEST, HubError, from_pretrained, task_model_from
 
 #: fine-tuning tasks that give a class per pixel
 DENSE_TASKS = ("segmentation", "pixel")
@@ -153,64 +153,6 @@ def _task_info(doc: dict[str, Any], source: str) -> TaskInfo:
     )
 
 
-def _adapter_dir(path: Path) -> Path:
-    """The directory holding ``finetune.json``: a fine-tuning run, or an export's ``adapter/``."""
-    if (path / "finetune.json").is_file():
-        return path
-    raise HubError(f"{path}: not a fine-tuning run or adapter directory (no finetune.json)")
-
-
-def attach_adapter(base: GFMModel, adapter: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """The task model of a fine-tuning run (or an export's ``adapter/``) on top of ``base``'s encoder.
-
-    LoRA adapters go through ``peft.PeftModel.from_pretrained`` (the head is in the adapter as peft's
-    ``modules_to_save``); a linear probe's head is loaded strictly. The base encoder's fingerprint must be
-    the one the adapter was trained on.
-
-    Returns:
-        ``(task model in eval mode, the fine-tuning manifest)``.
-    """
-    from gfm.finetune.artifacts import AdapterError, read_manifest, task_model
-    from gfm.finetune.methods import HEAD_NAME
-    from gfm.finetune.weights import fingerprint
-
-    where = _adapter_dir(Path(adapter))
-    try:
-        doc = read_manifest(where)
-    except AdapterError as e:
-        raise HubError(str(e)) from None
-    encoder = base.encoder
-    fp = fingerprint(encoder)
-    if fp != doc["encoder"]["fingerprint"]:
-        raise HubError(f"{where}: the adapter was trained on another base model (fingerprint "
-                       f"{doc['encoder']['fingerprint']}, this model's encoder is {fp})")
-    model = task_model(doc, encoder)
-    method = doc["method"]
-    files = doc.get("files") or {}
-    if method == "lora":
-        import peft
-
-        peft_dir = where / files.get("adapter", "adapter") if (where / files.get("adapter", "adapter")).is_dir() \
-            else where
-        if not (peft_dir / "adapter_config.json").is_file():
-            raise HubError(f"{peft_dir}: no adapter_config.json (peft adapter)")
-        return peft.PeftModel.from_pretrained(model, str(peft_dir)).eval(), doc
-    if method == "linear_probe":
-        from safetensors.torch import load_file
-
-        path = where / files.get("head", "head.safetensors")
-        if not path.is_file():
-            raise HubError(f"{path}: the probe's head is missing")
-        head = {k[len(HEAD_NAME) + 1:]: v for k, v in load_file(str(path)).items()}
-        from gfm.hub import check_keys
-
-        check_keys(model.task_head, head, str(path))
-        model.task_head.load_state_dict(head, strict=True)
-        return model.eval(), doc
-    raise HubError(f"{where}: method {method!r} keeps no adapter (its model.safetensors is the whole model); "
-                   "export it with --merge")
-
-
 @dataclass
 class LoadedTask:
     """A task model, what it predicts, and the export's ``config.json`` (statistics, band table, inputs)."""
@@ -231,12 +173,12 @@ def load_task_model(model_dir: str | Path, adapter: str | Path | None = None) ->
     task = base.config.get("task")
     if adapter is None and task and task.get("merged"):
         return LoadedTask(base.net, _task_info(task, str(model_dir)), base.config)
-    if adapter is None and (Path(model_dir) / ADAPTER_DIR / "finetune.json").is_file():
+    if adapter is None and (Path(model_dir) / ADAPTER_DIR / FINETUNE_MANIFEST).is_file():
         adapter = Path(model_dir) / ADAPTER_DIR
     if adapter is None:
         raise HubError(f"{model_dir}: a pretraining export has no task head, so it predicts no classes; pass a "
                        "fine-tuning run's adapter (adapter=DIR), or export the fine-tuned model with it")
-    model, doc = attach_adapter(base, adapter)
+    model, doc = task_model_from(base.encoder, adapter)
     info = _task_info(doc, str(adapter))
     if task and task.get("colors"):
         info.colors = [tuple(c) for c in task["colors"]]  # type: ignore[misc]

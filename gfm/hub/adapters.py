@@ -1,0 +1,155 @@
+"""Fine-tuning outputs (``gfm finetune``) on an exported base: LoRA adapters (peft), probe heads, merging."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from gfm.hub.base import (
+    ADAPTER_DIR,
+    FINETUNE_MANIFEST,
+    WEIGHTS_NAME,
+    HubError,
+    check_keys,
+)
+
+
+def finetune_dir(path: str | Path) -> Path:
+    """The directory holding ``finetune.json``: a fine-tuning run, its ``adapter/``, or an export's ``adapter/``."""
+    p = Path(path)
+    for candidate in (p, p.parent):
+        if (candidate / FINETUNE_MANIFEST).is_file():
+            return candidate
+    raise HubError(f"{p}: not a fine-tuning run or adapter directory (no {FINETUNE_MANIFEST})")
+
+
+def read_finetune(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """``(directory, manifest)`` of a fine-tuning run or adapter directory."""
+    from gfm.finetune.artifacts import AdapterError, read_manifest
+
+    where = finetune_dir(path)
+    try:
+        return where, read_manifest(where)
+    except AdapterError as e:
+        raise HubError(str(e)) from None
+
+
+def _peft_dir(where: Path, doc: Mapping[str, Any]) -> Path:
+    sub = where / (doc.get("files") or {}).get("adapter", ADAPTER_DIR)
+    peft_dir = sub if (sub / "adapter_config.json").is_file() else where
+    if not (peft_dir / "adapter_config.json").is_file():
+        raise HubError(f"{where}: no adapter_config.json (peft adapter) in it or in {sub.name}/")
+    return peft_dir
+
+
+def task_model_from(encoder: nn.Module, adapter: str | Path, merge: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    """The fine-tuned task model of ``adapter`` around ``encoder`` (which it may modify: pass a copy).
+
+    LoRA adapters are applied with ``peft.PeftModel.from_pretrained`` (their task head travels in them as
+    peft's ``modules_to_save``) and, with ``merge``, folded into the encoder (``merge_and_unload``); a
+    linear probe's head is loaded strictly; a full or scratch fine-tune replaces every weight (``merge``
+    only: there is no adapter to keep apart). The base encoder's fingerprint must be the one the adapter
+    or probe was trained on.
+
+    Returns:
+        ``(task model in eval mode, the fine-tuning manifest)``.
+    """
+    from safetensors.torch import load_file
+
+    from gfm.finetune.artifacts import task_model
+    from gfm.finetune.methods import HEAD_NAME
+    from gfm.finetune.weights import fingerprint
+
+    where, doc = read_finetune(adapter)
+    method = doc["method"]
+    files = doc.get("files") or {}
+    if method in ("lora", "linear_probe"):
+        fp = fingerprint(encoder)
+        if fp != doc["encoder"]["fingerprint"]:
+            raise HubError(f"{where}: the {method} was trained on another base model (its fingerprint "
+                           f"{doc['encoder']['fingerprint']}, this model's encoder {fp}, from "
+                           f"{doc['encoder'].get('source') or 'a random init'})")
+    model = task_model(doc, encoder)
+    if method == "lora":
+        import peft
+
+        wrapped = peft.PeftModel.from_pretrained(model, str(_peft_dir(where, doc)))
+        return (wrapped.merge_and_unload() if merge else wrapped).eval(), doc
+    if method == "linear_probe":
+        path = where / files.get("head", "head.safetensors")
+        if not path.is_file():
+            raise HubError(f"{path}: the probe's head is missing")
+        head = {k[len(HEAD_NAME) + 1:]: v for k, v in load_file(str(path)).items()}
+        check_keys(model.task_head, head, str(path))
+        model.task_head.load_state_dict(head, strict=True)
+        return model.eval(), doc
+    if not merge:
+        raise HubError(f"{where}: a {method} fine-tune keeps no adapter (its model.safetensors is the whole "
+                       "model); export it merged (merge=True)")
+    path = where / files.get("model", WEIGHTS_NAME)
+    state = load_file(str(path))
+    check_keys(model, state, str(path))
+    model.load_state_dict(state, strict=True)
+    return model.eval(), doc
+
+
+def task_section(doc: Mapping[str, Any], where: Path, merged: bool) -> dict[str, Any]:
+    """The ``task`` part of ``config.json`` for a fine-tuning manifest."""
+    from gfm.infer.predictors import palette
+
+    k = int(doc["num_classes"])
+    return {
+        "task": doc["task"],
+        "type": doc["task"],
+        "num_classes": k,
+        "class_names": list(doc.get("class_names") or []),
+        "label_values": list(doc.get("label_values") or []),
+        "window": doc.get("window"),
+        "head": doc["head"],
+        "method": doc["method"],
+        "lora": doc.get("lora"),
+        "encoder_arch": doc["encoder"]["arch"],
+        "encoder_fingerprint": doc["encoder"]["fingerprint"],
+        "colors": [list(c) for c in palette(k)],
+        "merged": merged,
+        "adapter": None if merged else ADAPTER_DIR,
+        "source": str(where),
+    }
+
+
+def evaluation_of(where: Path) -> dict[str, Any] | None:
+    """The test figures of a fine-tuning run (its ``metrics.json``), when it has them."""
+    path = where / "metrics.json"
+    if not path.is_file():
+        return None
+    doc = json.loads(path.read_text())
+    test = doc.get("test") or {}
+    return {
+        "split": "test",
+        "metrics": {k: v for k, v in test.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
+        "per_class": {k: v for k, v in test.items() if isinstance(v, dict)},
+        "method": doc.get("method"), "steps": doc.get("steps"), "seed": doc.get("seed"),
+        "split_report": doc.get("split"), "source": str(path),
+    }
+
+
+def copy_adapter(where: Path, doc: Mapping[str, Any], dest: Path) -> None:
+    """Put an adapter (peft files, or a probe's head) and its manifest into ``dest`` (an export's ``adapter/``)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    files: dict[str, str] = {}
+    if doc["method"] == "lora":
+        src = _peft_dir(where, doc)
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            shutil.copy2(src / name, dest / name)
+        files["adapter"] = "."
+    else:
+        head = (doc.get("files") or {}).get("head", "head.safetensors")
+        shutil.copy2(where / head, dest / "head.safetensors")
+        files["head"] = "head.safetensors"
+    manifest = {**doc, "files": files, "base_file": None}
+    (dest / FINETUNE_MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")

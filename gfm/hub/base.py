@@ -1,0 +1,75 @@
+"""Names every part of the hub shares: file names, the format version, errors, the strict key check."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+FORMAT = "gfm"
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+CARD_NAME = "README.md"
+ADAPTER_DIR = "adapter"
+COMPLETE = "COMPLETE"  # the checkpoint marker written last by gfm.train.checkpoint
+PAPER_URL = "https://arxiv.org/abs/2503.12843"
+FINETUNE_MANIFEST = "finetune.json"
+
+Pooling = Literal["mean", "cls"]
+
+
+class HubError(ValueError):
+    """An export or load problem, in one line naming the file, key or value and what was expected."""
+
+
+class OutputExistsError(HubError):
+    """The output path exists and overwriting was not asked for."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        super().__init__(f"{path}: already exists (pass overwrite=True to replace it)")
+
+
+class UnknownBandsError(HubError):
+    """Bands with no normalisation statistics in the model.
+
+    Attributes:
+        bands: the ``"sensor/band"`` keys that lack statistics.
+        known: the keys the model has statistics for.
+    """
+
+    def __init__(self, bands: Sequence[str], known: Sequence[str], where: str = "") -> None:
+        self.bands = list(bands)
+        self.known = list(known)
+        self.where = where
+        shown = ", ".join(self.known[:12]) + (" ..." if len(self.known) > 12 else "")
+        super().__init__(
+            f"{where}band(s) {', '.join(self.bands)} have no normalisation statistics in this model "
+            f"(it has: {shown or 'none'}); pass stats={{'<sensor>/<band>': {{'mean': m, 'std': s}}}} or an "
+            "index.json with them, or unknown='drop' to leave these bands out"
+        )
+
+def check_keys(net: nn.Module, state: Mapping[str, torch.Tensor], where: str) -> None:
+    """Raise :class:`HubError` listing missing/unexpected keys and shape mismatches of ``state`` for ``net``."""
+    expected = net.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
+
+    def show(keys: list[str]) -> str:
+        return ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing key(s): {show(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s): {show(unexpected)}")
+    if shapes:
+        problems.append("shape mismatch: " + ", ".join(
+            f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}" for k in shapes[:4]))
+    if problems:
+        raise HubError(f"{where}: the weights do not match the model its config describes: {'; '.join(problems)}")

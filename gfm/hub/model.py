@@ -1,0 +1,175 @@
+"""The loadable model: :class:`GFMModel` (``PyTorchModelHubMixin``, strict keys) and :func:`from_pretrained`."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub import ModelCard, PyTorchModelHubMixin
+from torch import nn
+
+from gfm.batch import Batch
+from gfm.hub.adapters import finetune_dir, task_model_from, task_section
+from gfm.hub.base import (
+    CONFIG_NAME,
+    FORMAT,
+    PAPER_URL,
+    WEIGHTS_NAME,
+    HubError,
+    Pooling,
+    check_keys,
+)
+from gfm.hub.card import model_card
+from gfm.hub.config import build_net, stats_of
+from gfm.hub.inputs import pool, prepare
+
+
+class GFMModel(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="gfm",
+    paper_url=PAPER_URL,
+    tags=["gfm", "earth-observation", "remote-sensing", "geospatial", "multispectral", "hyperspectral"],
+):
+    """An exported gfm model: the training-time module (``net``) plus its ``config.json``.
+
+    ``GFMModel.from_pretrained(DIR_OR_REPO)`` (or :func:`from_pretrained`) rebuilds ``net`` from the
+    config and loads ``model.safetensors`` with strict keys. Calling the model calls ``net``.
+
+    Args:
+        config: the exported ``config.json`` as a dict.
+    """
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__()
+        if config.get("format") != FORMAT:
+            raise HubError(f"config.json: 'format' is {config.get('format')!r}, expected {FORMAT!r} (not a gfm export)")
+        self.config = config
+        self.net = build_net(config)
+
+    @property
+    def encoder(self) -> nn.Module:
+        """The encoder (``net.encoder`` for a pretraining model, else ``net``)."""
+        enc: nn.Module = getattr(self.net, "encoder", self.net)
+        return enc
+
+    @property
+    def embed_dim(self) -> int:
+        """Token width ``D`` of the encoder."""
+        return _int_attr(self.encoder, "embed_dim")
+
+    @property
+    def patch_size(self) -> int:
+        """Patch side ``p`` in pixels."""
+        return _int_attr(self.encoder, "patch_size")
+
+    @property
+    def stats(self) -> dict[str, dict[str, float]]:
+        """``"sensor/band"`` → ``{"mean", "std"}`` used in pretraining."""
+        return stats_of(self.config)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """``net(*args, **kwargs)``: the training-time module's own forward."""
+        return self.net(*args, **kwargs)
+
+    def prepare(self, pixels: Any, bands: Sequence[Any], **kwargs: Any) -> Batch:
+        """:func:`prepare` with this model's statistics and band table."""
+        return prepare(pixels, bands, self.config, **kwargs)
+
+    def features(self, inputs: Batch | Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Encoder token grid ``[B, C+1, N+1, D]`` (``[:, 0, 0]`` CLS, ``[:, 0, 1:]`` one token per position)."""
+        out: torch.Tensor = self.encoder.forward_features(inputs)  # type: ignore[operator]
+        return out
+
+    def embed(self, inputs: Batch | Mapping[str, torch.Tensor], pooling: Pooling = "mean") -> torch.Tensor:
+        """One ``[B, D]`` vector per tile: see :func:`pool`."""
+        return pool(self.features(inputs), inputs, pooling, self.patch_size)
+
+    # -- mixin hooks ------------------------------------------------------------------------------
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
+        save_file(state, str(save_directory / WEIGHTS_NAME), metadata={"format": "pt", "gfm_format": FORMAT})
+        (save_directory / CONFIG_NAME).write_text(json.dumps(self.config, indent=2, default=str) + "\n")
+
+    def generate_model_card(self, *args: Any, **kwargs: Any) -> ModelCard:
+        """The model card (``README.md``) written from ``config.json``."""
+        return ModelCard(model_card(self.config))
+
+    @classmethod
+    def _from_pretrained(  # type: ignore[override]
+        cls,
+        *,
+        model_id: str,
+        revision: str | None,
+        cache_dir: str | Path | None,
+        force_download: bool,
+        local_files_only: bool,
+        token: str | bool | None,
+        map_location: str = "cpu",
+        strict: bool = True,
+        **model_kwargs: Any,
+    ) -> GFMModel:
+        if not strict:
+            raise HubError("gfm loads exported models with strict keys only (strict=False was asked)")
+        if os.path.isdir(model_id):
+            weights = Path(model_id) / WEIGHTS_NAME
+        else:  # a Hub repository id
+            from huggingface_hub import hf_hub_download
+
+            weights = Path(hf_hub_download(
+                repo_id=model_id, filename=WEIGHTS_NAME, revision=revision, cache_dir=cache_dir,
+                force_download=force_download, token=token, local_files_only=local_files_only,
+            ))
+        if "config" not in model_kwargs or not model_kwargs["config"]:
+            raise HubError(f"{model_id}: no {CONFIG_NAME}; not an exported gfm model")
+        model = cls(config=model_kwargs["config"])
+        load_strict(model.net, weights)
+        model.to(map_location)
+        model.eval()
+        return model
+
+
+def _int_attr(module: nn.Module, name: str) -> int:
+    value = getattr(module, name, None)
+    if not isinstance(value, int):
+        raise HubError(f"{type(module).__name__} has no integer attribute {name!r}")
+    return value
+
+
+def load_strict(net: nn.Module, weights: str | Path) -> None:
+    """Load ``weights`` (safetensors) into ``net``; any missing, unexpected or mis-shaped key is an error."""
+    from safetensors.torch import load_file
+
+    path = Path(weights)
+    if not path.is_file():
+        raise HubError(f"{path}: no weights file")
+    state = load_file(str(path))
+    check_keys(net, state, str(path))
+    net.load_state_dict(state, strict=True)
+
+
+
+
+def from_pretrained(path: str | Path, *, map_location: str = "cpu", adapter: str | Path | None = None) -> GFMModel:
+    """Load an exported model (a directory or a Hub repository id) with strict keys, in eval mode.
+
+    Args:
+        path: the export directory (or ``user/repo`` on the Hub).
+        map_location: device for the weights.
+        adapter: a fine-tuning run (or an export's ``adapter/``) to apply: ``net`` becomes the task model
+            (a ``peft.PeftModel`` for LoRA). The export's own ``adapter/`` is applied only when named.
+    """
+    model = GFMModel.from_pretrained(str(path), map_location=map_location)
+    if adapter is not None:
+        net, doc = task_model_from(copy.deepcopy(model.encoder), adapter)
+        model.net = net.to(map_location)
+        model.config = {**model.config, "task": task_section(doc, finetune_dir(adapter), merged=False)}
+    return model
