@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gfm import index as index_file
-from gfm.sensors import SensorError, guess_date, load_sensors_yaml
+from gfm.sensors import SensorError, load_sensors_yaml
 from gfm.shards import (
     RESAMPLING,
     BuildOptions,
@@ -20,6 +20,7 @@ from gfm.shards import (
     SceneSpec,
     ShardError,
     build,
+    dates_from_names,
     info,
     info_text,
     load_manifest,
@@ -97,6 +98,7 @@ _FLAGS = {
     "tile": "--tile", "stride": "--stride", "min_valid": "--min-valid", "shard_size": "--shard-size",
     "workers": "--workers", "part": "--part", "resampling": "--resampling", "sensor": "--sensor",
     "bands": "--bands", "cube_key": "--key", "wavelengths": "--wavelengths FILE", "label_key": "--label-key",
+    "date": "--date",
 }
 
 
@@ -165,18 +167,11 @@ def _single_scene(a: argparse.Namespace) -> SceneSpec:
 
 def _group_by_date(files: list[FileSpec], date: str | None) -> list[DateSpec]:
     """One date (--date, or the one date in the file names), or a time series when names differ in date."""
-    if date is not None:
-        return [DateSpec(date, files)]
-    guessed = [guess_date(f.path) for f in files]
-    distinct = sorted({d for d in guessed if d is not None})
-    if len(distinct) <= 1:
-        return [DateSpec(distinct[0] if distinct else None, files)]
-    undated = [f.path for f, d in zip(files, guessed) if d is None]
-    if undated:
-        raise InputError(f"{undated[0]}: no date in its name while other files have several; give --date or a manifest")
-    print(f"notice: {len(distinct)} dates in the file names ({distinct[0]} .. {distinct[-1]}): one time series, "
-          "aligned to the first date's grid", file=sys.stderr)
-    return [DateSpec(d, [f for f, g in zip(files, guessed) if g == d]) for d in distinct]
+    dates = dates_from_names(files, date)
+    if len(dates) > 1:
+        print(f"notice: {len(dates)} dates in the file names ({dates[0].date} .. {dates[-1].date}): one time series, "
+              "aligned to the first date's grid", file=sys.stderr)
+    return dates
 
 
 def _cmd_build(a: argparse.Namespace) -> int:

@@ -27,6 +27,7 @@ from gfm.shards import (
     OptionError,
     SceneSpec,
     build,
+    dates_from_names,
     info,
     iter_samples,
     verify,
@@ -395,3 +396,15 @@ def test_label_raster_must_be_integer(scene, tmp_path):
     with rasterio.open(scene.files[DATES[0]][0]) as ds:  # the fixture itself is what the docstring says
         assert ds.crs.to_string() == CRS_UTM and ds.res == (RES, RES) and ds.nodata == 0
         assert (ds.read(1)[NODATA_BLOCK] == 0).all()
+
+
+def test_dates_from_product_names(scene):
+    files = [FileSpec(str(p)) for p in [*scene.files[DATES[1]], *scene.files[DATES[0]][:2]]]
+    dates = dates_from_names(files)
+    assert [d.date for d in dates] == list(DATES)  # date order, whatever the file order
+    assert [Path(f.path).name[:15] for f in dates[0].files] == ["T33UUU_20200101"] * 2
+    assert [d.date for d in dates_from_names(files, "2019-01-01")] == ["2019-01-01"]
+    with pytest.raises(InputError) as e:
+        dates_from_names([*files, FileSpec("plain_B02.tif")])
+    assert str(e.value) == ("plain_B02.tif: no date in its name while other files have several; give DateSpec.date "
+                            "or a manifest")

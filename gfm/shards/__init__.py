@@ -13,8 +13,9 @@ Python API (the ``gfm shards`` command is a thin shell over it)::
 * :func:`build` (``gfm shards build``): plan, write (resumably, in parallel, optionally one part of
   many), and merge ``index.json``; :func:`write_index` (``gfm shards index``) merges the finished
   shards of every part; :func:`verify` and :func:`info` check and summarise a dataset root.
-* Scenes are described by :class:`SceneSpec` / :class:`DateSpec` / :class:`FileSpec`, directly or
-  from a YAML manifest (:func:`load_manifest`).
+* Scenes are described by :class:`SceneSpec` / :class:`DateSpec` / :class:`FileSpec`, directly, from
+  a YAML manifest (:func:`load_manifest`), or grouped into dates by product file names
+  (:func:`dates_from_names`).
 * Errors are :class:`ShardError` subclasses (:class:`InputError`, :class:`OptionError`,
   :class:`DatasetError`), one line naming the file or value and what was expected.
 * The ``index.json`` contract itself lives in :mod:`gfm.index`; the tile schema in :mod:`gfm.schema`.
@@ -33,7 +34,7 @@ from gfm.shards.info import BandRow, DatasetInfo, info, info_text, plot_band_sta
 from gfm.shards.manifest import load_manifest
 from gfm.shards.merge import write_index
 from gfm.shards.options import RESAMPLING, BuildOptions
-from gfm.shards.spec import DateSpec, FileSpec, SceneSpec
+from gfm.shards.spec import DateSpec, FileSpec, SceneSpec, dates_from_names
 from gfm.shards.verify import Problem, VerifyReport, iter_samples, verify
 
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
     "ShardError",
     "VerifyReport",
     "build",
+    "dates_from_names",
     "info",
     "info_text",
     "iter_samples",

@@ -26,6 +26,7 @@ FIELDS: dict[str, str] = {
     "cube_key": "FileSpec.cube_key",
     "wavelengths": "FileSpec.wavelengths",
     "label_key": "SceneSpec.label_key",
+    "date": "DateSpec.date",
 }
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import date as Date
 from typing import Any
 
+from gfm.sensors import guess_date
 from gfm.shards.errors import InputError
 
 
@@ -88,3 +89,25 @@ def check_specs(specs: Sequence[SceneSpec]) -> None:
                     Date.fromisoformat(d.date)
                 except ValueError:
                     raise InputError(f"scene {spec.id!r}: date {d.date!r} is not YYYY-MM-DD") from None
+
+
+def dates_from_names(files: Sequence[FileSpec], date: str | None = None) -> list[DateSpec]:
+    """Group files by acquisition date: ``date`` for all, else the dates in the product file names.
+
+    One date (or none) in the names gives one :class:`DateSpec`; several give a time series, one
+    :class:`DateSpec` per date in date order (the first date's rasters then define the grid).
+
+    Raises:
+        InputError: some names carry a date and others, among several dates, carry none.
+    """
+    if date is not None:
+        return [DateSpec(date, list(files))]
+    guessed = [guess_date(f.path) for f in files]
+    distinct = sorted({d for d in guessed if d is not None})
+    if len(distinct) <= 1:
+        return [DateSpec(distinct[0] if distinct else None, list(files))]
+    undated = [f.path for f, d in zip(files, guessed) if d is None]
+    if undated:
+        raise InputError(f"{undated[0]}: no date in its name while other files have several; give {{date}} "
+                         "or a manifest", date=None)
+    return [DateSpec(d, [f for f, g in zip(files, guessed) if g == d]) for d in distinct]
