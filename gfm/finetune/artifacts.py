@@ -126,7 +126,8 @@ def save_outputs(run_dir: Path, doc: dict[str, Any], trained: dict[str, torch.Te
             params[name].copy_(t)
     if method == "lora":
         model.peft_config["default"].base_model_name_or_path = doc["encoder"]["source"] or "random-init"
-        model.save_pretrained(str(run_dir / "adapter"))
+        # save_embedding_layers=False: peft would otherwise look the base model up on the Hub
+        model.save_pretrained(str(run_dir / "adapter"), save_embedding_layers=False)
         files["adapter"] = str(run_dir / "adapter")
         if merge:
             merged = model.merge_and_unload()

@@ -146,11 +146,18 @@ def read_tiles(shards: str, index: str | None = None) -> tuple[list[Tile], Any]:
     found = resolve_shards(shards, index)
     tiles = []
     for url in found.urls:
-        for sample in wds.WebDataset(url, shardshuffle=False, empty_check=False):
+        # every rank reads every tile (the task set is small; ranks split the samples, not the shards)
+        reader = wds.WebDataset(url, shardshuffle=False, empty_check=False, nodesplitter=_every_shard,
+                                workersplitter=_every_shard)
+        for sample in reader:
             tiles.append(decode_sample(sample))
     if not tiles:
         raise TaskDataError(f"{shards}: the shards hold no samples")
     return tiles, found.index
+
+
+def _every_shard(urls: Iterator[Any]) -> Iterator[Any]:
+    yield from urls
 
 
 def _normalised(tiles: Sequence[Tile], index: Any) -> list[Batch]:

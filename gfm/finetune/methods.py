@@ -39,8 +39,10 @@ TARGET_GROUPS: dict[str, str] = {
     "pools": r"blocks\.\d+\.attn\.pool\.(?:kv|q_spectral|q_spatial|to_spectral|to_spatial)",
     "mlp": r"blocks\.\d+\.mlp\.fc[12]",
     "patch_embed": r"patch_embed\.proj",
-    # the channel embedding's projection of wavelength/bandwidth/time features: a new sensor adapts cheaply
-    "channel_embed": r"pos_chan_embed\.chan\.fc[12]",
+    # the channel embedding's projections of wavelength and bandwidth features: a new sensor adapts cheaply
+    "channel_embed": r"pos_chan_embed\.chan\.fc\w*",
+    # the date, location and GSD embeddings' MLPs
+    "metadata_embed": r"pos_chan_embed\.meta\.\w+\.fc[12]",
 }
 ENCODER_PREFIX = "encoder"
 HEAD_NAME = "task_head"
@@ -52,7 +54,7 @@ class LoraConfig:
 
     Attributes:
         targets: groups of encoder modules to adapt (keys of :data:`TARGET_GROUPS`: attention, pools,
-            mlp, patch_embed, channel_embed).
+            mlp, patch_embed, channel_embed, metadata_embed).
         target_regex: a regex over the encoder's module names (relative to the encoder, e.g.
             ``blocks\\.\\d+\\.mlp\\.fc1``) used instead of ``targets`` when set.
         rank: LoRA rank ``r``.
