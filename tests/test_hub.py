@@ -25,7 +25,7 @@ from gfm import hub
 from gfm.config import to_dict
 from gfm.model.registry import ModelConfig
 from tests.helpers_shards import L8, write_dataset
-from tests.test_hub_helpers import forward, reference_batch
+from tests.test_hub_helpers import forward, make_run_dir, reference_batch, single_thread
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = str(REPO / "tests" / "test_hub_helpers.py")
@@ -75,28 +75,13 @@ def gfm_cli(*args: str, expect: int = 0) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """config.yaml + model.safetensors (with the config in its metadata) + metrics + shards with index.json."""
-    root = tmp_path_factory.mktemp("run")
-    write_dataset(str(root / "data"), [4, 4], size=16)
-    mc = ModelConfig(name="hypermae_less_tiny", patch_size=4)
-    cfg = {
-        "run_dir": str(root), "steps": 3, "seed": 0,
-        "data": {"source": "shards", "loader": {"shards": str(root / "data"), "crop_size": 16}},
-        "model": to_dict(mc), "engine": {"zero_stage": 1, "precision": "fp32"},
-    }
-    torch.manual_seed(0)
-    net = mc.build().eval()
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(root / "model.safetensors"),
-              metadata={"format": "pt", "step": "3", "config": yaml.safe_dump(cfg)})
-    (root / "config.yaml").write_text(yaml.safe_dump(cfg))
-    (root / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (1, 2, 3)))
+    """A run made by hand (tests/test_hub_helpers.make_run_dir) plus the model's output on the reference batch."""
+    root = make_run_dir(tmp_path_factory.mktemp("run"))
+    net = ModelConfig(name="hypermae_less_tiny", patch_size=4).build().eval()
+    net.load_state_dict(load_file(str(root / "model.safetensors")))
     batch = reference_batch()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in the reloading process: CPU kernels reduce in thread-dependent order
-    try:
+    with single_thread():  # as in the reloading process
         pred = forward(net, batch)
-    finally:
-        torch.set_num_threads(threads)
     save_file({**{k: v.contiguous() for k, v in batch.tensors().items()}, "pred": pred},
               str(root / "reference.safetensors"))
     return root

@@ -85,15 +85,21 @@ def model_card(config: Mapping[str, Any], license: str = "other") -> str:
         "`gfm predict SCENE.tif --model DIR --out pred.tif` (Cloud-Optimized GeoTIFF, with a task head)."),
     ]
     if task:
-        lines += ["", "## Task", "", (f"{task.get('type')}: {len(task.get('classes') or [])} classes "
-                  f"({', '.join(str(c) for c in (task.get('classes') or [])[:20])}).")]
+        names = task.get("class_names") or []
+        how = "merged into the weights" if task.get("merged") else "in `adapter/` (peft format), beside the base"
+        lines += [
+            "", "## Task", "",
+            f"{task.get('task')} with {task.get('num_classes')} classes ({', '.join(map(str, names[:20]))}"
+            f"{' ...' if len(names) > 20 else ''}); fine-tuned with {task.get('method')}, {how}. "
+            f"`gfm predict SCENE --model DIR --out pred.tif` writes the class map.",
+        ]
     evaluation = config.get("evaluation")
     lines += ["", "## Evaluation", ""]
-    if evaluation:
-        lines += ["| metric | value |", "|---|---|"]
-        for k, v in evaluation.items():
-            if isinstance(v, (int, float, str)) or v is None:
-                lines.append(f"| {k} | {_fmt(v)} |")
+    if evaluation and evaluation.get("metrics"):
+        lines += [f"Test split of the fine-tuning run ({_fmt(evaluation.get('method'))}, "
+                  f"{_fmt(evaluation.get('steps'))} steps, seed {_fmt(evaluation.get('seed'))}):", "",
+                  "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in evaluation["metrics"].items()]
     else:
         lines.append("No evaluation results came with this run (pretraining only).")
     lines += [
