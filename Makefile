@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(BIN)/gfm demo --out demo_out
 
 lint: $(STAMP)
-	$(BIN)/ruff check $(wildcard gfm shards pretrain finetune demo bench tests)
+	$(BIN)/ruff check $(wildcard gfm shards pretrain finetune demo export bench tests)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.loader
 	$(BIN)/python -m bench.model
 	$(BIN)/python -m bench.train
+	$(BIN)/python -m bench.predict
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache .mypy_cache .ruff_cache
