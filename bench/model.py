@@ -1,10 +1,12 @@
 """Model benchmark: LESS attention vs the dense joint-attention reference as C grows.
 
 One forward + backward of the encoder (loss = mean square of the token grid) on 64 × 64 tiles with
-p = 8 (N = 64 positions), tiny width (D = 192, rank/heads 3), for C ∈ {4, 13, 50, 200} observations.
-Rows:
+p = 8 (N = 64 positions) at 10 m GSD, tiny width (D = 192, 3 heads, d_c 4), for C ∈ {4, 13, 50, 200}
+observations. Rows:
 
-- ``less``: LESS ViT (``less_vit_tiny``);
+- ``less``: LESS ViT (``less_vit_tiny``), rank 1, no perception field;
+- ``less-r8``: the same with rank 8 (eight Kronecker terms per head, as the authors' launch);
+- ``less-pf``: the same as ``less`` with the 640 m perception field (the default), so its cost shows;
 - ``dense``: the dense reference (``dense_vit_tiny``) with PyTorch's fused
   ``scaled_dot_product_attention`` (flash kernel: the T × T attention matrix is never stored);
 - ``dense-math``: the same model with the math attention backend, which materialises the
@@ -20,8 +22,9 @@ processes on a shared machine; cheap configurations get more tries, which if any
 small-C times and so inflates ``growth_13_200``.
 
 Run: ``python -m bench.model`` (``--depth``, ``--batch-size``, ``--repeats`` to trade time for
-fidelity). The last line is ``RESULT speedup_c200=... mem_ratio_c200=... growth_13_200=...``
-(dense = the fused-attention reference).
+fidelity). The last line is ``RESULT speedup_c200=... mem_ratio_c200=... growth_13_200=...
+flops_growth_13_200=... rank8_cost_c200=... field_cost_c200=...`` (dense = the fused-attention
+reference; the last two are time ratios to the ``less`` row at C = 200).
 """
 
 from __future__ import annotations
@@ -33,26 +36,32 @@ import resource
 import subprocess
 import sys
 import time
+from typing import Any, cast
 
 CHANNELS = (4, 13, 50, 200)
-ROWS = (
-    ("less", "less_vit_tiny", "auto"),
-    ("dense", "dense_vit_tiny", "auto"),
-    ("dense-math", "dense_vit_tiny", "math"),
+#: (row, model, attention backend, constructor overrides)
+ROWS: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
+    ("less", "less_vit_tiny", "auto", {"perception_radius_m": 0.0}),
+    ("less-r8", "less_vit_tiny", "auto", {"perception_radius_m": 0.0, "rank": 8}),
+    ("less-pf", "less_vit_tiny", "auto", {"perception_radius_m": 640.0}),
+    ("dense", "dense_vit_tiny", "auto", {"perception_radius_m": 0.0}),
+    ("dense-math", "dense_vit_tiny", "math", {"perception_radius_m": 0.0}),
 )
 
 
 def child(args: argparse.Namespace) -> None:
+    """One configuration: build, time forward + backward, print a JSON line."""
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from gfm.data.batch import Batch
-    from gfm.model import create_model
+    from gfm.batch import Batch
+    from gfm.model import LESSViT, create_model
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = create_model(args.model, depth=args.depth, patch_size=8).to(device)
+    kwargs = json.loads(args.kwargs)
+    model = cast(LESSViT, create_model(args.model, depth=args.depth, patch_size=8, **kwargs)).to(device)
     B, C, S = args.batch_size, args.channels, 64
     batch = Batch(
         pixels=torch.randn(B, C, S, S),
@@ -111,8 +120,10 @@ def _rss_mb(pid: int) -> float:
     return 0.0
 
 
-def run_one(args: argparse.Namespace, model: str, sdpa: str, channels: int) -> dict:
+def run_one(args: argparse.Namespace, model: str, sdpa: str, kwargs: dict[str, Any], channels: int) -> dict:
+    """Run one configuration in a fresh subprocess under the memory and time watchdog."""
     cmd = [sys.executable, "-m", "bench.model", "--child", "--model", model, "--sdpa", sdpa,
+           "--kwargs", json.dumps(kwargs),
            "--channels", str(channels), "--depth", str(args.depth), "--batch-size", str(args.batch_size),
            "--repeats", str(args.repeats), "--min-time", str(args.min_time), "--threads", str(args.threads)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -136,10 +147,12 @@ def run_one(args: argparse.Namespace, model: str, sdpa: str, channels: int) -> d
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run every row and configuration, print the table and the RESULT line."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", default="less_vit_tiny", help=argparse.SUPPRESS)
     p.add_argument("--sdpa", default="auto", help=argparse.SUPPRESS)
+    p.add_argument("--kwargs", default="{}", help=argparse.SUPPRESS)
     p.add_argument("--channels", type=int, default=4, help=argparse.SUPPRESS)
     p.add_argument("--depth", type=int, default=2, help="encoder blocks (tiny width; ratios do not depend on it)")
     p.add_argument("--batch-size", type=int, default=1)
@@ -148,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1, help="CPU threads (1: robust on a shared machine)")
     p.add_argument("--mem-cap-gb", type=float, default=6.0, help="resident-set cap per configuration")
     p.add_argument("--timeout", type=float, default=240.0, help="seconds per configuration")
-    p.add_argument("--rows", default="less,dense,dense-math", help="which rows to run")
+    p.add_argument("--rows", default=",".join(r[0] for r in ROWS), help="which rows to run")
     args = p.parse_args(argv)
     if args.child:
         child(args)
@@ -157,16 +170,16 @@ def main(argv: list[str] | None = None) -> None:
     wanted = set(args.rows.split(","))
     results: dict[tuple[str, int], dict] = {}
     print(f"# LESS vs dense joint attention: tiny width (D 192, 3 heads), depth {args.depth}, batch "
-          f"{args.batch_size}, 64x64 tiles, p 8 (N 64), forward+backward, {args.threads} threads")
+          f"{args.batch_size}, 64x64 tiles at 10 m, p 8 (N 64), forward+backward, {args.threads} threads")
     header = f"{'model':<11} {'C':>4} {'tokens':>7} {'GFLOP fwd':>10} {'fwd+bwd s':>10} {'peak MB':>9}"
     print(header)
     print("-" * len(header))
     method = ""
-    for row, model, sdpa in ROWS:
+    for row, model, sdpa, kwargs in ROWS:
         if row not in wanted:
             continue
         for c in CHANNELS:
-            r = run_one(args, model, sdpa, c)
+            r = run_one(args, model, sdpa, kwargs, c)
             results[(row, c)] = r
             tokens = (c + 1) * 65
             if r["status"] == "ok":
@@ -190,7 +203,11 @@ def main(argv: list[str] | None = None) -> None:
         speedup = get("dense", 200, "time_s") / less_t
         mem_ratio = get("dense", 200, "peak_mb") / less_m
     growth = less_t / get("less", 13, "time_s")
-    print(f"RESULT speedup_c200={speedup:.2f} mem_ratio_c200={mem_ratio:.2f} growth_13_200={growth:.2f}")
+    flops_growth = get("less", 200, "flops") / get("less", 13, "flops")
+    rank8 = get("less-r8", 200, "time_s") / less_t
+    field = get("less-pf", 200, "time_s") / less_t
+    print(f"RESULT speedup_c200={speedup:.2f} mem_ratio_c200={mem_ratio:.2f} growth_13_200={growth:.2f} "
+          f"flops_growth_13_200={flops_growth:.2f} rank8_cost_c200={rank8:.2f} field_cost_c200={field:.2f}")
 
 
 if __name__ == "__main__":
