@@ -10,8 +10,9 @@ field              type                      meaning
 schema             int                       tile sample schema version of the shards
                                              (:data:`gfm.schema.SCHEMA_VERSION`)
 created_by         str                       ``"gfm <version>"``
-shards             list                      ``{name, samples, bytes, sha256}`` per shard with
-                                             samples, in plan order
+shards             list                      ``{name, samples, bytes, sha256, members}`` per shard
+                                             with samples, in plan order; ``members`` (optional)
+                                             names the shard's member table
 samples, bytes     int                       totals over ``shards``
 tile_size          int or null               tile size in pixels
 sensors, dates     list[str]                 sorted; dates ``YYYY-MM-DD``
@@ -27,6 +28,17 @@ missing_shards     list[str]                 planned shards not (yet) built
 Band and statistics keys are ``"<sensor>/<band>"`` (:func:`stats_key`). A reader needs only ``schema``
 and ``shards`` (every other field has a default), refuses unknown fields, and names the field of any
 value of the wrong type.
+
+A **member table** (``<shard stem>.members.json``, beside the shard, named by its entry's optional
+``members``) records where every sample's members lie in the tar, as the writer wrote them, so a local
+reader can slice a sample out of a memory-mapped shard instead of walking the tar::
+
+    {"format": "gfm-members/1", "shard": "<tar file name>", "bytes": <tar size>,
+     "samples": [["<key>", [["<suffix>", <data offset>, <size>], ...]], ...]}
+
+Offsets are those of the member *data* (its 512-byte tar header lies just before). The table is a hint
+that a reader checks against the file (its size, and each member's header) before trusting it;
+datasets without tables read as plain tars.
 """
 
 from __future__ import annotations
@@ -75,12 +87,16 @@ def split_stats_key(key: str) -> tuple[str, str]:
 
 @dataclass(frozen=True)
 class ShardEntry:
-    """One shard of the dataset: file name (relative to the root), samples, size and sha256 of the tar."""
+    """One shard of the dataset: file name (relative to the root), samples, size and sha256 of the tar.
+
+    ``members`` names the shard's member table (relative to the shard's folder), None when it has none.
+    """
 
     name: str
     samples: int
     bytes: int | None = None
     sha256: str | None = None
+    members: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object (fields that are None are left out)."""
@@ -89,6 +105,8 @@ class ShardEntry:
             d["bytes"] = self.bytes
         if self.sha256 is not None:
             d["sha256"] = self.sha256
+        if self.members is not None:
+            d["members"] = self.members
         return d
 
 
@@ -245,12 +263,13 @@ def _fields(obj: Mapping[str, Any], where: str, key: str, required: Sequence[str
 
 def _shard(obj: Any, where: str, key: str) -> ShardEntry:
     obj = _mapping(obj, where, key)
-    _fields(obj, where, key, ("name", "samples"), ("bytes", "sha256"))
+    _fields(obj, where, key, ("name", "samples"), ("bytes", "sha256", "members"))
     return ShardEntry(
         name=_str(obj["name"], where, f"{key}.name"),
         samples=_int(obj["samples"], where, f"{key}.samples"),
         bytes=None if obj.get("bytes") is None else _int(obj["bytes"], where, f"{key}.bytes"),
         sha256=None if obj.get("sha256") is None else _str(obj["sha256"], where, f"{key}.sha256"),
+        members=None if obj.get("members") is None else _str(obj["members"], where, f"{key}.members"),
     )
 
 
@@ -487,3 +506,86 @@ def merge(
         missing_shards=missing,
     )
 
+
+
+# ----------------------------------------------------------------------------------------------
+# Member tables
+
+#: The ``format`` tag of a member table.
+MEMBERS_FORMAT = "gfm-members/1"
+_TAR_BLOCK = 512
+
+#: One member of a sample: (suffix, offset of its data in the tar, size in bytes).
+Member = tuple[str, int, int]
+
+
+@dataclass(frozen=True)
+class MemberTable:
+    """Where the members of every sample of one shard lie (see the module docstring).
+
+    Attributes:
+        shard: the tar's file name.
+        bytes: the tar's size; a tar of another size is not the one the table describes.
+        samples: ``(key, members)`` per sample in tar order; members in tar order.
+    """
+
+    shard: str
+    bytes: int
+    samples: list[tuple[str, list[Member]]]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON document."""
+        return {"format": MEMBERS_FORMAT, "shard": self.shard, "bytes": self.bytes,
+                "samples": [[key, [list(m) for m in members]] for key, members in self.samples]}
+
+
+def members_name(shard: str) -> str:
+    """The member table's file name for shard file ``shard`` (``gfm-000000.tar`` → ``gfm-000000.members.json``)."""
+    stem = shard[: -len(".tar")] if shard.endswith(".tar") else shard
+    return stem + ".members.json"
+
+
+def parse_members(data: str | bytes, where: str) -> MemberTable:
+    """Parse and check a member table; ``where`` names it in errors.
+
+    Checks the structure and that every member lies after its header block, inside the tar, after the
+    previous member. Whether it matches the tar's content is the reader's check.
+
+    Raises:
+        IndexFileError: not JSON, another format, or a value of the wrong type or out of place (naming it).
+    """
+    try:
+        doc = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise IndexFileError(f"{where}: not valid JSON ({e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != MEMBERS_FORMAT:
+        got = doc.get("format") if isinstance(doc, dict) else doc
+        raise IndexFileError(f"{where}: format: expected {MEMBERS_FORMAT!r}, got {got!r}")
+    _fields(doc, where, "member table", ("format", "shard", "bytes", "samples"), ())
+    shard = _str(doc["shard"], where, "shard")
+    size = _int(doc["bytes"], where, "bytes")
+    if not isinstance(doc["samples"], list):
+        raise _bad(where, "samples", "a list", doc["samples"])
+    samples: list[tuple[str, list[Member]]] = []
+    end = 0
+    for i, entry in enumerate(doc["samples"]):
+        ok = isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str) and isinstance(entry[1], list)
+        if not ok or not entry[1]:
+            raise _bad(where, f"samples[{i}]", "[key, [[suffix, offset, size], ...]]", entry)
+        members: list[Member] = []
+        for j, m in enumerate(entry[1]):
+            ok = isinstance(m, list) and len(m) == 3 and isinstance(m[0], str)
+            if not ok or any(isinstance(v, bool) or not isinstance(v, int) for v in m[1:]):
+                raise _bad(where, f"samples[{i}][{j}]", "[suffix, offset, size]", m)
+            suffix, offset, n = m
+            if offset % _TAR_BLOCK or offset < end + _TAR_BLOCK or n < 0 or offset + n > size:
+                raise _bad(where, f"samples[{i}][{j}]", f"a member after its header inside the {size}-byte tar", m)
+            end = offset + n
+            members.append((suffix, offset, n))
+        samples.append((entry[0], members))
+    return MemberTable(shard=shard, bytes=size, samples=samples)
+
+
+def write_members(path: str | Path, table: MemberTable) -> Path:
+    """Write a member table atomically (compact JSON); returns the path."""
+    return atomic_write(path, json.dumps(table.to_dict(), separators=(",", ":")).encode())

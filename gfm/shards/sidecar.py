@@ -37,6 +37,7 @@ class ShardSummary:
         samples, bytes, sha256: tiles written, tar size and checksum (0 and "" when no tile was valid
             enough; then no tar exists).
         dropped_low_valid: tiles dropped below ``min_valid``.
+        members: file name of the shard's member table (None: none was written).
         tile_size: tile size in pixels.
         bands: ``"<sensor>/<band>"`` → description, for every band in the samples.
         stats: ``"<sensor>/<band>"`` → :meth:`gfm.shards.stats.BandStats.state`.
@@ -56,6 +57,7 @@ class ShardSummary:
     dates: list[str]
     sensors: list[str]
     scenes: dict[str, SceneCounts]
+    members: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object, fields in file order."""
@@ -65,6 +67,7 @@ class ShardSummary:
             "samples": self.samples,
             "bytes": self.bytes,
             "sha256": self.sha256,
+            **({"members": self.members} if self.members else {}),
             "dropped_low_valid": self.dropped_low_valid,
             "tile_size": self.tile_size,
             "bands": {k: b.to_dict() for k, b in self.bands.items()},
@@ -77,7 +80,7 @@ class ShardSummary:
     def part(self) -> ShardPart:
         """What this shard adds to ``index.json`` (statistics aside)."""
         return ShardPart(
-            shard=ShardEntry(self.name, self.samples, self.bytes, self.sha256),
+            shard=ShardEntry(self.name, self.samples, self.bytes, self.sha256, self.members),
             tile_size=self.tile_size,
             bands=self.bands,
             dates=self.dates,
@@ -106,6 +109,7 @@ def read_sidecar(path: Path) -> ShardSummary:
             samples=int(d["samples"]),
             bytes=int(d["bytes"]),
             sha256=str(d["sha256"]),
+            members=None if d.get("members") is None else str(d["members"]),
             dropped_low_valid=int(d["dropped_low_valid"]),
             tile_size=int(d["tile_size"]),
             bands={k: BandInfo(**b) for k, b in d["bands"].items()},

@@ -1,8 +1,9 @@
 """Writing one shard: read its tiles, drop those with too few valid pixels, write the tar, then the sidecar.
 
-The tar is written under a temporary name and renamed into place, and only then is its sidecar
-written, so an interrupted build never leaves a file a reader would take for a complete shard.
-Member mtimes are fixed, so identical inputs give byte-identical shards.
+The tar is written under a temporary name and renamed into place, then its member table (where each
+sample's members lie, :class:`gfm.index.MemberTable`, for readers that slice samples out of the file),
+and only then is its sidecar written, so an interrupted build never leaves a file a reader would take
+for a complete shard. Member mtimes are fixed, so identical inputs give byte-identical shards.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from gfm.index import BandInfo, SceneCounts, stats_key
+from gfm.index import BandInfo, Member, MemberTable, SceneCounts, members_name, stats_key, write_members
 from gfm.schema import encode
 from gfm.shards.options import BuildOptions
 from gfm.shards.plan import ShardPlan
@@ -37,20 +38,28 @@ class TarSampleWriter:
     The format is exactly what ``webdataset.TarWriter`` writes; it is done with the standard
     library here because importing webdataset imports torch, which costs seconds at start-up of
     every ``gfm shards`` call and every worker process.
+
+    ``samples`` records, per sample written, its key and ``(suffix, data offset, size)`` per member:
+    the shard's member table.
     """
 
     def __init__(self, fileobj: BinaryIO) -> None:
         self._tar = tarfile.open(fileobj=fileobj, mode="w", format=tarfile.USTAR_FORMAT)
+        self.samples: list[tuple[str, list[Member]]] = []
 
     def write(self, sample: dict[str, Any]) -> None:
         """Append one sample: members ``<key>.<suffix>`` in sorted order."""
         key = sample["__key__"]
+        members: list[Member] = []
         for suffix in sorted(k for k in sample if not k.startswith("__")):
             data = sample[suffix]
             info = tarfile.TarInfo(f"{key}.{suffix}")
             info.size, info.mtime, info.mode = len(data), _TAR_MTIME, 0o444
             info.uname = info.gname = "gfm"
             self._tar.addfile(info, io.BytesIO(data))
+            padded = -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+            members.append((suffix, self._tar.offset - padded, len(data)))  # data ends the member just written
+        self.samples.append((key, members))
 
     def close(self) -> None:
         """Finish the archive (end-of-archive blocks)."""
@@ -124,6 +133,7 @@ def write_shard(job: ShardJob, on_tile: Callable[[int], None] | None = None) -> 
         digest = sha256_file(tmp) if samples else ""
         if samples:
             os.replace(tmp, out / plan.name)
+            write_members(out / members_name(plan.name), MemberTable(plan.name, nbytes, writer.samples))
         else:
             tmp.unlink()
         summary = ShardSummary(
@@ -132,6 +142,7 @@ def write_shard(job: ShardJob, on_tile: Callable[[int], None] | None = None) -> 
             samples=samples,
             bytes=nbytes if samples else 0,
             sha256=digest,
+            members=members_name(plan.name) if samples else None,
             dropped_low_valid=dropped,
             tile_size=opts.tile,
             bands=bands,
