@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.loader
 	$(BIN)/python -m bench.model
 	$(BIN)/python -m bench.train
+	$(BIN)/python -m bench.finetune
 	$(BIN)/python -m bench.predict
 
 clean:

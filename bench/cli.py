@@ -11,6 +11,7 @@ BENCHES = {
     "loader": "loader: raw tar vs gfm pipeline (0/1/2 workers) vs rasterio windows per sample",
     "model": "LESS vs dense joint attention: time and peak memory over C",
     "train": "training step: samples/s, FLOP utilisation, 1 vs 2 ranks, LESS vs dense",
+    "finetune": "fine-tuning step: time and peak memory of LoRA vs full fine-tuning",
     "predict": "whole-scene prediction: peak memory for a scene and a 4x larger one (flat), tiles/s",
 }
 
