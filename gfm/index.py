@@ -23,7 +23,15 @@ scenes             {scene id: counts}        ``{samples, dropped}`` per scene
 dropped_low_valid  int                       tiles dropped below the build's ``min_valid``
 planned_shards     int                       shards in the build plan
 missing_shards     list[str]                 planned shards not (yet) built
+classes            {value: name}             optional: label value → class name (written when the
+                                             labels came with names, e.g. a vector label field)
 ================== ========================= =====================================================
+
+Shard names (``shards[i].name``, ``members``, ``missing_shards``) are plain relative file names inside
+the dataset root (:func:`check_shard_name`): letters, digits, ``_ - . +``, folders separated by ``/``.
+A URL, a ``pipe:`` command, an absolute path or ``..`` is an error naming the entry: an ``index.json``
+is untrusted input (datasets are downloaded and shared), so it can never make a reader open another
+location or run a command.
 
 Band and statistics keys are ``"<sensor>/<band>"`` (:func:`stats_key`). A reader needs only ``schema``
 and ``shards`` (every other field has a default), refuses unknown fields, and names the field of any
@@ -44,6 +52,7 @@ datasets without tables read as plain tars.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +75,31 @@ class IndexNotFoundError(IndexFileError):
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         super().__init__(f"{path}: no index.json (build the shards, or merge their finished parts into one)")
+
+
+_NAME_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+\-]*")
+
+
+def is_shard_name(name: str) -> bool:
+    """Whether ``name`` is a plain relative file name inside a dataset root (see :func:`check_shard_name`)."""
+    return bool(name) and all(_NAME_PART.fullmatch(part) for part in name.split("/"))
+
+
+def check_shard_name(name: Any, where: str, key: str) -> str:
+    """``name`` when it is a plain relative file name inside the dataset root, else an :class:`IndexFileError`.
+
+    Allowed: letters, digits, ``_``, ``-``, ``.``, ``+``, with ``/`` between folders; no part starts
+    with a dot. So never a URL or ``pipe:`` command (no ``:``), an absolute path, ``..``, a hidden
+    file, a brace pattern or a ``::`` list.
+    """
+    if not isinstance(name, str):
+        raise _bad(where, key, "a string", name)
+    if not is_shard_name(name):
+        raise IndexFileError(
+            f"{where}: {key}: {name!r} is not a plain relative file name inside the dataset (letters, digits, "
+            "'_', '-', '.', '+', folders separated by '/'; no URL, 'pipe:' command, absolute path or '..')"
+        )
+    return name
 
 
 def stats_key(sensor: str, band: str) -> str:
@@ -179,6 +213,7 @@ class Index:
     dropped_low_valid: int
     planned_shards: int
     missing_shards: list[str]
+    classes: dict[int, str] | None = None
 
     @property
     def counts(self) -> dict[str, int]:
@@ -202,6 +237,7 @@ class Index:
             "dropped_low_valid": self.dropped_low_valid,
             "planned_shards": self.planned_shards,
             "missing_shards": list(self.missing_shards),
+            **({"classes": {str(v): n for v, n in self.classes.items()}} if self.classes is not None else {}),
         }
 
 
@@ -210,7 +246,7 @@ class Index:
 
 
 _FIELDS = ("schema", "created_by", "shards", "samples", "bytes", "tile_size", "sensors", "dates", "bands", "stats",
-           "scenes", "dropped_low_valid", "planned_shards", "missing_shards")
+           "scenes", "dropped_low_valid", "planned_shards", "missing_shards", "classes")
 
 
 def _bad(where: str, key: str, expected: str, value: Any) -> IndexFileError:
@@ -265,11 +301,11 @@ def _shard(obj: Any, where: str, key: str) -> ShardEntry:
     obj = _mapping(obj, where, key)
     _fields(obj, where, key, ("name", "samples"), ("bytes", "sha256", "members"))
     return ShardEntry(
-        name=_str(obj["name"], where, f"{key}.name"),
+        name=check_shard_name(obj["name"], where, f"{key}.name"),
         samples=_int(obj["samples"], where, f"{key}.samples"),
         bytes=None if obj.get("bytes") is None else _int(obj["bytes"], where, f"{key}.bytes"),
         sha256=None if obj.get("sha256") is None else _str(obj["sha256"], where, f"{key}.sha256"),
-        members=None if obj.get("members") is None else _str(obj["members"], where, f"{key}.members"),
+        members=None if obj.get("members") is None else check_shard_name(obj["members"], where, f"{key}.members"),
     )
 
 
@@ -297,6 +333,20 @@ def _summary(obj: Any, where: str, key: str) -> BandSummary:
         std=_float(obj["std"], where, f"{key}.std"),
         **{f: _opt_float(obj.get(f), where, f"{key}.{f}") for f in ("min", "max", "p01", "p99")},
     )
+
+
+def _classes(value: Any, where: str) -> dict[int, str] | None:
+    """``classes``: ``{"<label value>": "<name>"}`` (absent: None)."""
+    if value is None:
+        return None
+    out: dict[int, str] = {}
+    for k, v in _mapping(value, where, "classes").items():
+        try:
+            label = int(k)
+        except ValueError:
+            raise _bad(where, "classes", "integer label values as keys", k) from None
+        out[label] = _str(v, where, f"classes[{k!r}]")
+    return out
 
 
 def _keyed(key: str, where: str, field: str) -> str:
@@ -358,7 +408,9 @@ def from_dict(doc: Any, where: str) -> Index:
         scenes=scenes,
         dropped_low_valid=_int(doc.get("dropped_low_valid", 0), where, "dropped_low_valid"),
         planned_shards=_int(doc.get("planned_shards", len(shards)), where, "planned_shards"),
-        missing_shards=_strings(doc.get("missing_shards", []), where, "missing_shards"),
+        missing_shards=[check_shard_name(v, where, f"missing_shards[{i}]")
+                        for i, v in enumerate(_strings(doc.get("missing_shards", []), where, "missing_shards"))],
+        classes=_classes(doc.get("classes"), where),
     )
 
 
@@ -433,6 +485,7 @@ def merge(
     created_by: str,
     planned: Sequence[str] | None = None,
     tile_size: int | None = None,
+    classes: Mapping[int, str] | None = None,
 ) -> Index:
     """One index from the parts of every finished shard, in the order given.
 
@@ -446,6 +499,7 @@ def merge(
         created_by: ``"gfm <version>"``.
         planned: every shard name of the build plan (None: the parts are the plan).
         tile_size: the plan's tile size (None: the first part's).
+        classes: label value → class name of the build's labels (None: the labels have no names).
 
     Raises:
         IndexFileError: a shard given twice, a band key that does not match its description, a band
@@ -504,6 +558,7 @@ def merge(
         dropped_low_valid=dropped,
         planned_shards=len(planned) if planned is not None else len(done),
         missing_shards=missing,
+        classes=dict(sorted(classes.items())) if classes is not None else None,
     )
 
 
