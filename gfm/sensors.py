@@ -535,13 +535,66 @@ def _iter_sensors(text: str, where: str) -> Iterator[Sensor]:
         yield sensor
 
 
+# Landsat pre-collection scene ids: L + sensor (C OLI/TIRS, O OLI, T TM or TIRS, E ETM+, M MSS) + satellite +
+# WRS path (3) + row (3) + year (4) + day of year (3) + ground station (3 letters) + version (2).
+_LANDSAT_SCENE_ID = re.compile(r"^L([CEMOT])(\d)(\d{3})(\d{3})(\d{4})(\d{3})([A-Z]{3})(\d{2})(?![A-Z0-9])", re.I)
+# Landsat Collection 1/2 product ids: LXSS_LLLL_PPPRRR_YYYYMMDD_yyyymmdd_CC_TX.
+_LANDSAT_PRODUCT_ID = re.compile(r"^L([CEMOT])0(\d)_[A-Z0-9]{4}_\d{6}_(\d{4})(\d{2})(\d{2})(?![0-9])", re.I)
+
+
+@dataclass(frozen=True)
+class LandsatId:
+    """What a Landsat scene or product id says: the sensor preset (None for MSS: no preset) and the date."""
+
+    sensor: str | None
+    date: str
+
+
+def landsat_id(path: str | Path) -> LandsatId | None:
+    """Sensor and acquisition date from a Landsat file name, or None when it is not one.
+
+    Knows pre-collection scene ids (``LE70350322008118EDC00_b3.tif``: ETM+ on Landsat 7, 2008, day 118)
+    and Collection 1/2 product ids (``LC08_L1TP_042034_20200101_20200114_01_T1_B4.TIF``).
+    """
+    import datetime as dt
+
+    name = Path(path).name
+    m = _LANDSAT_SCENE_ID.match(name)
+    try:
+        if m:
+            instrument, sat = m.group(1).upper(), int(m.group(2))
+            d = dt.date(int(m.group(5)), 1, 1) + dt.timedelta(days=int(m.group(6)) - 1)
+            if d.year != int(m.group(5)):
+                return None
+        else:
+            m = _LANDSAT_PRODUCT_ID.match(name)
+            if not m:
+                return None
+            instrument, sat = m.group(1).upper(), int(m.group(2))
+            d = dt.date(int(m.group(3)), int(m.group(4)), int(m.group(5)))
+    except ValueError:
+        return None
+    return LandsatId(_LANDSAT_SENSORS.get((instrument, sat)), d.isoformat())
+
+
+_LANDSAT_SENSORS: dict[tuple[str, int], str] = {
+    ("T", 4): "landsat5", ("T", 5): "landsat5",  # the landsat5 preset is the TM of Landsat 4 and 5
+    ("E", 7): "landsat7",
+    **{(i, 8): "landsat8" for i in "COT"},
+    **{(i, 9): "landsat9" for i in "COT"},
+}
+
+
 def guess_sensor(paths: Sequence[str | Path]) -> str | None:
-    """Guess a preset from product file names (``LC08_…``, ``S2A_MSIL2A_…``, ``T33UUU_…``), or None."""
+    """Guess a preset from product file names (``LC08_…``, ``LT50350322008110PAC01_…``, ``S2A_MSIL2A_…``), or None.
+
+    None also when the names point at different sensors, or at a Landsat MSS product (no preset).
+    """
     rules = [
         (r"(?:^|_)LC09_|(?:^|_)l9_", "landsat9"),
-        (r"(?:^|_)LC08_|(?:^|_)l8_|^LC8\d", "landsat8"),
-        (r"(?:^|_)LE07_|^LE7\d|(?:^|_)l7_", "landsat7"),
-        (r"(?:^|_)L[TM]0[45]_|^LT[45]\d|(?:^|_)l5_", "landsat5"),
+        (r"(?:^|_)LC08_|(?:^|_)l8_", "landsat8"),
+        (r"(?:^|_)LE07_|(?:^|_)l7_", "landsat7"),
+        (r"(?:^|_)LT0[45]_|(?:^|_)l5_", "landsat5"),
         (r"HLS\.S30\.", "hls"),
         (r"HLS\.L30\.", "hls_l30"),
         (r"MSIL2A|_L2A_|^T\d{2}[A-Z]{3}_\d{8}T\d{6}_(?:B\d{2}|B8A|SCL)_\d{2}m", "sentinel2_l2a"),
@@ -549,8 +602,12 @@ def guess_sensor(paths: Sequence[str | Path]) -> str | None:
         (r"^S1[ABC]_|_GRD|^s1[abc]-\w+-grd-", "sentinel1_grd"),
         (r"^MOD\d{2}|^MYD\d{2}|(?:^|_)(?:TERRA|AQUA)_MODIS_", "modis"),
     ]
-    found: set[str] = set()
+    found: set[str | None] = set()
     for path in paths:
+        landsat = landsat_id(path)
+        if landsat is not None:
+            found.add(landsat.sensor)
+            continue
         name = Path(path).name
         for pattern, sensor in rules:
             if re.search(pattern, name, flags=re.IGNORECASE):
@@ -561,7 +618,6 @@ def guess_sensor(paths: Sequence[str | Path]) -> str | None:
 
 _DATE_RULES: tuple[tuple[str, str], ...] = (
     (r"(?<!\d)(\d{4})-(\d{2})-(\d{2})(?!\d)", "ymd"),  # 2013-09-14
-    (r"^L[COTEM]0\d_[A-Z0-9]{4}_\d{6}_(\d{4})(\d{2})(\d{2})_", "ymd"),  # Landsat Collection 1/2 product id
     (r"(?:^|[_-])(\d{4})(\d{2})(\d{2})[Tt]\d{6}", "ymd"),  # Sentinel-1/2 sensing time
     (r"\.A(\d{4})(\d{3})\.", "yj"),  # MODIS .AYYYYDDD.
     (r"\.(\d{4})(\d{3})T\d{6}\.", "yj"),  # HLS .YYYYDDDTHHMMSS.
@@ -571,11 +627,14 @@ _DATE_RULES: tuple[tuple[str, str], ...] = (
 def guess_date(path: str | Path) -> str | None:
     """The acquisition date (YYYY-MM-DD) in a product file name, or None.
 
-    Knows Landsat product ids (``LC08_L1TP_042034_20200101_...``), Sentinel sensing times
+    Knows Landsat scene and product ids (:func:`landsat_id`), Sentinel sensing times
     (``..._20170613T101031_...``), MODIS (``.A2013257.``), HLS (``.2020123T...``) and ISO dates.
     """
     import datetime as dt
 
+    landsat = landsat_id(path)
+    if landsat is not None:
+        return landsat.date
     name = Path(path).name
     for pattern, form in _DATE_RULES:
         m = re.search(pattern, name)
