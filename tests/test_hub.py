@@ -300,6 +300,8 @@ def test_export_deepspeed_checkpoint_and_run_reload_exact(
     # the run directory: its model.safetensors (gathered in-process at the end) is as recent as the checkpoint
     proc = gfm_cli("export", str(run_dir), str(tmp_path / "from_run"))
     assert "exported run" in proc.stdout
+    cfg = json.loads((tmp_path / "from_run" / "config.json").read_text())
+    assert cfg["training"]["world_size"] == nproc and cfg["training"]["samples_seen"] == 8
     assert reload_and_forward(tmp_path / "from_run", reference) == "EQUAL"
     a = load_file(str(tmp_path / "from_ckpt" / "model.safetensors"))
     b = load_file(str(tmp_path / "from_run" / "model.safetensors"))

@@ -169,6 +169,9 @@ def resolve_source(path: str | Path) -> WeightsSource:
         src = _safetensors_source(weights, given, run_dir=p)
         if not complete or (src.step is not None and src.step >= complete[-1][0]):
             src.kind = "run"
+            last = complete[-1][1] / "trainer.json" if complete else None
+            if last is not None and last.is_file() and complete[-1][0] == src.step:
+                src.meta = json.loads(last.read_text())  # world size, ZeRO stage, effective batch of that run
             return src
     if complete:
         src = _checkpoint_source(complete[-1][1], given)
