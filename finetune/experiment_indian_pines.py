@@ -232,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--table", action="store_true", help="only print the table of the runs done so far")
     a = p.parse_args(argv)
-    out = Path(a.out)
+    out = Path(a.out).resolve()  # absolute: the manifests written there name files by absolute path
     out.mkdir(parents=True, exist_ok=True)
     if not a.table:
         import torch

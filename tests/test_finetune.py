@@ -278,6 +278,18 @@ def test_pixel_windows_are_centred_on_labelled_pixels_across_tiles(pixel_shards:
     assert state == {"epoch": 0, "position": 1}
 
 
+def test_class_names_travel_from_index_json(tmp_path: Path) -> None:
+    import dataclasses
+
+    from gfm.index import write as write_index
+
+    shards = pixel_dataset(tmp_path)
+    index = read_index(shards)
+    write_index(shards, dataclasses.replace(index, classes={1: "water", 2: "forest", 3: "crop"}))
+    data = TaskDataConfig(shards=str(shards), task="pixel", labels=LabelConfig(ignore=[0])).build()
+    assert data.class_names == ["water", "forest", "crop"]
+
+
 def test_task_data_errors_name_the_culprit(pixel_shards: Path, tmp_path: Path) -> None:
     with pytest.raises(TaskDataError, match="task 'scene' needs label.cls .* lack it .* labels found: label.npy"):
         TaskDataConfig(shards=str(pixel_shards), task="scene").build()

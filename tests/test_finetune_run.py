@@ -106,6 +106,16 @@ def test_split_is_reused_from_json(pixel_shards: Path, tmp_path: Path) -> None:
     assert (tmp_path / "a" / "head.safetensors").is_file()
 
 
+def test_resume_continues_from_the_last_checkpoint(pixel_shards: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "resume"
+    run(_cfg(pixel_shards, run_dir, "pixel", "lora", "checkpoint.every=2", steps=4))
+    assert (run_dir / "checkpoints" / "step_00000004" / "COMPLETE").is_file()
+    run(_cfg(pixel_shards, run_dir, "pixel", "lora", "checkpoint.every=2", "checkpoint.resume=auto", steps=6))
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [4, 6]  # the second run trained steps 5 and 6 only
+    assert (run_dir / "checkpoints" / "step_00000006" / "COMPLETE").is_file()
+
+
 def test_segmentation_full_with_layer_decay_and_seeds(pixel_shards: Path, tmp_path: Path) -> None:
     cfg = _cfg(pixel_shards, tmp_path / "seg", "segmentation", "full", "seeds=[0,1]", "optim.layer_decay=0.7",
                "split.block=16", "split.fractions=[0.5,0.0,0.5]", "data.batch_size=2", steps=3)

@@ -375,6 +375,25 @@ def _ignored(tile: Tile, cfg: TaskDataConfig) -> set[int]:
     return out
 
 
+def _check_uniform(tiles: Sequence[Tile], cfg: TaskDataConfig) -> None:
+    """One band set (and, for tile tasks, one tile size) over the dataset: batches stack samples."""
+    def signature(t: Tile) -> str:
+        return "|".join(f"{b['sensor']}/{b['name']}" for b in t.meta["bands"])
+
+    first = tiles[0]
+    for t in tiles[1:]:
+        if signature(t) != signature(first):
+            raise TaskDataError(
+                f"{cfg.shards}: tile {t.key!r} has other bands than {first.key!r} ({t.pixels.shape[0]} vs "
+                f"{first.pixels.shape[0]} observations); fine-tuning batches need one band set: build the task's "
+                "shards from one sensor and date set"
+            )
+        if cfg.task != "pixel" and t.pixels.shape != first.pixels.shape:
+            raise TaskDataError(f"{cfg.shards}: tile {t.key!r} is {t.pixels.shape[1]}x{t.pixels.shape[2]}, "
+                                f"{first.key!r} {first.pixels.shape[1]}x{first.pixels.shape[2]}; tile tasks need "
+                                "one tile size")
+
+
 def load_task_data(cfg: TaskDataConfig) -> TaskData:
     """Read ``cfg.shards`` and build the samples of ``cfg.task``.
 
@@ -429,6 +448,7 @@ def load_task_data(cfg: TaskDataConfig) -> TaskData:
             out[a == v] = i
         return out
 
+    _check_uniform(tiles, cfg)
     normalised = _normalised(tiles, index)
     data = TaskData(
         task=cfg.task, class_names=names, label_values=values, windows=Windows([], *(np.zeros(0, np.int64),) * 5,
