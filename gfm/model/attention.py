@@ -29,8 +29,8 @@ Both grow linearly in ``C`` through the ``T·D²`` terms; dense adds ``T²·D``,
 
 The **perception field mask** restricts the spatial branch to patches within a radius in metres (a
 local receptive field like a convolution's); the summary column (index 0) is always visible. Tokens
-with no valid pixel are masked as keys in both pools and both branches (:class:`GridMask`), so they
-are never attended and cannot influence valid tokens.
+with no valid pixel are masked as keys in both pools and both branches (:class:`GridMask`, gfm
+extension), so they are never attended and cannot influence valid tokens.
 """
 
 from __future__ import annotations

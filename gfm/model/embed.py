@@ -1,10 +1,10 @@
 """Tokens: per-observation patch embedding, spectral grouping, and the continuous embeddings.
 
 Every observation (a (band, time) pair) is cut into ``p × p`` patches by one shared linear map, so a
-model takes any number of bands in any order. Optional *spectral patching* folds up to ``s``
-consecutive observations of one sensor, date and kind into one token (hyperspectral cubes with
-C ≈ 200); a group never spans two sensors, dates or kinds, and is described by the wavelength span
-it covers.
+model takes any number of bands in any order. Optional *spectral patching* (gfm extension) folds up
+to ``s`` consecutive observations of one sensor, date and kind into one token (hyperspectral cubes
+with C ≈ 200); a group never spans two sensors, dates or kinds, and is described by the wavelength
+span it covers.
 
 Where a token sits is told by physics, not by an index into a fixed band list:
 
@@ -13,9 +13,9 @@ Where a token sits is told by physics, not by an index into a fixed band list:
 - channel: log wavelength and log bandwidth (one scale from 400 nm light to 5.5 cm C-band radar) and
   the observation kind (reflectance, thermal, SAR polarisation, index), through a small learned MLP,
   so an unseen sensor or wavelength still lands near its physical neighbours;
-- metadata: the acquisition date (day of year, year) per observation, and per tile its location on
-  the sphere (spherical harmonics of lon/lat) and its GSD, each through its own small MLP and added
-  with a learned scale. Any unknown value (NaN) is replaced by a learned "unknown" embedding of its
+- metadata (gfm extension): the acquisition date (day of year, year) per observation, and per tile
+  its location on the sphere (spherical harmonics of lon/lat) and its GSD, each through its own small
+  MLP and added with a learned scale. Any unknown value (NaN) is replaced by a learned "unknown" embedding of its
   kind, so nothing is silently defaulted and NaN never reaches a feature.
 
 Shapes: ``B`` batch, ``C`` observations, ``G`` token rows after spectral grouping (``G = C`` when
@@ -289,6 +289,9 @@ class PositionEmbed(nn.Module):
 class ChannelEmbed(nn.Module):
     """Embed an observation's spectral description: wavelength, bandwidth, kind → ``[B, G, D]``.
 
+    The paper embeds the centre wavelength alone with fixed sin-cos; the log scale, bandwidth, kind
+    and learned MLP are gfm's (one scale from light to radar, VV ≠ VH, unseen sensors embed sensibly).
+
     Fixed features: sin-cos of ln(wavelength / nm) and ln(bandwidth / nm) at geometric periods (the
     shortest resolves 10 nm hyperspectral steps at 2.5 µm, the longest spans light to radar).
     ``kind`` enters through a learned embedding; an unknown wavelength or bandwidth contributes its
@@ -399,7 +402,7 @@ def spherical_harmonics(lonlat: torch.Tensor, degree: int) -> torch.Tensor:
 
 
 class MetadataEmbed(nn.Module):
-    """Date (per observation), location and GSD (per tile), each with a learned scale.
+    """Date (per observation), location and GSD (per tile), each with a learned scale (gfm extension).
 
     - date: day of year as ``time_harmonics`` annual harmonics and the year at periods of 2..200
       years, read together with the location (day 180 is summer in one hemisphere, winter in the

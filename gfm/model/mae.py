@@ -14,11 +14,13 @@ never teach the model to predict fill):
 so a hidden row at a hidden position counts in both, as in the authors' ``calculate_modal_loss``.
 Each term is computed per modality group (optical, thermal, SAR, index: :data:`KIND_GROUP`) and the
 groups present are averaged with their weights, so in a Sentinel-1 + Sentinel-2 batch the two radar
-bands weigh as much as the ten optical ones (``loss_balance="pixel"`` pools all pixels instead).
+bands weigh as much as the ten optical ones (``loss_balance="pixel"`` pools all pixels instead). The
+authors average over "optical" and "radar" told apart by channel position; grouping by observation
+kind, valid-pixel weighting and the group weights are gfm's.
 
 During pretraining each kind of metadata (location, date, GSD, bandwidth) is hidden per sample with
-its own probability (:data:`METADATA_DROPOUT`), so the model's learned "unknown" embeddings are
-trained on purpose rather than by accident.
+its own probability (:data:`METADATA_DROPOUT`, gfm extension), so the model's learned "unknown"
+embeddings are trained on purpose rather than by accident.
 
 ``forward`` reads ``drop_metadata → embed → forward_encoder → forward_decoder → forward_loss``.
 """
