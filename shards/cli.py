@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 
 from gfm import index as index_file
 from gfm.sensors import SensorError, load_sensors_yaml
 from gfm.shards import (
+    EDGES,
     RESAMPLING,
     BuildOptions,
     DateSpec,
@@ -35,6 +40,9 @@ _BUILD_EPILOG = """examples:
   gfm shards build RGB.tif --sensor landsat8 --bands B4,B3,B2 --date 2015-08-04 --out shards/rgb
   gfm shards build pines.npy --wavelengths wl.txt --label gt.npy --gsd 20 --tile 32 --out shards/pines
   gfm shards build --manifest scenes.yaml --out shards/all --workers 8 --part 0/4
+  gfm shards build LE7*_b[1-5].tif LE7*_fmask.tif LT5*_b[1-5].tif LT5*_fmask.tif --out shards/l57
+  gfm shards build a_B4.tif b_B4.tif --date 2008-04-19 --date 2008-04-27 --out shards/ab
+  gfm shards build LT5*_b[345].tif --label fields.gpkg --label-field crop --edge pad --out shards/fields
 """
 
 
@@ -57,9 +65,13 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--sensor", help="sensor preset (see 'gfm sensors'); guessed from product file names if omitted")
     b.add_argument("--sensors-yaml", help="YAML file of user sensor definitions to register first")
     b.add_argument("--bands", help="band names in file/band order, comma separated, when names can't be recognised")
-    b.add_argument("--date", help="acquisition date YYYY-MM-DD (default: read from product file names; files of "
-                   "several dates make a time series)")
-    b.add_argument("--label", help="label raster (reprojected with nearest) or .npy/.mat array on the scene grid")
+    b.add_argument("--date", action="append",
+                   help="acquisition date YYYY-MM-DD: once for every file, or once per file in file order "
+                   "(default: read from product file names and Landsat scene ids; files of several dates make a "
+                   "time series)")
+    b.add_argument("--label", help="label raster (reprojected with nearest; integer, or float holding integers), "
+                   ".npy/.mat array on the scene grid, or vector file (.gpkg, .geojson, .shp...) rasterised onto it")
+    b.add_argument("--label-field", help="attribute of a vector label file holding the class (integer or name)")
     b.add_argument("--label-key", help="variable name in a .mat label file")
     b.add_argument("--label-ignore", type=int, default=-1,
                    help="label value for pixels outside the label raster (default -1)")
@@ -70,7 +82,12 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--nodata", type=float, help="nodata value overriding the files' own")
     b.add_argument("--tile", type=int, default=64, help="tile size in pixels (default 64)")
     b.add_argument("--stride", type=int, help="tile stride in pixels (default: tile size, no overlap)")
-    b.add_argument("--gsd", type=float, help="target ground sampling distance in metres (default: the finest band)")
+    b.add_argument("--gsd", type=float, help="target ground sampling distance in metres (default: the finest file, "
+                   "pixel sizes compared in metres)")
+    b.add_argument("--crs", help="CRS of the scene grid, e.g. EPSG:32633 (default: the finest file's)")
+    b.add_argument("--edge", default="full", choices=list(EDGES),
+                   help="full: whole tiles only (default); pad: also the partial tiles at the right and bottom "
+                   "edges, the part outside the scene marked invalid")
     b.add_argument("--resampling", default="bilinear",
                    choices=list(RESAMPLING),
                    help="resampling for bands not on the scene grid (default bilinear; labels always nearest)")
@@ -81,6 +98,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--part", default="0/1", help="i/n: build only part i of n (SLURM arrays, several machines)")
     b.add_argument("--name", default="gfm", help="shard file name prefix (default gfm)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.add_argument("--force", action="store_true",
+                   help="write into a non-empty directory that is not a gfm dataset (its files are never overwritten)")
 
     i = sub.add_parser("index", help="merge finished shards (all --part jobs) into index.json")
     i.add_argument("dir")
@@ -98,14 +117,15 @@ _FLAGS = {
     "tile": "--tile", "stride": "--stride", "min_valid": "--min-valid", "shard_size": "--shard-size",
     "workers": "--workers", "part": "--part", "resampling": "--resampling", "sensor": "--sensor",
     "bands": "--bands", "cube_key": "--key", "wavelengths": "--wavelengths FILE", "label_key": "--label-key",
-    "date": "--date",
+    "date": "--date", "edge": "--edge", "force": "--force", "name": "--name", "crs": "--crs", "gsd": "--gsd",
+    "label_field": "--label-field",
 }
 
 
 def _flag(option: str, value: object) -> str:
     """A library option placeholder as this program's flag, with its value as typed on the command line."""
     flag = _FLAGS.get(option, option)
-    if value is None:
+    if value is None or value is True:
         return flag
     if isinstance(value, (list, tuple)) and option == "part":
         return f"{flag} {value[0]}/{value[1]}"
@@ -157,19 +177,35 @@ def _single_scene(a: argparse.Namespace) -> SceneSpec:
     scene_id = a.scene_id or Path(a.files[0]).stem.split(".")[0]
     return SceneSpec(
         id=scene_id,
-        dates=_group_by_date(files, a.date),
+        dates=_group_by_date(files, a.date or []),
         label=a.label,
         label_key=a.label_key,
         gsd=a.gsd,
+        crs=a.crs,
         label_ignore=a.label_ignore,
+        label_field=a.label_field,
     )
 
 
-def _group_by_date(files: list[FileSpec], date: str | None) -> list[DateSpec]:
-    """One date (--date, or the one date in the file names), or a time series when names differ in date."""
-    dates = dates_from_names(files, date)
+def _group_by_date(files: list[FileSpec], given: list[str]) -> list[DateSpec]:
+    """One date or a time series of several.
+
+    One ``--date`` (or one date in the file names) makes one date; a ``--date`` per file, or names that
+    differ in date, make a time series.
+    """
+    if len(given) > 1:
+        if len(given) != len(files):
+            raise InputError(f"--date given {len(given)} times for {len(files)} files: give it once for all files "
+                             "or once per file, in file order")
+        by_date: dict[str, list[FileSpec]] = {}
+        for f, d in zip(files, given):
+            by_date.setdefault(d, []).append(f)
+        dates = [DateSpec(d, by_date[d]) for d in sorted(by_date)]
+    else:
+        dates = dates_from_names(files, given[0] if given else None)
     if len(dates) > 1:
-        print(f"notice: {len(dates)} dates in the file names ({dates[0].date} .. {dates[-1].date}): one time series, "
+        source = "given" if len(given) > 1 else "in the file names"
+        print(f"notice: {len(dates)} dates {source} ({dates[0].date} .. {dates[-1].date}): one time series, "
               "aligned to the first date's grid", file=sys.stderr)
     return dates
 
@@ -184,9 +220,9 @@ def _cmd_build(a: argparse.Namespace) -> int:
         if a.files:
             raise InputError("give either FILE... or --manifest, not both")
         specs = load_manifest(a.manifest)
-        if a.gsd is not None:
-            for spec in specs:
-                spec.gsd = spec.gsd or a.gsd
+        for spec in specs:
+            spec.gsd = spec.gsd if spec.gsd is not None else a.gsd
+            spec.crs = spec.crs if spec.crs is not None else a.crs
     else:
         specs = [_single_scene(a)]
     try:
@@ -196,6 +232,7 @@ def _cmd_build(a: argparse.Namespace) -> int:
     opts = BuildOptions(
         out=a.out, tile=a.tile, stride=a.stride, min_valid=a.min_valid, shard_size=parse_size(a.shard_size),
         workers=a.workers, part=(pi, pn), name=a.name, resampling=a.resampling, progress=not a.no_progress,
+        edge=a.edge, force=a.force,
     )
     r = build(specs, opts, log=lambda m: print(m, file=sys.stderr))
     print(
@@ -244,20 +281,46 @@ def _cmd_info(a: argparse.Namespace) -> int:
 _COMMANDS = {"build": _cmd_build, "index": _cmd_index, "verify": _cmd_verify, "info": _cmd_info}
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so a build stops its workers and removes its temporary files."""
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise _Terminated()
+
+
+@contextmanager
+def _sigterm_stops() -> Iterator[None]:
+    """While inside, SIGTERM raises :class:`_Terminated` (in the main thread only; elsewhere nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``gfm shards``: run one subcommand; errors are one line on stderr and exit code 2."""
+    """Entry point of ``gfm shards``: run one subcommand; errors are one line on stderr and exit code 2.
+
+    SIGINT and SIGTERM stop a build at once (workers killed, finished shards kept): exit codes 130 and 143.
+    """
     a = _parser().parse_args(argv)
     try:
-        return _COMMANDS[a.cmd](a)
+        with _sigterm_stops():
+            return _COMMANDS[a.cmd](a)
     except ShardError as e:
         message = e.render(_flag)
     except index_file.IndexNotFoundError as e:
         message = f"{e.path}: no index.json (run 'gfm shards build' or 'gfm shards index {e.path.parent}')"
     except index_file.IndexFileError as e:
         message = str(e)
-    except KeyboardInterrupt:
-        print(f"gfm shards {a.cmd}: interrupted; finished shards are kept, re-run to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        what = "terminated" if isinstance(e, _Terminated) else "interrupted"
+        print(f"gfm shards {a.cmd}: {what}; finished shards are kept, re-run to resume", file=sys.stderr)
+        return 143 if isinstance(e, _Terminated) else 130
     print(f"gfm shards {a.cmd}: error: {message}", file=sys.stderr)
     return 2
 

@@ -370,7 +370,8 @@ def test_api_errors_name_the_value_and_cli_names_the_flag(scene, tmp_path, capsy
     capsys.readouterr()
     assert run("build", *scene.files[DATES[0]], "--out", tmp_path / "c", "--tile", "100") == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after the notices of the opened files
-    assert last == "gfm shards build: error: no tile fits in scene(s) T33UUU_20200101T101010_B02 (64x64) at --tile 100"
+    assert last == ("gfm shards build: error: no tile fits in scene(s) T33UUU_20200101T101010_B02 (64x64) at --tile 100; "
+                    "--edge pad writes partial tiles")
     assert run("build", two, "--sensor", "landsat8", "--out", tmp_path / "c2", "--tile", "8") == 2
     assert capsys.readouterr().err.strip().endswith("name them in file order (e.g. --bands B1,B2)")
 
@@ -388,10 +389,12 @@ def test_info_and_verify_on_missing_or_bad_index(tmp_path, capsys):
         "got 'x'")
 
 
-def test_label_raster_must_be_integer(scene, tmp_path):
-    bad = write_raster(tmp_path / "float_labels.tif", np.zeros((SIZE, SIZE), np.float32), GRID, CRS_UTM)
+def test_label_raster_must_hold_integers(scene, tmp_path):
+    values = np.zeros((SIZE, SIZE), np.float32)
+    values[5, 7] = 2.5
+    bad = write_raster(tmp_path / "float_labels.tif", values, GRID, CRS_UTM)
     spec = SceneSpec("s", [DateSpec(DATES[0], [FileSpec(str(scene.files[DATES[0]][0]))])], label=str(bad))
-    with pytest.raises(InputError, match=r"float_labels.tif: label raster dtype float32 is not an integer type"):
+    with pytest.raises(InputError, match=r"float_labels.tif: label values must be integer classes; found 2.5"):
         build([spec], BuildOptions(out=str(tmp_path / "o"), tile=TILE, progress=False))
     with rasterio.open(scene.files[DATES[0]][0]) as ds:  # the fixture itself is what the docstring says
         assert ds.crs.to_string() == CRS_UTM and ds.res == (RES, RES) and ds.nodata == 0

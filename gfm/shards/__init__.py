@@ -33,11 +33,12 @@ from gfm.shards.errors import DatasetError, InputError, OptionError, ShardError
 from gfm.shards.info import BandRow, DatasetInfo, info, info_text, plot_band_stats
 from gfm.shards.manifest import load_manifest
 from gfm.shards.merge import write_index
-from gfm.shards.options import RESAMPLING, BuildOptions
+from gfm.shards.options import EDGES, RESAMPLING, BuildOptions
 from gfm.shards.spec import DateSpec, FileSpec, SceneSpec, dates_from_names
 from gfm.shards.verify import Problem, VerifyReport, iter_samples, verify
 
 __all__ = [
+    "EDGES",
     "RESAMPLING",
     "BandRow",
     "BuildOptions",

@@ -1,9 +1,12 @@
 """The whole build: check every input, plan, write the shards (in parallel, resumably), merge the index.
 
 Every scene is opened once before anything is written, so input errors surface first. The plan is
-a pure function of the inputs and options; a re-run skips the shards whose sidecar exists, and a
-build split into parts (``BuildOptions.part``) writes only its share, to be merged by
-:func:`gfm.shards.write_index` once every part has finished.
+a pure function of the inputs and options; a re-run skips the shards whose sidecar exists, unless an
+input they were built from has changed since (:func:`gfm.shards.plan.reconcile_plan`), and a build
+split into parts (``BuildOptions.part``) writes only its share, to be merged by
+:func:`gfm.shards.write_index` once every part has finished. Workers never outlive the build
+(:mod:`gfm.shards.workers`); temporary files of a killed build are removed by the next
+(:mod:`gfm.shards.outdir`).
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,12 +22,23 @@ from tqdm import tqdm
 
 from gfm.index import Index
 from gfm.shards.errors import OptionError, ShardError
+from gfm.shards.labels import class_table
 from gfm.shards.merge import write_index
 from gfm.shards.options import BuildOptions
-from gfm.shards.plan import make_plan, tile_origins, write_plan
+from gfm.shards.outdir import check_writable, claim, remove_temporaries
+from gfm.shards.plan import (
+    fingerprint_inputs,
+    make_plan,
+    plan_doc,
+    reconcile_plan,
+    scene_digest,
+    tile_origins,
+    uncovered_fraction,
+)
 from gfm.shards.scene import open_scene
 from gfm.shards.sidecar import ShardSummary, is_complete
 from gfm.shards.spec import SceneSpec, check_specs
+from gfm.shards.workers import WorkerPool
 from gfm.shards.write import ShardJob, close_cached_scenes, write_shard
 
 _logger = logging.getLogger("gfm.shards")
@@ -89,9 +102,11 @@ def build(
         A :class:`BuildReport`.
 
     Raises:
-        InputError: bad input (raised before any shard is written).
+        InputError: bad input (raised before any shard is written, except a file that turns out to be
+            unreadable while its tiles are read).
         OptionError: no tile fits a scene, or no tile of a scene is valid enough.
-        DatasetError: ``options.out`` holds shards of a different build, or a finished shard is unreadable.
+        DatasetError: ``options.out`` holds shards of a different build, is not empty and not a gfm dataset,
+            cannot be written, or a finished shard is unreadable.
     """
     notices: list[str] = []
 
@@ -105,26 +120,41 @@ def build(
     specs = list(scenes)
 
     # Open every scene once up front: all input errors surface before anything is written.
+    classes = class_table(specs)
     opened = []
     try:
         for spec in specs:
-            scene = open_scene(spec, resampling=opts.resampling)
+            scene = open_scene(spec, resampling=opts.resampling, classes=classes)
             opened.append(scene)
             for notice in scene.notices:
                 emit(notice)
-        empty = [s for s in opened if not tile_origins(s.grid.height, s.grid.width, opts.tile, opts.step)]
+        empty = [s for s in opened
+                 if not tile_origins(s.grid.height, s.grid.width, opts.tile, opts.step, opts.edge)]
         if empty:
             sizes = ", ".join(f"{s.spec.id} ({s.grid.width}x{s.grid.height})" for s in empty)
-            raise OptionError(f"no tile fits in scene(s) {sizes} at {{tile}}", tile=opts.tile)
+            raise OptionError(f"no tile fits in scene(s) {sizes} at {{tile}}; {{edge}} writes partial tiles",
+                              tile=opts.tile, edge="pad")
+        for s in opened:
+            lost = uncovered_fraction(s.grid.height, s.grid.width, opts.tile, opts.step, opts.edge)
+            if lost > 0:
+                emit(f"notice: scene {s.spec.id!r}: {lost:.0%} of its {s.grid.width}x{s.grid.height} pixels lie past "
+                     "the last whole tile and are not written (edge 'pad' writes them as partial tiles)")
         plans = make_plan(opened, opts)
+        digests = [scene_digest(s, classes) for s in opened]
     finally:
         for s in opened:
             s.close()
+    fingerprints = fingerprint_inputs(specs)
 
-    out.mkdir(parents=True, exist_ok=True)
-    write_plan(out, specs, opts, plans)
+    check_writable(out)
+    claim(out, [p.name for p in plans], force=opts.force)
     i, n = opts.part
     mine = [p for p in plans if p.index % n == i]
+    stale_tmp = remove_temporaries(out, [p.name for p in mine], plan_files=n == 1)
+    if stale_tmp:
+        emit(f"notice: removed {len(stale_tmp)} temporary file(s) left by an interrupted build ({stale_tmp[0]}...)")
+    for notice in reconcile_plan(out, specs, plan_doc(specs, opts, plans, fingerprints, digests, classes)):
+        emit(notice)
     todo = [p for p in mine if not is_complete(out, p.name)]
     skipped = len(mine) - len(todo)
     if skipped:
@@ -132,31 +162,26 @@ def build(
     total_tiles = sum(len(p.tiles) for p in todo)
     t0 = time.perf_counter()
     results: list[ShardSummary] = []
-    errors: list[ShardError] = []
     bar = tqdm(total=total_tiles, unit="tile", desc="shards", disable=not opts.progress, file=sys.stderr)
-    jobs = [ShardJob(p, specs, opts) for p in todo]
+    jobs = [ShardJob(p, specs, opts, classes) for p in todo]
     try:
         if opts.workers <= 1 or len(jobs) <= 1:
             for job in jobs:
                 results.append(write_shard(job, on_tile=bar.update))
         else:
-            with ProcessPoolExecutor(max_workers=opts.workers) as pool:
-                pending = {pool.submit(_worker, job): job for job in jobs}
-                while pending:
-                    finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-                    for fut in finished:
-                        job = pending.pop(fut)
-                        res = fut.result()
-                        if isinstance(res, ShardError):
-                            errors.append(res)
-                        else:
-                            results.append(res)
-                        bar.update(len(job.plan.tiles))
+            with WorkerPool(min(opts.workers, len(jobs))) as pool:
+                for job, res in pool.imap_unordered(_worker, jobs):
+                    if isinstance(res, ShardError):
+                        raise res  # leaving the pool kills the other workers
+                    results.append(res)
+                    bar.update(len(job.plan.tiles))
+    except BaseException:
+        # workers are gone (killed by the pool); their unfinished shards stay under temporary names
+        remove_temporaries(out, [p.name for p in todo], plan_files=False)
+        raise
     finally:
         bar.close()
         close_cached_scenes()
-    if errors:
-        raise errors[0]
     seconds = time.perf_counter() - t0
     index = None
     if n == 1:

@@ -1,7 +1,10 @@
 """Pixel grids: the grid a scene is aligned to, and how it is chosen from the scene's files.
 
-Default: the grid of the finest band of the first date. With a target GSD, a band already at that
-GSD lends its exact grid; otherwise the finest band's extent is resampled to it. Cubes without
+Pixel sizes are compared in metres (each file's pixel size in its own CRS units, converted), never in
+raw CRS units, so degrees never beat metres. Default: the native grid of the finest file of the first
+date (the first such file among equals), in its CRS. ``SceneSpec.crs`` picks the CRS and
+``SceneSpec.gsd`` the pixel size in metres instead: a file already on that CRS at that GSD lends its exact
+grid; otherwise the finest file's extent is laid out in that CRS at that GSD. Cubes without
 georeference get an image grid (no CRS) of their own size.
 """
 
@@ -15,6 +18,7 @@ from typing import Any
 from rasterio.crs import CRS
 from rasterio.transform import Affine, array_bounds
 from rasterio.vrt import WarpedVRT
+from rasterio.warp import transform_bounds
 
 from gfm.shards.errors import InputError
 from gfm.shards.spec import SceneSpec
@@ -108,21 +112,110 @@ def cube_grid(spec: SceneSpec, height: int, width: int) -> Grid:
     return Grid(None, Affine(gsd, 0, 0, 0, -gsd, height * gsd), width, height)
 
 
-def target_grid(spec: SceneSpec, datasets: Sequence[Any]) -> Grid:
-    """The scene grid from the first date's rasters: the finest, or the one at ``spec.gsd``."""
+def _metres_to_units(crs: CRS, metres: float, lat: float) -> tuple[float, float]:
+    """A pixel size in metres as (x, y) steps in ``crs`` units (degrees at latitude ``lat`` when geographic)."""
+    if crs.is_geographic:
+        return metres / (111_320.0 * max(math.cos(math.radians(lat)), 1e-6)), metres / 110_574.0
+    try:
+        factor = float(crs.linear_units_factor[1])
+    except Exception:  # CRS without linear units: treat as metres
+        factor = 1.0
+    return metres / factor, metres / factor
+
+
+def _bounds_in(grid: Grid, crs: CRS) -> tuple[float, float, float, float] | None:
+    """``grid``'s bounds in ``crs`` (None when they cannot be transformed)."""
+    if grid.crs is None:
+        return None
+    if grid.crs == crs:
+        return grid.bounds
+    try:
+        return tuple(transform_bounds(grid.crs, crs, *grid.bounds))  # type: ignore[return-value]
+    except Exception:
+        return None
+
+
+def _intersects(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def check_overlap(spec: SceneSpec, grids: Sequence[Grid], paths: Sequence[str]) -> None:
+    """Raise :class:`InputError` naming the file that overlaps the fewest of the others (the outlier).
+
+    Among files that overlap equally few, the later one is blamed (the first file states the user's intent).
+    Bounds that cannot be transformed between two CRSs count as overlapping.
+    """
+    n = len(grids)
+    if n < 2:
+        return
+    misses: list[list[int]] = [[] for _ in range(n)]
+    for i in range(n):
+        crs = grids[i].crs
+        if crs is None:
+            continue
+        for j in range(n):
+            if i == j:
+                continue
+            other = _bounds_in(grids[j], crs)
+            if other is not None and not _intersects(grids[i].bounds, other):
+                misses[i].append(j)
+    worst = max(range(n), key=lambda i: (len(misses[i]), i))
+    if not misses[worst]:
+        return
+    j = misses[worst][0]
+    g, crs = grids[worst], grids[worst].crs
+    other = _bounds_in(grids[j], crs) if crs is not None else None
+    fmt = ",".join
+    more = f" and {len(misses[worst]) - 1} more" if len(misses[worst]) > 1 else ""
+    raise InputError(
+        f"{paths[worst]}: does not overlap the other files of scene {spec.id!r} ({paths[j]}{more}): its bounds "
+        f"{fmt(f'{v:.6g}' for v in g.bounds)} vs {fmt(f'{v:.6g}' for v in other or ())} in {crs_string(crs)}"
+    )
+
+
+def target_grid(spec: SceneSpec, datasets: Sequence[Any], paths: Sequence[str] | None = None) -> tuple[Grid, str]:
+    """The scene grid from the first date's rasters, and a notice stating its CRS, GSD and origin.
+
+    See the module docstring for the rule. ``paths`` name the datasets in errors and the notice.
+
+    Raises:
+        InputError: a file that does not overlap the others; a ``spec.crs`` that is not a CRS.
+    """
+    names = list(paths) if paths is not None else [str(getattr(d, "name", f"file {i}")) for i, d in
+                                                     enumerate(datasets)]
     grids = [grid_of(d) for d in datasets]
-    pool = [g for g in grids if g.crs is not None] or grids
-    finest = min(pool, key=lambda g: abs(g.transform.a))
-    if spec.gsd is None:
-        return finest
-    for g in pool:  # a band already at the requested GSD keeps its native grid (exact pixels)
-        if math.isclose(g.gsd_m(), spec.gsd, rel_tol=1e-6) or math.isclose(abs(g.transform.a), spec.gsd):
-            return g
-    g = finest
-    scale = spec.gsd / g.gsd_m()
-    step = abs(g.transform.a) * scale
-    left, bottom, right, top = g.bounds
-    width = max(1, int(round((right - left) / step)))
-    height = max(1, int(round((top - bottom) / (abs(g.transform.e) * scale))))
-    transform = Affine(step, 0, left, 0, -abs(g.transform.e) * scale, top)
-    return Grid(g.crs, transform, width, height)
+    georef = [(g, p) for g, p in zip(grids, names) if g.crs is not None]
+    if not georef:  # image coordinates only: the finest pixel grid
+        g, p = min(zip(grids, names), key=lambda gp: abs(gp[0].transform.a))
+        return g, f"notice: scene {spec.id!r}: image grid (no CRS), {g.width}x{g.height} px from {p}"
+    check_overlap(spec, [g for g, _ in georef], [p for _, p in georef])
+    finest, finest_path = min(georef, key=lambda gp: round(gp[0].gsd_m(), 3))
+    if spec.crs is not None:
+        try:
+            crs = CRS.from_user_input(spec.crs)
+        except Exception as e:
+            raise InputError(f"scene {spec.id!r}: {{crs}} {spec.crs!r} is not a CRS ({e})", crs=None) from None
+    else:
+        crs = finest.crs
+    assert crs is not None
+    gsd = spec.gsd if spec.gsd is not None else finest.gsd_m()
+    # a file already on that CRS at that GSD keeps its native grid (exact pixels); the finest such first
+    for g, p in georef:
+        if g.crs == crs and math.isclose(g.gsd_m(), gsd, rel_tol=1e-6):
+            return g, _notice(spec, g, f"the grid of {p}")
+    bounds = _bounds_in(finest, crs)
+    if bounds is None:
+        raise InputError(f"{finest_path}: cannot transform its bounds to {crs_string(crs)}")
+    left, bottom, right, top = bounds
+    step_x, step_y = _metres_to_units(crs, gsd, (bottom + top) / 2)
+    width = max(1, int(round((right - left) / step_x)))
+    height = max(1, int(round((top - bottom) / step_y)))
+    g = Grid(crs, Affine(step_x, 0, left, 0, -step_y, top), width, height)
+    return g, _notice(spec, g, f"the extent of {finest_path}, resampled")
+
+
+def _notice(spec: SceneSpec, g: Grid, origin: str) -> str:
+    crs = str(crs_string(g.crs))
+    crs_text = crs if len(crs) <= 60 else crs[:57] + "..."  # a WKT without EPSG code: its start names it
+    return (f"notice: scene {spec.id!r}: grid {crs_text} at {g.gsd_m():.4g} m, {g.width}x{g.height} px "
+            f"({origin})")

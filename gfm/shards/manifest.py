@@ -16,6 +16,10 @@ Format (paths relative to the manifest's folder)::
           - {path: S1Hand.tif, sensor: sentinel1_grd, bands: [VV, VH]}
         label: LabelHand.tif
         label_ignore: -1
+      - id: fields                      # vector labels, rasterised onto the scene grid
+        files: [LT50350322008110PAC01_b3.tif, LT50350322008110PAC01_b4.tif]
+        label: fields.gpkg
+        label_field: crop
       - id: slovenia                    # a time series: one entry per date
         sensor: sentinel2_l1c
         crs: EPSG:32633                 # georeference for cubes without one
@@ -42,14 +46,14 @@ from gfm.shards.spec import DateSpec, FileSpec, SceneSpec
 
 _SCENE_KEYS = {
     "id", "sensor", "date", "files", "observations", "label", "label_key", "label_class", "label_ignore",
-    "crs", "bounds", "gsd", "bands", "nodata",
+    "label_field", "crs", "bounds", "gsd", "bands", "nodata",
 }
 _FILE_KEYS = {"path", "sensor", "bands", "nodata", "key", "index", "wavelengths", "fwhm"}
 
 
 def _resolve(base: Path, p: str) -> str:
     path = Path(p)
-    return str(path if path.is_absolute() or str(p).startswith(("pipe:", "s3:", "gs:", "http")) else base / path)
+    return str(path if path.is_absolute() else base / path)
 
 
 def _file(base: Path, entry: Any, scene: dict[str, Any], where: str) -> FileSpec:
@@ -139,6 +143,7 @@ def load_manifest(path: str | Path) -> list[SceneSpec]:
                 bounds=[float(b) for b in scene["bounds"]] if scene.get("bounds") else None,
                 gsd=float(scene["gsd"]) if scene.get("gsd") is not None else None,
                 label_ignore=int(scene.get("label_ignore", -1)),
+                label_field=str(scene["label_field"]) if scene.get("label_field") is not None else None,
             )
         )
     return specs

@@ -7,7 +7,7 @@ from pathlib import Path
 from gfm import __version__, index
 from gfm.schema import SCHEMA_VERSION
 from gfm.shards.errors import DatasetError
-from gfm.shards.plan import planned_shards
+from gfm.shards.plan import plan_classes, planned_shards
 from gfm.shards.sidecar import SIDECAR_SUFFIX, read_sidecar
 from gfm.shards.stats import BandStats
 
@@ -16,7 +16,8 @@ def write_index(root: str | Path) -> index.Index:
     """Merge every shard sidecar in ``root`` into ``root/index.json`` and return the index.
 
     Band statistics merge exactly (counts, moments, histograms); shards the plan (``build.json``)
-    lists but that are not finished are listed as ``missing_shards``.
+    lists but that are not finished are listed as ``missing_shards``; the plan's class names (vector
+    labels) become ``classes``.
 
     Raises:
         DatasetError: no finished shard, an unreadable sidecar, a sidecar whose tar is missing, or
@@ -46,7 +47,7 @@ def write_index(root: str | Path) -> index.Index:
     summaries = {k: s.band_summary() for k, s in stats.items()}
     try:
         merged = index.merge(parts, summaries, schema=SCHEMA_VERSION, created_by=f"gfm {__version__}",
-                             planned=planned, tile_size=tile_size)
+                             planned=planned, tile_size=tile_size, classes=plan_classes(out))
     except index.IndexFileError as e:
         raise DatasetError(f"{out}: {e}") from None
     index.write(out, merged)

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from gfm.shards.errors import OptionError
 
 #: Resampling methods for bands not on the scene grid (labels and quality layers always use nearest).
 RESAMPLING: tuple[str, ...] = ("nearest", "bilinear", "cubic", "average", "lanczos", "mode")
+
+#: What to do with the partial tiles at a scene's right and bottom edges (see :class:`BuildOptions`).
+EDGES: tuple[str, ...] = ("full", "pad")
+
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+\-]*")
 
 
 @dataclass
@@ -26,6 +32,11 @@ class BuildOptions:
         name: shard file name prefix (``<name>-<index:06d>.tar``).
         resampling: one of :data:`RESAMPLING`.
         progress: show a progress bar on stderr.
+        edge: ``"full"``: only whole tiles (pixels past the last whole tile of a row or column are not
+            written; a notice says how many); ``"pad"``: partial tiles at the right and bottom edges are
+            written full-size with the part outside the scene marked invalid (it counts against
+            ``min_valid``).
+        force: write into an existing directory that is not a gfm dataset (its files are never overwritten).
 
     Raises:
         OptionError: a value out of range, naming the field and what was expected.
@@ -41,6 +52,8 @@ class BuildOptions:
     name: str = "gfm"
     resampling: str = "bilinear"
     progress: bool = True
+    edge: str = "full"
+    force: bool = False
 
     def __post_init__(self) -> None:
         if self.tile < 1:
@@ -56,6 +69,11 @@ class BuildOptions:
             raise OptionError("{part}: expected i/n with 0 <= i < n", part=self.part)
         if self.resampling not in RESAMPLING:
             raise OptionError(f"{{resampling}}: expected one of {', '.join(RESAMPLING)}", resampling=self.resampling)
+        if self.edge not in EDGES:
+            raise OptionError(f"{{edge}}: expected one of {', '.join(EDGES)}", edge=self.edge)
+        if not _NAME.fullmatch(self.name):
+            raise OptionError("{name}: expected a plain file name prefix (letters, digits, '_', '-', '.', '+')",
+                              name=self.name)
 
     @property
     def step(self) -> int:

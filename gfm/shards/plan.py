@@ -2,25 +2,41 @@
 
 Every candidate tile of every scene, in scene then row-major order, is packed into shards of about
 ``shard_size`` bytes (estimated), named ``<name>-<index:06d>.tar``. The plan is recorded in
-``build.json``; a directory that holds shards of another plan is refused, so a re-run (or another
-``part``) always adds to the same build.
+``build.json`` with what it was made from:
+
+* the options and scene specs: a directory that holds shards of other specs or options is refused, so
+  a re-run (or another ``part``) always adds to the same build;
+* a fingerprint of every input file (:mod:`gfm.shards.fingerprint`) and a digest of each opened scene
+  (grid, bands with their sensor descriptions, validity rules, label classes): a re-run whose inputs
+  changed invalidates exactly the shards holding tiles of the scenes those inputs fed (their files
+  are deleted and rebuilt), with a notice naming each changed file;
+* per shard, the scenes it holds and a digest of its tile list.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from gfm import __version__
 from gfm.fileio import atomic_write
+from gfm.index import INDEX_FILE, members_name
 from gfm.shards.errors import DatasetError
+from gfm.shards.fingerprint import Fingerprint, fingerprint
 from gfm.shards.options import BuildOptions
 from gfm.shards.scene import Scene
+from gfm.shards.sidecar import sidecar_path
 from gfm.shards.spec import SceneSpec
 
 PLAN_FILE = "build.json"
+#: ``format`` of the ``build.json`` written here (files without one come from before input fingerprints).
+PLAN_FORMAT = 2
+# build.json keys that must match for a directory to hold the same build
+_SAME_BUILD = ("name", "tile", "stride", "min_valid", "shard_size", "resampling", "edge", "scenes")
 
 
 @dataclass
@@ -37,11 +53,32 @@ def shard_name(name: str, index: int) -> str:
     return f"{name}-{index:06d}.tar"
 
 
-def tile_origins(height: int, width: int, tile: int, step: int) -> list[tuple[int, int]]:
-    """Top-left (row, col) of every full tile; partial edge tiles are not produced."""
-    rows = range(0, height - tile + 1, step) if height >= tile else range(0)
-    cols = range(0, width - tile + 1, step) if width >= tile else range(0)
-    return [(r, c) for r in rows for c in cols]
+def _starts(n: int, tile: int, step: int, pad: bool) -> list[int]:
+    if not pad:
+        return list(range(0, n - tile + 1, step)) if n >= tile else []
+    starts = [0]
+    while starts[-1] + tile < n:
+        starts.append(starts[-1] + step)
+    return starts
+
+
+def tile_origins(height: int, width: int, tile: int, step: int, edge: str = "full") -> list[tuple[int, int]]:
+    """Top-left (row, col) of every tile.
+
+    ``edge="full"``: whole tiles only; ``edge="pad"``: until the edges are covered (the last tile of a row
+    or column may reach past the scene; it is padded).
+    """
+    pad = edge == "pad"
+    return [(r, c) for r in _starts(height, tile, step, pad) for c in _starts(width, tile, step, pad)]
+
+
+def uncovered_fraction(height: int, width: int, tile: int, step: int, edge: str = "full") -> float:
+    """Fraction of a scene's pixels that no tile covers (0 with ``edge="pad"``)."""
+    rows, cols = _starts(height, tile, step, edge == "pad"), _starts(width, tile, step, edge == "pad")
+    if not rows or not cols:
+        return 1.0
+    covered = min(height, rows[-1] + tile) * min(width, cols[-1] + tile)
+    return 1.0 - covered / (height * width)
 
 
 def make_plan(scenes: Sequence[Scene], opts: BuildOptions) -> list[ShardPlan]:
@@ -53,7 +90,7 @@ def make_plan(scenes: Sequence[Scene], opts: BuildOptions) -> list[ShardPlan]:
         c = len(scene.observations)
         # pixels + valid mask + label, plus tar headers and meta.json
         per_tile = opts.tile * opts.tile * (c * scene.dtype().itemsize + c + 4) + 2048
-        for r, col in tile_origins(scene.grid.height, scene.grid.width, opts.tile, opts.step):
+        for r, col in tile_origins(scene.grid.height, scene.grid.width, opts.tile, opts.step, opts.edge):
             if current.tiles and used + per_tile > opts.shard_size:
                 plans.append(current)
                 current = ShardPlan(len(plans), shard_name(opts.name, len(plans)))
@@ -65,43 +102,201 @@ def make_plan(scenes: Sequence[Scene], opts: BuildOptions) -> list[ShardPlan]:
     return plans
 
 
-def planned_shards(out: Path) -> tuple[list[str], int] | None:
-    """``(shard names, tile size)`` recorded in ``out/build.json``, or None when there is no plan file."""
-    path = out / PLAN_FILE
-    if not path.exists():
-        return None
-    try:
-        doc = json.loads(path.read_text())
-        return [str(s["name"]) for s in doc["shards"]], int(doc["tile"])
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise DatasetError(f"{path}: unreadable build plan ({e}); delete the directory and rebuild") from None
+def input_paths(spec: SceneSpec) -> list[str]:
+    """Every local file a scene reads (bands, cubes, wavelength lists, label), each once, in order."""
+    paths: list[str] = []
+    for d in spec.dates:
+        for f in d.files:
+            paths += [p for p in (f.path, f.wavelengths, f.fwhm) if p is not None]
+    if spec.label is not None:
+        paths.append(spec.label)
+    return list(dict.fromkeys(paths))
 
 
-def write_plan(out: Path, specs: Sequence[SceneSpec], opts: BuildOptions, plans: Sequence[ShardPlan]) -> None:
-    """Record the plan in ``build.json``; refuse a directory that holds shards of a different plan."""
-    plan_doc = {
+def scene_digest(scene: Scene, classes: Mapping[str, int] | None) -> str:
+    """sha256 of what an opened scene puts into its tiles besides pixels: grid, bands, rules, classes."""
+    g = scene.grid
+    doc = {
+        "grid": [str(g.crs) if g.crs is not None else None, list(g.transform)[:6], g.width, g.height],
+        "observations": [[b.to_dict(), d] for b, d in scene.observations],
+        "nodata": scene.tile_constants.nodata,
+        "scale": scene.tile_constants.scale,
+        "offset": scene.tile_constants.offset,
+        "quality": [[q.reader.path, q.rule, q.date] for q in scene.quality],
+        "classes": dict(classes) if classes is not None and scene.spec.label is not None else None,
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _tiles_digest(plan: ShardPlan) -> str:
+    return hashlib.sha256(json.dumps(plan.tiles).encode()).hexdigest()[:16]
+
+
+def plan_doc(
+    specs: Sequence[SceneSpec],
+    opts: BuildOptions,
+    plans: Sequence[ShardPlan],
+    fingerprints: Mapping[str, Fingerprint],
+    digests: Sequence[str],
+    classes: Mapping[str, int] | None,
+) -> dict[str, Any]:
+    """The ``build.json`` document of a plan."""
+    doc = {
         "gfm": __version__,
+        "format": PLAN_FORMAT,
         "name": opts.name,
         "tile": opts.tile,
         "stride": opts.step,
         "min_valid": opts.min_valid,
         "shard_size": opts.shard_size,
         "resampling": opts.resampling,
+        "edge": opts.edge,
         "scenes": [asdict(s) for s in specs],
-        "shards": [{"name": p.name, "tiles": len(p.tiles)} for p in plans],
+        "classes": {name: value for name, value in classes.items()} if classes is not None else None,
+        "inputs": {p: fp.to_dict() for p, fp in fingerprints.items()},
+        "scene_digests": {s.id: d for s, d in zip(specs, digests)},
+        "shards": [
+            {"name": p.name, "tiles": len(p.tiles), "scenes": sorted({specs[si].id for si, _, _ in p.tiles}),
+             "digest": _tiles_digest(p)}
+            for p in plans
+        ],
     }
+    out: dict[str, Any] = json.loads(json.dumps(doc))  # as it reads back (tuples → lists)
+    return out
+
+
+def read_plan(out: Path) -> dict[str, Any] | None:
+    """The ``build.json`` of ``out`` as written by a gfm build, or None when there is none.
+
+    Raises:
+        DatasetError: the file exists but is not a gfm build plan.
+    """
     path = out / PLAN_FILE
-    if path.exists():
-        try:
-            old = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            old = None
-        if old is not None and {k: v for k, v in old.items() if k != "gfm"} != {
-            k: v for k, v in json.loads(json.dumps(plan_doc)).items() if k != "gfm"
-        }:
-            raise DatasetError(
-                f"{path}: {out} holds shards of a different build (other inputs or options); "
-                "use a new output directory or delete it"
-            )
-        return
-    atomic_write(path, json.dumps(plan_doc, indent=1).encode())
+    if not path.exists():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+        if not (isinstance(doc, dict) and "gfm" in doc and isinstance(doc.get("shards"), list)):
+            raise ValueError("not a gfm build plan")
+        for s in doc["shards"]:
+            str(s["name"])
+        return doc
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DatasetError(f"{path}: unreadable build plan ({e}); it was not written by gfm shards build, "
+                           "or is damaged: use a new output directory") from None
+
+
+def planned_shards(out: Path) -> tuple[list[str], int] | None:
+    """``(shard names, tile size)`` recorded in ``out/build.json``, or None when there is no plan file."""
+    doc = read_plan(out)
+    if doc is None:
+        return None
+    try:
+        return [str(s["name"]) for s in doc["shards"]], int(doc["tile"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise DatasetError(f"{out / PLAN_FILE}: unreadable build plan ({e}); use a new output directory") from None
+
+
+def plan_classes(out: Path) -> dict[int, str] | None:
+    """Label value → class name recorded in ``out/build.json`` (None when the labels have no names)."""
+    doc = read_plan(out)
+    classes = doc.get("classes") if doc is not None else None
+    if not isinstance(classes, dict):
+        return None
+    return {int(v): str(n) for n, v in classes.items()}
+
+
+def fingerprint_inputs(specs: Sequence[SceneSpec]) -> dict[str, Fingerprint]:
+    """A fingerprint of every input file of ``specs`` (see :func:`input_paths`)."""
+    from gfm.shards.errors import InputError
+
+    out: dict[str, Fingerprint] = {}
+    for spec in specs:
+        for p in input_paths(spec):
+            if p not in out:
+                try:
+                    out[p] = fingerprint(p)
+                except OSError as e:
+                    raise InputError(f"{p}: cannot read ({e.strerror})") from None
+    return out
+
+
+def shard_files(out: Path, name: str) -> list[Path]:
+    """The files a finished shard consists of: sidecar (first: it marks the shard complete), tar, member table."""
+    return [sidecar_path(out, name), out / name, out / members_name(name)]
+
+
+def _same_scenes(old: Any, new: Any) -> bool:
+    """Scene specs equal, ignoring fields the older file lacks that are unset (None) in the newer one."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = set(old) | {k for k, v in new.items() if v is not None}
+        return all(_same_scenes(old.get(k), new.get(k)) for k in keys)
+    if isinstance(old, list) and isinstance(new, list):
+        return len(old) == len(new) and all(_same_scenes(a, b) for a, b in zip(old, new))
+    return bool(old == new)
+
+
+def reconcile_plan(out: Path, specs: Sequence[SceneSpec], doc: dict[str, Any]) -> list[str]:
+    """Record ``doc`` (the plan of ``specs``) in ``out/build.json``, invalidating stale shards; returns notices.
+
+    A new directory just gets the plan. An existing plan must be of the same build (options and scene
+    specs); then every input whose fingerprint changed, and every scene whose digest changed, marks the
+    shards holding tiles of those scenes as stale, and so does a shard whose tile list changed: their
+    files are deleted (the sidecar first) before the new plan is written, so a crash in between leaves
+    them to be found stale again. ``index.json`` is removed with them (it lists them); the merge writes
+    it anew.
+
+    Raises:
+        DatasetError: ``out`` holds shards of a different build, or an unreadable plan.
+    """
+    path = out / PLAN_FILE
+    old = read_plan(out)
+    if old is None:
+        atomic_write(path, json.dumps(doc, indent=1).encode())
+        return []
+    shard_list = [(s.get("name"), s.get("tiles")) for s in old["shards"]]
+    same = all(_same_scenes(old.get(k, "full" if k == "edge" else None), doc[k]) for k in _SAME_BUILD)
+    if same and old.get("format") != PLAN_FORMAT:  # written before fingerprints: the plan itself must match
+        same = shard_list == [(s["name"], s["tiles"]) for s in doc["shards"]]
+    if not same:
+        raise DatasetError(
+            f"{path}: {out} holds shards of a different build (other inputs or options); "
+            "use a new output directory or delete it"
+        )
+    notices: list[str] = []
+    if old.get("format") != PLAN_FORMAT:
+        notices.append(f"notice: {path} records no input fingerprints (written by an older gfm); the finished "
+                       "shards are kept as they are")
+        atomic_write(path, json.dumps(doc, indent=1).encode())
+        return notices
+    stale_scenes: set[str] = set()
+    for spec in specs:
+        for p in input_paths(spec):
+            now = Fingerprint.from_dict(doc["inputs"][p])
+            assert now is not None
+            what = now.change_from(Fingerprint.from_dict(old.get("inputs", {}).get(p)))
+            if what is not None:
+                stale_scenes.add(spec.id)
+                notices.append(f"notice: input {p} changed since the last build ({what}); scene {spec.id!r} "
+                               "is rebuilt")
+    for sid, digest in doc["scene_digests"].items():
+        if old.get("scene_digests", {}).get(sid) != digest and sid not in stale_scenes:
+            stale_scenes.add(sid)
+            notices.append(f"notice: scene {sid!r} reads differently since the last build (grid, band "
+                           "descriptions, quality rules or label classes); it is rebuilt")
+    before = {s["name"]: s for s in old["shards"]}
+    after = {s["name"]: s for s in doc["shards"]}
+    stale = [name for name, s in after.items()
+             if name in before and (before[name].get("digest") != s["digest"] or stale_scenes & set(s["scenes"]))]
+    stale += [name for name in before if name not in after]
+    removed = [name for name in stale if any(f.exists() for f in shard_files(out, name))]
+    for name in removed:
+        for f in shard_files(out, name):
+            f.unlink(missing_ok=True)
+    if removed:
+        (out / INDEX_FILE).unlink(missing_ok=True)
+        listed = ", ".join(removed[:5]) + (f" and {len(removed) - 5} more" if len(removed) > 5 else "")
+        notices.append(f"notice: {len(removed)} finished shard(s) of changed inputs deleted, to be rebuilt: {listed}")
+    if doc != old:
+        atomic_write(path, json.dumps(doc, indent=1).encode())
+    return notices

@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 import rasterio
+from rasterio._err import CPLE_BaseError
 from rasterio.enums import Resampling
-from rasterio.errors import RasterioIOError
+from rasterio.errors import RasterioError, RasterioIOError
 from rasterio.vrt import WarpedVRT
 from rasterio.warp import transform_bounds
 from rasterio.windows import Window
@@ -46,8 +47,8 @@ class Reader:
         return {"file": self.path, "resampling": self.resampling}
 
     @property
-    def native_res(self) -> float:
-        """Pixel size of the source in its own CRS units (0 for a cube: it is the grid)."""
+    def native_gsd_m(self) -> float:
+        """Pixel size of the source in metres (0 for a cube: it is the grid)."""
         return 0.0
 
 
@@ -130,9 +131,9 @@ class RasterReader(Reader):
         return self._vrt is not None
 
     @property
-    def native_res(self) -> float:
-        """Pixel width of the file in its own CRS units."""
-        return float(abs(self._ds.transform.a))
+    def native_gsd_m(self) -> float:
+        """Pixel size of the file in metres (its own CRS units converted)."""
+        return grid_of(self._ds).gsd_m()
 
     @property
     def file_dtype(self) -> np.dtype:
@@ -154,7 +155,18 @@ class RasterReader(Reader):
             )
 
     def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
-        """Aligned ``(data, valid)`` for a window of the scene grid."""
+        """Aligned ``(data, valid)`` for a window of the scene grid.
+
+        Raises:
+            InputError: the file cannot be read there (truncated or corrupt), naming it.
+        """
+        try:
+            return self._read(window)
+        except (RasterioError, CPLE_BaseError, OSError) as e:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise InputError(f"{self.path}: cannot read its pixels (truncated or corrupt file? {msg})") from None
+
+    def _read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
         h, w = int(window.height), int(window.width)
         if self._vrt is not None:
             data = self._vrt.read(self.indexes, window=window)

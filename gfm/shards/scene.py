@@ -3,8 +3,10 @@
 A :class:`Scene` is an ordered list of observations (band, date) with, for each, a reader that
 returns any window of the scene grid already aligned, plus optional quality sources and a label.
 Opening a scene recognises each file's sensor and bands (file names, band descriptions, the sensor's
-band order), skips ancillary product layers, keeps the finest file of a band given twice, and turns
-quality layers into validity rules. Where the tiles lie is decided elsewhere (:mod:`gfm.shards.plan`).
+band order), skips ancillary product layers, and turns quality layers into validity rules. A band given
+twice for one date keeps the file that is finer in metres (with a notice); at the same resolution
+nothing says which to keep, so that is an error naming both files. Where the tiles lie is decided
+elsewhere (:mod:`gfm.shards.plan`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from gfm.schema import band_entry
 from gfm.sensors import Band, Sensor, SensorError, get_sensor, guess_sensor, hyperspectral, read_wavelengths
 from gfm.shards.errors import InputError
 from gfm.shards.grid import Grid, crs_string, cube_grid, target_grid
+from gfm.shards.labels import VectorLabelReader, check_label_raster, is_vector, label_array
 from gfm.shards.readers import CubeReader, RasterReader, Reader, cube_to_hwc, load_cube, open_raster
 from gfm.shards.spec import FileSpec, SceneSpec
 
@@ -118,11 +121,14 @@ class Scene:
             self.label.close()
 
 
-def open_scene(spec: SceneSpec, *, resampling: str = "bilinear") -> Scene:
+def open_scene(spec: SceneSpec, *, resampling: str = "bilinear", classes: Mapping[str, int] | None = None) -> Scene:
     """Open every file of a scene, choose its grid and build aligned readers.
 
+    ``classes`` numbers the class names of a text-valued vector label (:func:`gfm.shards.labels.class_table`
+    over every scene of the build).
+
     Raises:
-        InputError: any problem with a file, band name, sensor, wavelength list, or overlap.
+        InputError: any problem with a file, band name, sensor, wavelength list, label, or overlap.
     """
     if not spec.dates or not any(d.files for d in spec.dates):
         raise InputError(f"scene {spec.id!r}: no input files")
@@ -130,9 +136,12 @@ def open_scene(spec: SceneSpec, *, resampling: str = "bilinear") -> Scene:
     first = spec.dates[0]
     grid: Grid | None = None  # a cube scene takes its grid from the first cube, below
     if not any(_is_cube(f.path) for f in first.files):
-        opened = [open_raster(f.path) for f in first.files]
+        opened = []
         try:
-            grid = target_grid(spec, opened)
+            for f in first.files:
+                opened.append(open_raster(f.path))
+            grid, grid_notice = target_grid(spec, opened, [f.path for f in first.files])
+            notices.append(grid_notice)
         finally:
             for d in opened:
                 d.close()
@@ -179,24 +188,27 @@ def open_scene(spec: SceneSpec, *, resampling: str = "bilinear") -> Scene:
             if raster.warped:
                 notices.append(f"notice: {fs.path} resampled/reprojected onto the scene grid ({resampling})")
             date_readers.append(raster)
-        for kept in _drop_duplicate_bands(date_readers, notices):
+        for kept in _drop_duplicate_bands(date_readers, date.date, notices):
             readers.append((kept, date.date))
     assert grid is not None
 
     label_reader: Reader | None = None
-    label_array: np.ndarray | None = None
+    label_arr: np.ndarray | None = None
     if spec.label is not None:
         if _is_cube(spec.label):
-            label_array = _label_array(spec, spec.label, grid)
+            label_arr = _label_array(spec, spec.label, grid)
+        elif is_vector(spec.label):
+            vr = VectorLabelReader(spec.label, spec.label_field, grid, classes, spec.label_ignore)
+            notices.extend(vr.notices)
+            label_reader = vr
         else:
+            open_raster(spec.label).close()  # a missing or unreadable file: one line naming it
+            check_label_raster(spec.label)
             lr = RasterReader(spec.label, [1], [], grid, resampling="nearest", nodata=None)
-            if lr.file_dtype.kind not in "iu":
-                lr.close()
-                raise InputError(f"{spec.label}: label raster dtype {lr.file_dtype} is not an integer type")
             if lr.warped:
                 notices.append(f"notice: label {spec.label} reprojected onto the scene grid (nearest)")
             label_reader = lr
-    return Scene(spec, grid, readers, quality, label_reader, label_array, notices)
+    return Scene(spec, grid, readers, quality, label_reader, label_arr, notices)
 
 
 def _is_cube(path: str) -> bool:
@@ -211,9 +223,7 @@ def _label_array(spec: SceneSpec, path: str, grid: Grid) -> np.ndarray:
         raise InputError(
             f"{path}: label array shape {arr.shape} does not match the scene grid {(grid.height, grid.width)}"
         )
-    if arr.dtype.kind not in "iu":
-        raise InputError(f"{path}: label array dtype {arr.dtype} is not an integer type")
-    return np.asarray(arr)
+    return label_array(path, arr, spec.label_ignore)
 
 
 def _sensor_from(name: str | None, path: str) -> Sensor:
@@ -255,9 +265,15 @@ def _file_bands(fs: FileSpec, count: int, descriptions: Sequence[str | None], se
     )
 
 
-def _drop_duplicate_bands(readers: list[Reader], notices: list[str]) -> list[Reader]:
-    """Within one date, keep only the finest single-band file of a band given several times."""
+def _drop_duplicate_bands(readers: list[Reader], date: str | None, notices: list[str]) -> list[Reader]:
+    """Within one date, keep the finer (in metres) single-band file of a band given several times.
+
+    Raises:
+        InputError: the band is in a multi-band file too, or both files have the same resolution: then
+            nothing says which to keep (they are likely two dates), so both are named with how to date them.
+    """
     seen: dict[tuple[str, str], Reader] = {}
+    when = f"date {date}" if date is not None else "one undated observation"
     for r in readers:
         for b in r.bands:
             key = (b.sensor, b.name)
@@ -266,9 +282,21 @@ def _drop_duplicate_bands(readers: list[Reader], notices: list[str]) -> list[Rea
                 continue
             other = seen[key]
             if len(r.bands) > 1 or len(other.bands) > 1:
-                raise InputError(f"{r.path}: band {b.name} of {b.sensor} is also in {other.path} (same date)")
-            keep, drop = (other, r) if other.native_res <= r.native_res else (r, other)
-            notices.append(f"notice: band {b.name} given twice; kept {keep.path}, skipped coarser {drop.path}")
+                raise InputError(f"{r.path}: band {b.name} of {b.sensor} is also in {other.path} ({when})")
+            gsd_other, gsd_r = other.native_gsd_m, r.native_gsd_m
+            if math.isclose(gsd_other, gsd_r, rel_tol=1e-3):
+                raise InputError(
+                    f"{other.path} and {r.path} both give band {b.name} of {b.sensor} for {when}, at the same "
+                    f"resolution ({gsd_r:.4g} m), so nothing says which to keep: if they are two acquisitions, "
+                    "give each file its date ({date} per file, in file order) or list them in a manifest's "
+                    "'observations'; otherwise drop one",
+                    date=None,
+                )
+            keep, drop = (other, r) if gsd_other < gsd_r else (r, other)
+            notices.append(
+                f"notice: band {b.name} of {b.sensor} given twice for {when}: kept {keep.path} "
+                f"({min(gsd_other, gsd_r):.4g} m), skipped {drop.path} (coarser: {max(gsd_other, gsd_r):.4g} m)"
+            )
             seen[key] = keep
     kept = []
     for r in readers:

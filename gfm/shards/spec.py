@@ -56,12 +56,16 @@ class SceneSpec:
     Attributes:
         id: scene id, the first part of every sample key (unique within a build).
         dates: the acquisitions; the first date's rasters define the scene grid.
-        label: label raster (reprojected with nearest) or ``.npy``/``.mat`` array on the scene grid.
+        label: label raster (reprojected with nearest; integer, or float holding integers), ``.npy``/``.mat``
+            array on the scene grid, or vector file (``.gpkg``, ``.geojson``, ``.shp``...) rasterised onto it.
         label_key: variable name in a ``.mat`` label file.
         label_class: one integer class for every tile of the scene (instead of a label raster).
-        crs, bounds: georeference for cubes (``[left, bottom, right, top]`` in ``crs``).
-        gsd: target ground sampling distance (metres or CRS units); None: the finest band.
-        label_ignore: label value for pixels outside the label raster.
+        crs: the scene grid's CRS (default: the CRS of the finest file); for cubes, their georeference.
+        bounds: georeference for cubes (``[left, bottom, right, top]`` in ``crs``).
+        gsd: target ground sampling distance in metres (cubes without georeference: in pixels' units);
+            None: the finest file's.
+        label_ignore: label value for unlabelled pixels (outside the label raster, its nodata, no feature).
+        label_field: the attribute of a vector label file that holds the class (integer or class name).
     """
 
     id: str
@@ -74,6 +78,7 @@ class SceneSpec:
     gsd: float | None = None
     label_ignore: int = -1
     extra: dict[str, Any] = field(default_factory=dict)
+    label_field: str | None = None
 
 
 def check_specs(specs: Sequence[SceneSpec]) -> None:

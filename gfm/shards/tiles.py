@@ -1,4 +1,9 @@
-"""Cutting tiles: one strip read per tile row, validity from nodata and quality layers, schema tiles."""
+"""Cutting tiles: one strip read per tile row, validity from nodata and quality layers, schema tiles.
+
+A tile that reaches past the scene's right or bottom edge (``BuildOptions.edge == "pad"``) is read for
+the part inside the grid and padded to full size: pixels with the reader's nodata (0 without one), the
+validity mask with 0, labels with the scene's ignore value.
+"""
 
 from __future__ import annotations
 
@@ -32,14 +37,23 @@ def read_row(scene: Scene, row: int, cols: list[int], tile: int) -> Iterator[tup
     """Yield ``(col, pixels [C,t,t], valid [C,t,t], label)`` for tiles of one row, from one strip read.
 
     ``label`` is an ``[t, t]`` integer array (label raster or array), an ``int`` (the scene's class), or None.
+    Parts of tiles outside the scene grid are padded and invalid (see the module docstring).
     """
     c0, c1 = min(cols), max(cols) + tile
-    window = Window(c0, row, c1 - c0, tile)
+    h = min(tile, scene.grid.height - row)  # the strip's part inside the grid
+    w = min(c1 - c0, scene.grid.width - c0)
+    pad = ((0, 0), (0, tile - h), (0, c1 - c0 - w))
+    window = Window(c0, row, w, h)
     dtype = scene.dtype()
     datas, valids = [], []
     for reader, _ in scene.readers:
         data, ok_px = reader.read(window)
-        datas.append(data.astype(dtype, copy=False))
+        data = data.astype(dtype, copy=False)
+        if h < tile or w < c1 - c0:
+            fill = reader.nodata if reader.nodata is not None else 0
+            data = np.pad(data, pad, constant_values=np.asarray(fill).astype(dtype))
+            ok_px = np.pad(ok_px, pad, constant_values=False)
+        datas.append(data)
         valids.append(ok_px)
     pixels = np.concatenate(datas, axis=0)  # [C, t, strip width]
     valid = np.concatenate(valids, axis=0)
@@ -49,13 +63,16 @@ def read_row(scene: Scene, row: int, cols: list[int], tile: int) -> Iterator[tup
         ok = quality_valid(qd[0], q.rule) & qv[0]
         for i, d in enumerate(dates):
             if q.date is None or d == q.date:
-                valid[i] &= ok
+                valid[i, :h, :w] &= ok
+    ignore = scene.spec.label_ignore
     label_strip: np.ndarray | None = None
     if scene.label is not None:
         ld, lv = scene.label.read(window)
-        label_strip = np.where(lv[0], ld[0], scene.spec.label_ignore)
+        label_strip = np.where(lv[0], ld[0], ignore)
     elif scene.label_array is not None:
-        label_strip = scene.label_array[row : row + tile, c0:c1]
+        label_strip = scene.label_array[row : row + h, c0 : c0 + w]
+    if label_strip is not None and (h < tile or w < c1 - c0):
+        label_strip = np.pad(label_strip, pad[1:], constant_values=ignore)
     for col in cols:
         s = slice(col - c0, col - c0 + tile)
         label: Any = None

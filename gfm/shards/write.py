@@ -14,13 +14,15 @@ import json
 import os
 import tarfile
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from gfm.index import BandInfo, Member, MemberTable, SceneCounts, members_name, stats_key, write_members
 from gfm.schema import encode
+from gfm.shards.errors import DatasetError
 from gfm.shards.options import BuildOptions
 from gfm.shards.plan import ShardPlan
 from gfm.shards.scene import Scene, open_scene
@@ -77,17 +79,30 @@ def sha256_file(path: Path) -> str:
 
 @dataclass
 class ShardJob:
-    """Everything a worker process needs to write one shard (picklable)."""
+    """Everything a worker process needs to write one shard (picklable).
+
+    ``classes`` numbers the class names of text-valued vector labels (:func:`gfm.shards.labels.class_table`).
+    """
 
     plan: ShardPlan
     specs: list[SceneSpec]
     opts: BuildOptions
+    classes: dict[str, int] | None = None
+
+
+def temporary_name(shard: str) -> str:
+    """The name a shard is written under before it is complete (``.<shard>.<pid>.tmp``)."""
+    return f".{shard}.{os.getpid()}.tmp"
 
 
 def write_shard(job: ShardJob, on_tile: Callable[[int], None] | None = None) -> ShardSummary:
     """Read, filter and write the tiles of one shard, then its sidecar; return the sidecar's summary.
 
     ``on_tile(1)`` is called for every tile read (progress).
+
+    Raises:
+        InputError: an input that cannot be read (e.g. a truncated raster).
+        DatasetError: the shard, its member table or sidecar cannot be written (naming the file).
     """
     opts, plan = job.opts, job.plan
     out = Path(opts.out)
@@ -100,12 +115,12 @@ def write_shard(job: ShardJob, on_tile: Callable[[int], None] | None = None) -> 
     sensors: set[str] = set()
     per_scene: dict[str, list[int]] = {}  # scene id -> [samples, dropped]
     samples = dropped = 0
-    tmp = out / f".{plan.name}.tmp-{os.getpid()}"
+    tmp = out / temporary_name(plan.name)
     try:
-        with open(tmp, "wb") as fileobj:
+        with _writing(tmp), open(tmp, "wb") as fileobj:
             writer = TarSampleWriter(fileobj)
             for si in sorted(by_scene):
-                scene = _open_cached(job.specs[si], opts.resampling)
+                scene = _open_cached(job.specs[si], opts.resampling, job.classes)
                 counts = per_scene.setdefault(scene.spec.id, [0, 0])
                 for row in sorted(by_scene[si]):
                     for col, px, valid, label in read_row(scene, row, sorted(by_scene[si][row]), opts.tile):
@@ -132,8 +147,10 @@ def write_shard(job: ShardJob, on_tile: Callable[[int], None] | None = None) -> 
         nbytes = tmp.stat().st_size
         digest = sha256_file(tmp) if samples else ""
         if samples:
-            os.replace(tmp, out / plan.name)
-            write_members(out / members_name(plan.name), MemberTable(plan.name, nbytes, writer.samples))
+            with _writing(out / plan.name):
+                os.replace(tmp, out / plan.name)
+            with _writing(out / members_name(plan.name)):
+                write_members(out / members_name(plan.name), MemberTable(plan.name, nbytes, writer.samples))
         else:
             tmp.unlink()
         summary = ShardSummary(
@@ -151,7 +168,8 @@ def write_shard(job: ShardJob, on_tile: Callable[[int], None] | None = None) -> 
             sensors=sorted(sensors),
             scenes={sid: SceneCounts(n, d) for sid, (n, d) in per_scene.items()},
         )
-        write_sidecar(out, summary)
+        with _writing(out / plan.name):
+            write_sidecar(out, summary)
         return summary
     finally:
         if tmp.exists():
@@ -162,15 +180,24 @@ _SCENE_CACHE: dict[str, Scene] = {}
 _SCENE_CACHE_SIZE = 2  # consecutive shards of one worker usually share a scene
 
 
-def _open_cached(spec: SceneSpec, resampling: str) -> Scene:
+def _open_cached(spec: SceneSpec, resampling: str, classes: dict[str, int] | None = None) -> Scene:
     """Open a scene, reusing this process's last opened ones (files, VRTs, grid)."""
-    key = json.dumps([asdict(spec), resampling], sort_keys=True, default=str)
+    key = json.dumps([asdict(spec), resampling, classes], sort_keys=True, default=str)
     if key in _SCENE_CACHE:
         return _SCENE_CACHE[key]
     while len(_SCENE_CACHE) >= _SCENE_CACHE_SIZE:
         _SCENE_CACHE.pop(next(iter(_SCENE_CACHE))).close()
-    scene = _SCENE_CACHE[key] = open_scene(spec, resampling=resampling)
+    scene = _SCENE_CACHE[key] = open_scene(spec, resampling=resampling, classes=classes)
     return scene
+
+
+@contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Turn an OSError from writing ``path`` (full disk, read-only folder...) into a one-line DatasetError."""
+    try:
+        yield
+    except OSError as e:
+        raise DatasetError(f"{e.filename or path}: cannot write ({e.strerror or e})") from None
 
 
 def close_cached_scenes() -> None:
