@@ -210,11 +210,20 @@ def load(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] 
         try:
             loaded = yaml.safe_load(Path(path).read_text())
         except OSError as e:
-            raise ConfigError(f"cannot read config {path}: {e}") from e
+            raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(e)})") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
         data = loaded or {}
     return from_dict(cls, apply_overrides(data, overrides))
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """``line 3, column 7: mapping values are not allowed here``: the problem of a YAML error on one line."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else str(problem)
 
 
 def dump_yaml(obj: Any) -> str:
