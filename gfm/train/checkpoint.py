@@ -14,6 +14,13 @@ finished its files, so a kill at any moment leaves the previous complete checkpo
 ``latest`` in the checkpoints directory is a convenience for people; resuming never trusts it and scans
 for the highest complete step instead.
 
+Loading and trust: the per-rank files (``rank_*.pt``) hold only tensors, numbers, strings and containers
+(the RNG states as plain lists) and are loaded with ``torch.load(weights_only=True)`` (:func:`load_rank_state`),
+as are ``trainer.json`` and ``config.yaml`` (plain JSON and YAML). DeepSpeed's own files (model and optimizer
+states) are read by ``engine.load_checkpoint`` and by the universal conversion, both of which call
+``torch.load(weights_only=False)`` inside DeepSpeed (not configurable): resume only from checkpoints you
+wrote or trust.
+
 Resuming on a different number of ranks (or ZeRO stage) uses DeepSpeed's universal checkpoint: rank 0
 converts the checkpoint once with ``deepspeed.checkpoint.ds_to_universal`` into ``universal/``, and the
 engine is started with ``checkpoint.load_universal`` so every rank loads its new slice of parameters and
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import random
 import re
 import shutil
@@ -75,10 +83,15 @@ def resolve_resume(resume: str, run_dir: Path) -> Path | None:
 
 
 def rng_state() -> dict[str, Any]:
-    """The Python, NumPy and torch RNG states of this process."""
+    """The Python, NumPy and torch RNG states of this process, as plain data (loadable with ``weights_only``).
+
+    NumPy's state is stored as ``[name, keys (list of int), pos, has_gauss, cached_gaussian]`` rather than
+    the tuple with an ndarray that ``np.random.get_state`` returns, so no numpy object is pickled.
+    """
+    name, keys, pos, has_gauss, cached = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": [str(name), [int(k) for k in keys], int(pos), int(has_gauss), float(cached)],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -87,12 +100,35 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` returned."""
+    """Restore what :func:`rng_state` returned (also the ndarray form written by earlier versions)."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_rank_state(path: Path) -> dict[str, Any]:
+    """A per-rank state file, unpickled with ``torch.load(weights_only=True)``.
+
+    Only tensors, numbers, strings and containers load; anything else is refused with an error naming the
+    file. NumPy arrays and dtypes are allowed too, for rank files written before the RNG state was stored
+    as plain lists (they hold ``np.random.get_state()``'s ndarray).
+    """
+    allowed: list[Any] = [np.ndarray, np.dtype, np.dtypes.UInt32DType]
+    core = np._core if hasattr(np, "_core") else np.core  # numpy 2 / 1
+    reconstruct = core.multiarray._reconstruct
+    try:
+        with torch.serialization.safe_globals([*allowed, reconstruct]):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = next((ln for ln in lines if "GLOBAL" in ln or "global" in ln), lines[0] if lines else "")
+        raise RuntimeError(f"{path}: refused to load: it holds more than tensors and plain data ({detail})") from None
+    if not isinstance(state, dict):
+        raise RuntimeError(f"{path}: expected a dict of rank state, got {type(state).__name__}")
+    return state
 
 
 @dataclass
@@ -212,7 +248,7 @@ class CheckpointManager:
         client = client or {}
         rank_file = path / f"rank_{info.rank:05d}.pt"
         same_world = meta["world_size"] == info.world_size
-        rank_state = torch.load(rank_file, weights_only=False) if same_world and rank_file.is_file() else None
+        rank_state = load_rank_state(rank_file) if same_world and rank_file.is_file() else None
         return Resumed(
             step=int(meta["step"]), client=client, rank_state=rank_state,
             data_state=client.get("data_state"), universal=universal,
