@@ -15,13 +15,14 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
 from gfm.index import Index
-from gfm.shards.errors import OptionError, ShardError
+from gfm.shards.errors import DatasetError, OptionError, ShardError
 from gfm.shards.labels import class_table
 from gfm.shards.merge import write_index
 from gfm.shards.options import BuildOptions
@@ -170,11 +171,15 @@ def build(
                 results.append(write_shard(job, on_tile=bar.update))
         else:
             with WorkerPool(min(opts.workers, len(jobs))) as pool:
-                for job, res in pool.imap_unordered(_worker, jobs):
-                    if isinstance(res, ShardError):
-                        raise res  # leaving the pool kills the other workers
-                    results.append(res)
-                    bar.update(len(job.plan.tiles))
+                try:
+                    for job, res in pool.imap_unordered(_worker, jobs):
+                        if isinstance(res, ShardError):
+                            raise res  # leaving the pool kills the other workers
+                        results.append(res)
+                        bar.update(len(job.plan.tiles))
+                except BrokenProcessPool:
+                    raise DatasetError(f"{out}: a worker process died while writing shards (killed, or out of "
+                                       "memory?); finished shards are kept, re-run to resume") from None
     except BaseException:
         # workers are gone (killed by the pool); their unfinished shards stay under temporary names
         remove_temporaries(out, [p.name for p in todo], plan_files=False)
