@@ -201,7 +201,7 @@ class VectorLabelReader(Reader):
         h, w = int(window.height), int(window.width)
         t = self.grid.window_transform(int(window.row_off), int(window.col_off))
         left, top = t.c, t.f
-        right, bottom = t * (w, h)
+        right, bottom = t @ (w, h)
         box = shapely.box(min(left, right), min(top, bottom), max(left, right), max(top, bottom))
         hits = np.sort(self._tree.query(box))
         if hits.size:
