@@ -114,11 +114,18 @@ def encode(tile: Tile) -> dict[str, Any]:
     return sample
 
 
-def decode(sample: Mapping[str, Any], npy_loader: Callable[[bytes, str, str], np.ndarray] | None = None) -> Tile:
+def decode(
+    sample: Mapping[str, Any],
+    npy_loader: Callable[[bytes, str, str], np.ndarray] | None = None,
+    meta_loader: Callable[[bytes, str], tuple[dict[str, Any], bool]] | None = None,
+) -> Tile:
     """A WebDataset sample dict (raw bytes per member) back into a validated :class:`Tile`.
 
     ``npy_loader(data, key, member)`` replaces the default ``np.load(allow_pickle=False)`` (the loader
     passes a faster one); it must raise :class:`SchemaError` on bad bytes and never unpickle.
+    ``meta_loader(data, key)`` replaces ``json.loads`` for meta.json and returns ``(meta, bands_checked)``:
+    True when ``meta["bands"]`` is a list it got from an earlier tile that passed :func:`validate` (readers
+    cache validated band lists; then only the list's length is checked again).
 
     Raises:
         SchemaError: missing or unknown members, pickle members, unreadable arrays, or metadata
@@ -137,8 +144,12 @@ def decode(sample: Mapping[str, Any], npy_loader: Callable[[bytes, str, str], np
             raise SchemaError(f"sample {key!r}: missing member {required}")
     load = npy_loader or _npy_load
     pixels = load(sample["pixels.npy"], key, "pixels.npy")
+    bands_checked = False
     try:
-        meta = json.loads(sample["meta.json"])
+        if meta_loader is None:
+            meta = json.loads(sample["meta.json"])
+        else:
+            meta, bands_checked = meta_loader(sample["meta.json"], key)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise SchemaError(f"sample {key!r}: meta.json is not valid JSON ({e})") from None
     valid = load(sample["valid.npy"], key, "valid.npy") if "valid.npy" in sample else None
@@ -151,12 +162,15 @@ def decode(sample: Mapping[str, Any], npy_loader: Callable[[bytes, str, str], np
         except (UnicodeDecodeError, ValueError):
             raise SchemaError(f"sample {key!r}: label.cls is not an integer") from None
     tile = Tile(key=key, pixels=pixels, meta=meta, valid=valid, label=label)
-    validate(tile)
+    validate(tile, bands_checked=bands_checked)
     return tile
 
 
-def validate(tile: Tile) -> None:
-    """Check a tile against the schema; raise :class:`SchemaError` naming the key and field."""
+def validate(tile: Tile, *, bands_checked: bool = False) -> None:
+    """Check a tile against the schema; raise :class:`SchemaError` naming the key and field.
+
+    ``bands_checked``: ``meta["bands"]`` is a list that passed this check before (only its length is checked).
+    """
     key = tile.key
     if not _KEY_RE.match(key):
         raise SchemaError(f"sample {key!r}: key must match [A-Za-z0-9_-]+ (WebDataset splits keys at dots)")
@@ -181,7 +195,7 @@ def validate(tile: Tile) -> None:
     if not isinstance(bands, list) or len(bands) != c:
         n = len(bands) if isinstance(bands, list) else "no"
         raise SchemaError(f"sample {key!r}: meta.json has {n} bands but pixels.npy has C={c}")
-    for i, b in enumerate(bands):
+    for i, b in enumerate([] if bands_checked else bands):
         missing = [f for f in _BAND_FIELDS if f not in b]
         if missing:
             raise SchemaError(f"sample {key!r}: meta.json bands[{i}] lacks {', '.join(missing)}")

@@ -79,6 +79,9 @@ class LoaderConfig:
             default (False) starts a fresh stream seeded with the restart count instead.
         pin_memory: pin batches when CUDA is present.
         prefetch_factor: batches each worker prepares ahead.
+        member_tables: read local shards through the member tables their ``index.json`` entries name (one
+            ``pread`` per sample, checked against the tar; :mod:`gfm.data.reader`). False reads every
+            shard as a tar stream, as ``pipe:`` commands, URLs and shards without a table always are.
     """
 
     shards: str = ""
@@ -100,6 +103,7 @@ class LoaderConfig:
     replay_on_resume: bool = False
     pin_memory: bool = True
     prefetch_factor: int = 2
+    member_tables: bool = True
 
     def validate(self) -> None:
         """Check values; raises :class:`~gfm.config.ConfigError` naming the first bad key (``mode: ...``).
@@ -213,5 +217,7 @@ class LoaderConfig:
             time_dropout=self.time_dropout,
             min_obs=self.min_obs,
             error_budget=self.error_budget,
+            member_tables=self.member_tables,
+            pool=self.prefetch_factor + 3,  # queued + being made + the trainer's current and previous batch
         )
         return ShardLoader(self, plan)

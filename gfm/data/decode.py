@@ -1,15 +1,22 @@
-"""Sample decoding for the reader: :func:`gfm.schema.decode`'s contract, with a fast ``.npy`` path.
+"""Sample decoding for the reader: :func:`gfm.schema.decode`'s contract, with fast ``.npy`` and ``meta.json`` paths.
 
 ``np.load`` parses every array header with ``ast.literal_eval``, which costs more than the rest of
 the sample's decoding together. Tiles of one dataset share a handful of headers, so the parsed header
 (dtype, shape, order) is cached by its bytes and the payload becomes a zero-copy ``np.frombuffer`` view.
 An unseen header goes through ``np.load(..., allow_pickle=False)`` once. Object dtypes are refused, so
 nothing is ever unpickled; member policy and validation are the schema module's own.
+
+``meta.json`` is mostly the band list (one object per observation), the same for every tile of a scene.
+:class:`TileDecoder` keeps the band lists of tiles that passed :func:`gfm.schema.validate`, keyed by their
+exact JSON text; a ``meta.json`` whose only ``"bands"`` string is its first key, followed by a known list,
+is parsed without it and gets the validated list (shared between tiles: read-only), so neither the
+list's JSON nor its per-band checks are paid again. Anything else is parsed whole.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -23,9 +30,9 @@ _MAX_HEADERS = 4096
 _headers: dict[bytes, tuple[np.dtype, tuple[int, ...], bool]] = {}
 
 
-def load_npy(data: bytes, key: str, member: str) -> np.ndarray:
+def load_npy(data: bytes | memoryview, key: str, member: str) -> np.ndarray:
     """One ``.npy`` member as an array (a read-only view of ``data`` when the header is known)."""
-    if data[:6] != _MAGIC or len(data) < 10:
+    if len(data) < 10 or data[:6] != _MAGIC:
         raise SchemaError(f"sample {key!r}: {member} is not a .npy array (bad magic)")
     if data[6] == 1:
         start = 10 + int.from_bytes(data[8:10], "little")
@@ -57,3 +64,54 @@ def load_npy(data: bytes, key: str, member: str) -> np.ndarray:
 def decode_sample(sample: Mapping[str, Any]) -> Tile:
     """A raw WebDataset sample → validated :class:`Tile`: ``schema.decode`` with the fast ``.npy`` reader."""
     return decode(sample, npy_loader=load_npy)
+
+
+_BANDS_KEY = b'{"bands":'
+_MAX_BAND_LISTS = 256
+
+
+class TileDecoder:
+    """Raw sample (``__key__`` plus bytes per member) → validated :class:`Tile`, reusing band lists.
+
+    ``schema.decode`` with :func:`load_npy` and a ``meta.json`` parser that reuses validated band lists
+    (module docstring). One decoder per sample stream; ``band_lists`` maps exact JSON text → the list.
+    """
+
+    def __init__(self) -> None:
+        self.band_lists: dict[bytes, list[dict[str, Any]]] = {}
+        self._candidate: tuple[bytes, list[dict[str, Any]]] | None = None
+        self._last: bytes | None = None
+
+    def __call__(self, sample: Mapping[str, Any]) -> Tile:
+        """Decode and validate one sample. Raises :class:`~gfm.schema.SchemaError` naming the key and member."""
+        self._candidate = None
+        tile = decode(sample, npy_loader=load_npy, meta_loader=self._meta)
+        if self._candidate is not None and self._candidate[1] is tile.meta["bands"]:
+            self.band_lists[self._candidate[0]] = self._candidate[1]  # validated: reusable from now on
+        self._candidate = None
+        return tile
+
+    def _meta(self, data: bytes | memoryview, key: str) -> tuple[dict[str, Any], bool]:
+        raw = bytes(data)
+        # Only when "bands" is the first key, no other "bands" string exists (key or value, duplicate or
+        # nested; JSON strings cannot hide an unescaped quote) and no \u escape could spell one, is the
+        # document with the known list spliced out the same document.
+        if not (raw.startswith(_BANDS_KEY) and raw.count(b'"bands"') == 1 and b"\\u" not in raw):
+            return json.loads(raw), False
+        p = len(_BANDS_KEY)
+        # the last list that matched first: consecutive tiles usually share one
+        for text in (self._last, *self.band_lists):
+            if text is not None and raw.startswith(text, p):
+                meta = json.loads(raw[:p] + b"null" + raw[p + len(text) :])
+                if not isinstance(meta, dict):
+                    break
+                meta["bands"] = self.band_lists[text]
+                self._last = text
+                return meta, True
+        meta = json.loads(raw)
+        bands = meta.get("bands") if isinstance(meta, dict) else None
+        if isinstance(bands, list) and len(self.band_lists) < _MAX_BAND_LISTS:
+            text = json.dumps(bands, separators=(",", ":"), sort_keys=True).encode()
+            if raw.startswith(text, p):  # written the way gfm writes it: remember once validated
+                self._candidate = (text, bands)
+        return meta, False

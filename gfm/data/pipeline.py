@@ -2,8 +2,14 @@
 
 Stages inside each DataLoader worker (or the main process with ``num_workers=0``)::
 
-    segments of shards ─ read tar (webdataset) ─ shuffle buffer (raw bytes) ─ decode (.npy/.json only)
-      ─ draw crop/flip/rot90 ─ bucket by band set ─ normalise + mask + collate ─ (Batch, faults, slot)
+    segments of shards ─ read: member table → sample references (local shards, gfm.data.reader)
+                               | tar stream → raw bytes (webdataset; pipe:, URLs, shards without table)
+      ─ shuffle buffer ─ decode (one pread per referenced sample; .npy/.json only)
+      ─ draw crop/flip/rot90 ─ bucket by band set ─ normalise + mask + collate into one buffer
+      ─ (buffer, layout, keys, faults, slot, lease)
+
+A worker carves each batch out of a shared-memory buffer of its own small pool, reused once the trainer
+has let go of the batch in it, and sent to the trainer's process only once (:mod:`gfm.data.handoff`).
 
 Every random choice comes from generators seeded with (seed, epoch, rank, slot, restart), so a
 stream is a pure function of those numbers and the data. Each slot yields exactly
@@ -20,11 +26,10 @@ stream seeded with the incremented restart count and yields only the batches sti
 from __future__ import annotations
 
 import logging
-import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
@@ -32,9 +37,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from gfm.batch import Batch
-from gfm.data.decode import decode_sample
-from gfm.data.sources import LoaderError, Segment, ShardSet, epoch_order, open_url, slot_segments
-from gfm.data.transforms import Augment, BandTable, Geometry, check_tile, collate, draw_keep
+from gfm.data.decode import TileDecoder
+from gfm.data.handoff import BufferLedger, BufferPool, HandoffState, Lease
+from gfm.data.reader import SampleRef, TableCache, sample_refs
+from gfm.data.sources import LoaderError, Segment, ShardSet, epoch_order, local_path, open_url, slot_segments
+from gfm.data.transforms import Augment, BandTable, Geometry, Layout, check_tile, collate, draw_keep
 from gfm.schema import SchemaError, Tile, bandset_signature
 
 if TYPE_CHECKING:
@@ -43,6 +50,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("gfm.data")
 
 Pending = list[tuple[Tile, Geometry]]
+_T = TypeVar("_T")
 
 
 class Faults:
@@ -109,23 +117,30 @@ class Plan:
     time_dropout: float
     min_obs: int
     error_budget: int
+    member_tables: bool = True  # read local shards through their member tables when they have one
+    pool: int = 5  # shared buffers each worker reuses for its batches
 
 
 class SlotStream(IterableDataset):  # type: ignore[type-arg]
     """The iterable each DataLoader worker runs: yields one epoch of packed batches.
 
-    Items are ``(buffer, layout, keys, faults, slot)``; :func:`unpack` turns the first three back into
-    a :class:`Batch` (in the training process itself, ``(batch, None, ...)``: nothing to transfer).
-    The position (epoch, restart count, batches of the epoch already consumed) lives in a small
-    shared-memory tensor that :class:`ShardLoader` writes before every epoch, so persistent workers see
-    it without being re-created.
+    Items are ``(buffer, layout, keys, faults, slot, lease)``; :class:`~gfm.data.handoff.BufferLedger`
+    turns them back into a :class:`Batch` (in the training process itself, ``(batch, None, ...)``:
+    nothing to transfer). The position (epoch, restart count, batches of the epoch already consumed) lives in a
+    small shared-memory tensor that :class:`ShardLoader` writes before every epoch, so persistent
+    workers see it without being re-created; ``handoff`` is what the buffer pools share with the trainer.
     """
 
     def __init__(self, plan: Plan) -> None:
         super().__init__()
         self.plan = plan
         self.position = torch.zeros(3, dtype=torch.int64).share_memory_()  # epoch, restart, consumed
+        self.handoff = HandoffState(plan.workers, plan.pool)
+        self.send_once = True  # False when the DataLoader pins (and so copies) every batch
         self._tables: dict[str, BandTable] = {}
+        self._decode = TileDecoder()
+        self._members = TableCache()
+        self._pool: BufferPool | None = None  # created in the worker process
 
     @property
     def epoch(self) -> int:
@@ -158,9 +173,15 @@ class SlotStream(IterableDataset):  # type: ignore[type-arg]
         n, w = self.consumed, self.plan.workers
         return (n - slot + w - 1) // w if n > slot else 0
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor | Batch, Layout | None, list[str], dict[str, int], int]]:
+    def __iter__(
+        self,
+    ) -> Iterator[tuple[torch.Tensor | Batch | None, Layout | None, list[str], dict[str, int], int, Lease | None]]:
         p = self.plan
-        in_worker = get_worker_info() is not None
+        info = get_worker_info()
+        if info is not None:
+            if self._pool is None:
+                self._pool = BufferPool(self.handoff, info.id, self.send_once)
+            self._pool.begin()
         slot = self._slot()
         skip = self._skip(slot)
         restart = 0 if p.replay else self.restart  # replaying streams ignore restarts to resume exactly
@@ -184,11 +205,14 @@ class SlotStream(IterableDataset):  # type: ignore[type-arg]
                 dropped -= 1  # consumed before the restart: dropped before the costly part
                 continue
             tiles = [t for t, _ in pending]
-            batch = collate(tiles, [g for _, g in pending], self._table(tiles[0]), keep)
-            if in_worker:
-                yield (*pack(batch), batch.keys, faults.as_dict(), slot)
-            else:  # same process: no transfer, so no packing (nor torch copies on the trainer's threads)
-                yield batch, None, batch.keys, faults.as_dict(), slot
+            pool = self._pool
+            batch = collate(tiles, [g for _, g in pending], self._table(tiles[0]), keep, buffer=pool)
+            if pool is not None:  # the batch's tensors are views into the buffer the pool gave
+                layout = [(name, int(t.storage_offset()) * t.element_size(), str(t.dtype).removeprefix("torch."),
+                           tuple(t.shape)) for name, t in batch.tensors().items()]
+                yield pool.outgoing(), layout, batch.keys, faults.as_dict(), slot, pool.lease
+            else:  # same process: no transfer
+                yield batch, None, batch.keys, faults.as_dict(), slot, None
             emitted += 1
             if emitted >= remaining:
                 return
@@ -241,6 +265,30 @@ class SlotStream(IterableDataset):  # type: ignore[type-arg]
             url = rng.choices(urls, weights)[0]
             yield Segment(url, 0, 1 << 62)
 
+    def _read(self, segments: Iterator[Segment], faults: Faults) -> Iterator[SampleRef | dict[str, Any]]:
+        """Each segment's samples in tar order.
+
+        References into the shard for a local shard with a usable member table, else raw samples streamed
+        from the tar.
+        """
+        shards = self.plan.shards
+        position = {u: i for i, u in enumerate(shards.urls)}
+        for seg in segments:
+            i = position[seg.url]
+            table = shards.members[i] if self.plan.member_tables and shards.members else None
+            if table is not None:
+                path = local_path(seg.url)
+                assert path is not None  # tables are only given for local shards
+                try:
+                    shard = self._members.open(path, table, shards.counts[i])
+                except OSError as e:  # missing or unreadable shard: a fault, as on the tar path
+                    faults.shard(seg.url, e, None)
+                    continue
+                if shard is not None:
+                    yield from sample_refs(shard, seg.start, seg.stop)
+                    continue
+            yield from _read_tar(seg, faults)
+
     def _fill(
         self,
         segments: Iterator[Segment],
@@ -256,10 +304,14 @@ class SlotStream(IterableDataset):  # type: ignore[type-arg]
         """
         p = self.plan
         buckets: dict[tuple[Any, ...], Pending] = {}
-        for raw in _shuffled(_read(segments, faults), p.shuffle_buffer, rng):
-            key, url = str(raw.get("__key__")), str(raw.get("__url__"))
+        for raw in _shuffled(self._read(segments, faults), p.shuffle_buffer, rng):
             try:
-                tile = decode_sample(raw)
+                if isinstance(raw, SampleRef):
+                    key, url = raw.key, raw.shard.path
+                    raw = raw.load()  # one pread, checked against the tar
+                else:
+                    key, url = str(raw.get("__key__")), str(raw.get("__url__"))
+                tile = self._decode(raw)
                 check_tile(tile, p.augment.crop_size)
             except SchemaError as e:
                 faults.sample(url, key, e)
@@ -279,89 +331,46 @@ class SlotStream(IterableDataset):  # type: ignore[type-arg]
                 yield bucket
 
 
-Layout = list[tuple[str, int, str, tuple[int, ...]]]  # (field, byte offset, dtype, shape)
+def _read_tar(seg: Segment, faults: Faults) -> Iterator[dict[str, Any]]:
+    """Raw samples (``__key__``, ``__url__`` and bytes per member) of one segment, streamed from the tar."""
+    last: list[str | None] = [None]
+    failed = [False]
 
+    def handler(exn: BaseException) -> bool:
+        failed[0] = True
+        faults.shard(seg.url, exn, last[0])
+        return True  # skip the rest of this shard, go on with the next
 
-def pack(batch: Batch) -> tuple[torch.Tensor, Layout]:
-    """All tensors of a batch in one uint8 buffer, and where each lies in it.
-
-    Between processes, each tensor costs a shared-memory segment, which dominates the transfer cost;
-    one buffer per batch makes it one segment.
-    """
-    tensors = batch.tensors()
-    layout: Layout = []
-    offset = 0
-    for name, t in tensors.items():
-        layout.append((name, offset, str(t.dtype).removeprefix("torch."), tuple(t.shape)))
-        offset += -(-t.numel() * t.element_size() // 64) * 64  # 64-byte aligned
-    buf = _shared_bytes(offset)
-    for (_, off, _, _), t in zip(layout, tensors.values()):
-        buf[off : off + t.numel() * t.element_size()].view(t.dtype).view(t.shape).copy_(t)
-    return buf, layout
-
-
-def _shared_bytes(n: int) -> torch.Tensor:
-    """``[n]`` uint8 allocated in shared memory, so sending it to the main process copies nothing."""
     try:
-        storage = torch.UntypedStorage._new_shared(n)  # what share_memory_() uses, minus a copy
-    except (AttributeError, RuntimeError):  # private API: fall back to a copy at send time
-        return torch.empty(n, dtype=torch.uint8)
-    return torch.empty(0, dtype=torch.uint8).set_(storage)
-
-
-def unpack(buf: torch.Tensor, layout: Layout, keys: list[str]) -> Batch:
-    """The :class:`Batch` whose tensors are views into ``buf`` (inverse of :func:`pack`)."""
-    fields: dict[str, Any] = {}
-    for name, off, dtype_name, shape in layout:
-        dtype = getattr(torch, dtype_name)
-        nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
-        fields[name] = buf[off : off + nbytes].view(dtype).view(shape)
-    return Batch(keys=keys, **fields)
-
-
-def _read(segments: Iterator[Segment], faults: Faults) -> Iterator[dict[str, Any]]:
-    """Raw samples (``__key__``, ``__url__`` and bytes per member) of each segment, in tar order."""
-    for seg in segments:
-        last: list[str | None] = [None]
-        failed = [False]
-
-        def handler(
-            exn: BaseException, url: str = seg.url, last: list[str | None] = last, failed: list[bool] = failed
-        ) -> bool:
-            failed[0] = True
-            faults.shard(url, exn, last[0])
-            return True  # skip the rest of this shard, go on with the next
-
+        stream = open_url(seg.url)
+    except Exception as e:  # missing file, failed command, network error: a fault, not a crash
+        handler(e)
+        return
+    to_end = False
+    try:
+        files = tar_file_expander([{"url": seg.url, "stream": stream}], handler=handler)
+        for i, sample in enumerate(group_by_keys(files, handler=handler)):
+            if i >= seg.stop:
+                break
+            last[0] = sample.get("__key__")
+            if i >= seg.start:
+                yield sample
+        else:
+            to_end = True
+    finally:
         try:
-            stream = open_url(seg.url)
-        except Exception as e:  # missing file, failed command, network error: a fault, not a crash
-            handler(e)
-            continue
-        to_end = False
-        try:
-            files = tar_file_expander([{"url": seg.url, "stream": stream}], handler=handler)
-            for i, sample in enumerate(group_by_keys(files, handler=handler)):
-                if i >= seg.stop:
-                    break
-                last[0] = sample.get("__key__")
-                if i >= seg.start:
-                    yield sample
-            else:
-                to_end = True
-        finally:
-            try:
-                stream.close()  # a pipe: command reports its exit status here
-            except Exception as e:
-                if to_end and not failed[0]:  # stopping early makes commands fail (SIGPIPE): not a fault
-                    handler(e)
+            stream.close()  # a pipe: command reports its exit status here
+        except Exception as e:
+            if to_end and not failed[0]:  # stopping early makes commands fail (SIGPIPE): not a fault
+                handler(e)
 
 
-def _shuffled(items: Iterator[dict[str, Any]], size: int, rng: random.Random) -> Iterator[dict[str, Any]]:
+def _shuffled(items: Iterator[_T], size: int, rng: random.Random) -> Iterator[_T]:
     """A shuffle buffer of ``size`` samples (0 or 1: no shuffling)."""
     if size <= 1:
         yield from items
         return
-    buf: list[dict[str, Any]] = []
+    buf: list[_T] = []
     for x in items:
         if len(buf) < size:
             buf.append(x)
@@ -385,6 +394,9 @@ class ShardLoader:
         self.plan = plan
         self.dataset = SlotStream(plan)
         self._loader: DataLoader | None = None  # type: ignore[type-arg]
+        pin = cfg.pin_memory and torch.cuda.is_available()
+        self.dataset.send_once = not pin
+        self._ledger = BufferLedger(self.dataset.handoff, send_once=not pin)
         self.epoch = 0
         self.batches = 0  # batches of the current epoch handed out
         self.restart = 0
@@ -469,6 +481,7 @@ class ShardLoader:
         self._faults = {}
         if self._loader is None:
             workers = self.cfg.num_workers
+            self._ledger.reset()  # new workers, new pools
             self._loader = DataLoader(
                 self.dataset,
                 batch_size=None,
@@ -477,8 +490,14 @@ class ShardLoader:
                 persistent_workers=workers > 0,  # started once; each epoch re-runs their __iter__
                 pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),  # pins the one buffer
             )
-        for buf, layout, keys, faults, slot in self._loader:
-            batch = buf if layout is None else unpack(buf, layout, keys)
+        self._ledger.begin()
+        for buf, layout, keys, faults, slot, lease in self._loader:
+            if layout is None:
+                batch = buf
+            else:
+                assert lease is not None
+                batch = self._ledger.receive(buf, lease, layout, keys)
+            del buf
             self._faults[slot] = faults
             total = sum(self.faults.values())
             if total > self.plan.error_budget:

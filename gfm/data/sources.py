@@ -154,11 +154,14 @@ class ShardSet:
         urls: shard URLs in their listed order.
         counts: samples per shard, aligned with ``urls`` (from the index; None where it does not list it).
         index: the dataset index.
+        members: local path of each shard's member table (:mod:`gfm.data.reader`), aligned with ``urls``;
+            None for shards the index gives none, and for every URL and ``pipe:`` command.
     """
 
     urls: list[str]
     counts: list[int | None]
     index: DatasetIndex
+    members: list[str | None] = field(default_factory=list)
 
     @property
     def total(self) -> int:
@@ -193,7 +196,24 @@ def resolve_shards(spec: str, index: str | None = None) -> ShardSet:
             raise LoaderError(f"shard spec {spec!r} names no shards")
         idx = load_index(index or _join(_dirname(urls[0]), INDEX_FILE))
     counts = [idx.counts.get(_basename(u)) for u in urls]
-    return ShardSet(urls=urls, counts=counts, index=idx)
+    tables = {e["name"]: e["members"] for e in idx.raw.get("shards", []) if e.get("members")}
+    members = [_local_table(u, tables.get(_basename(u))) for u in urls]
+    return ShardSet(urls=urls, counts=counts, index=idx, members=members)
+
+
+def local_path(url: str) -> str | None:
+    """The file system path of a local shard URL (a plain path or ``file://``); None for anything else."""
+    scheme = _scheme(url)
+    if scheme is None:
+        return url
+    return url[len("file://") :] if scheme == "file" else None
+
+
+def _local_table(url: str, name: str | None) -> str | None:
+    path = local_path(url)
+    if path is None or name is None or _scheme(name) is not None or os.path.isabs(name) or "/" in name:
+        return None  # a table only ever lies beside its (local) shard
+    return os.path.join(os.path.dirname(path), name)
 
 
 @dataclass(frozen=True)
