@@ -33,6 +33,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--overlap", type=int,
                    help="pixels shared by neighbouring tiles (default: tile/4; 0 for pixel-window models)")
     p.add_argument("--block", type=int, default=512, help="output block side in pixels (default 512)")
+    p.add_argument("--region", nargs=4, type=int, metavar=("ROW", "COL", "HEIGHT", "WIDTH"),
+                   help="predict only this window of the scene grid (pixels); the output covers it")
     p.add_argument("--window-batch", type=int, default=256,
                    help="pixel-window models: windows per forward (default 256)")
     add_model_arguments(p)
@@ -63,7 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"notice: leaving out band(s) without statistics: {', '.join(bands.dropped)}", file=sys.stderr)
         tile = a.tile or int((config.get("inputs") or {}).get("tile_size_trained") or 64)
         opts = PredictOptions(tile=tile, overlap=a.overlap, batch_size=a.batch_size, block=a.block,
-                              probabilities=a.probabilities, overwrite=a.overwrite, progress=not a.no_progress,
+                              probabilities=a.probabilities, region=tuple(a.region) if a.region else None,
+                              overwrite=a.overwrite, progress=not a.no_progress,
                               device=a.device)
         report = predict_scene(scene, predictor, bands, a.out, opts)
     except (HubError, ShardError) as e:

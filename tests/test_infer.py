@@ -150,6 +150,21 @@ def test_block_size_does_not_change_the_map(scene_file: tuple[Path, np.ndarray],
         assert np.array_equal(a.read(), b.read())
 
 
+def test_region_is_the_window_of_the_whole_map(scene_file: tuple[Path, np.ndarray], tmp_path: Path) -> None:
+    path, _ = scene_file
+    scene = open_l8(path)
+    bands = hub.input_bands(observation_bands(scene), STATS)
+    model = Pointwise().eval()
+    run_predict(scene, model, bands, tmp_path / "all.tif")
+    report = run_predict(scene, model, bands, tmp_path / "part.tif", region=(100, 150, 90, 120))
+    assert (report.width, report.height) == (120, 90)
+    with rasterio.open(tmp_path / "all.tif") as a, rasterio.open(tmp_path / "part.tif") as b:
+        assert b.transform == a.transform @ rasterio.Affine.translation(150, 100) and b.shape == (90, 120)
+        assert np.array_equal(b.read(1), a.read(1)[100:190, 150:270])
+    with pytest.raises(hub.HubError, match="inside the scene grid"):
+        run_predict(scene, model, bands, tmp_path / "bad.tif", region=(250, 0, 100, 10))
+
+
 def test_local_model_blends_close_to_the_whole_scene(scene_file: tuple[Path, np.ndarray], tmp_path: Path) -> None:
     path, data = scene_file
     scene = open_l8(path)

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gfm.hub import InputBands, OutputExistsError
+from gfm.hub import HubError, InputBands, OutputExistsError
 from gfm.infer.cog import BLOCK, CogWriter, gdal_env
 from gfm.infer.predictors import Predictor, class_table, classes_or_default, palette
 from gfm.infer.scenes import read_window, tile_lonlat
@@ -47,6 +47,9 @@ class PredictOptions:
         batch_size: tiles per forward.
         block: output block side in pixels (rounded up to a multiple of the file's 256-pixel tiles).
         probabilities: also write class probabilities (uint8, ``p × 254``, 255 = nodata) to this path.
+        region: predict only this window of the scene grid, ``(row, col, height, width)`` in pixels; the
+            output covers the window (its transform is the window's), the model still sees context
+            outside it where tiles or pixel windows reach.
         overwrite: replace existing outputs.
         progress: show a tqdm bar.
         device: where the model runs.
@@ -57,6 +60,7 @@ class PredictOptions:
     batch_size: int = 8
     block: int = 512
     probabilities: str | Path | None = None
+    region: tuple[int, int, int, int] | None = None
     overwrite: bool = False
     progress: bool = True
     device: str = "cpu"
@@ -114,7 +118,12 @@ def predict_scene(
     overlap = opts.overlap if opts.overlap is not None else (opts.tile // 4 if halo == 0 else 0)
     block = -(-max(opts.block, BLOCK) // BLOCK) * BLOCK
     g = scene.grid
-    layout = Layout.make(g.height, g.width, opts.tile, overlap, block)
+    r0, c0, height, width = opts.region or (0, 0, g.height, g.width)
+    if not (0 <= r0 and 0 <= c0 and height >= 1 and width >= 1 and r0 + height <= g.height
+            and c0 + width <= g.width):
+        raise HubError(f"region {opts.region}: (row, col, height, width) must lie inside the scene grid "
+                       f"{g.height} x {g.width}")
+    layout = Layout.make(height, width, opts.tile, overlap, block)
     weights = torch.from_numpy(blend_weights(layout.tile_h, layout.tile_w, overlap))
     names = list(classes_or_default(info, k))
     dtype, nodata = ("uint8", 255) if k < 255 else ("uint16", 65535)
@@ -130,7 +139,7 @@ def predict_scene(
     start = time.perf_counter()
     counts = np.zeros(k, dtype=np.int64)
     forwards = blocks = 0
-    common: dict[str, Any] = dict(width=g.width, height=g.height, crs=crs, transform=g.transform)
+    common: dict[str, Any] = dict(width=width, height=height, crs=crs, transform=g.window_transform(r0, c0))
     with gdal_env():
         writer = CogWriter(out, count=1, dtype=dtype, nodata=nodata, descriptions=["class"],
                            colormap={i: (*colors[i], 255) for i in range(min(k, 256))},
@@ -148,13 +157,14 @@ def predict_scene(
                 origins = layout.tiles_in(r, c, h, w)
                 for i in range(0, len(origins), opts.batch_size):
                     chunk = origins[i: i + opts.batch_size]
-                    reads = [read_window(scene, tr - halo, tc - halo, layout.tile_h + 2 * halo,
+                    reads = [read_window(scene, r0 + tr - halo, c0 + tc - halo, layout.tile_h + 2 * halo,
                                          layout.tile_w + 2 * halo) for tr, tc in chunk]
                     pixels = np.stack([p for p, _ in reads])
                     valid = np.stack([v for _, v in reads])
-                    lonlat = tile_lonlat(scene, chunk, layout.tile_h, layout.tile_w)
+                    lonlat = tile_lonlat(scene, [(r0 + tr, c0 + tc) for tr, tc in chunk], layout.tile_h,
+                                         layout.tile_w)
                     batch = bands.batch(pixels, valid, gsd=gsd, lonlat=lonlat,
-                                        keys=[f"{scene.spec.id}_{tr}_{tc}" for tr, tc in chunk])
+                                        keys=[f"{scene.spec.id}_{r0 + tr}_{c0 + tc}" for tr, tc in chunk])
                     probs = predictor(batch.to(opts.device)).float().cpu()  # [b, K, th, tw]
                     inner = batch.valid[..., halo: halo + layout.tile_h, halo: halo + layout.tile_w].any(dim=1)
                     for j, (tr, tc) in enumerate(chunk):
@@ -193,7 +203,7 @@ def predict_scene(
             if bar is not None:
                 bar.close()
     return PredictReport(
-        out=out, probabilities=prob_path, width=g.width, height=g.height, tiles=layout.tiles, forwards=forwards,
+        out=out, probabilities=prob_path, width=width, height=height, tiles=layout.tiles, forwards=forwards,
         blocks=blocks, seconds=time.perf_counter() - start, classes=names,
         counts={names[i]: int(n) for i, n in enumerate(counts) if n},
     )
