@@ -91,6 +91,8 @@ class FinetuneConfig:
                 f"engine.zero_stage: 3 with method {self.method.name} (a frozen, partitioned base) is unsupported; "
                 "use ZeRO 0-2 (the frozen encoder is not partitioned there) or method full"
             )
+        if self.checkpoint.resume and self.checkpoint.every == 0:
+            raise ConfigError("checkpoint.resume: needs checkpoint.every > 0 (without it a run writes no checkpoint)")
         if self.merge and self.method.name != "lora":
             raise ConfigError(f"merge: only LoRA adapters can be merged (method is {self.method.name})")
         if len(set(self.seeds)) != len(self.seeds):
