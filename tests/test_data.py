@@ -287,8 +287,10 @@ def test_shard_specs_and_torchrun_env(
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     runs = []
+    with pytest.raises(LoaderError, match=r"is a 'pipe:' command, which runs a shell; .*LoaderConfig.allow_pipe=True"):
+        cfg(specs[3], num_workers=0).build()  # pipe: only when asked for
     for spec in specs:
-        ld = cfg(spec, num_workers=0).build()  # index.json found beside the shards
+        ld = cfg(spec, num_workers=0, allow_pipe=spec.startswith("pipe:")).build()  # index.json beside the shards
         assert ld.plan.rank == 1 and ld.plan.world_size == 2
         runs.append(keys_of(ld))
     assert runs[0] == runs[1] == runs[2] == runs[3]

@@ -79,6 +79,8 @@ class LoaderConfig:
             default (False) starts a fresh stream seeded with the restart count instead.
         pin_memory: pin batches when CUDA is present.
         prefetch_factor: batches each worker prepares ahead.
+        allow_pipe: allow ``pipe:`` commands in ``shards`` and ``index`` (and in a list file's lines): they run
+            a shell command. Off by default; names in an ``index.json`` are never commands either way.
         member_tables: read local shards through the member tables their ``index.json`` entries name (one
             ``pread`` per sample, checked against the tar; :mod:`gfm.data.reader`). False reads every
             shard as a tar stream, as ``pipe:`` commands, URLs and shards without a table always are.
@@ -104,6 +106,7 @@ class LoaderConfig:
     pin_memory: bool = True
     prefetch_factor: int = 2
     member_tables: bool = True
+    allow_pipe: bool = False
 
     def validate(self) -> None:
         """Check values; raises :class:`~gfm.config.ConfigError` naming the first bad key (``mode: ...``).
@@ -158,7 +161,7 @@ class LoaderConfig:
             rank = int(os.environ.get("RANK", "0"))
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
-        shards = resolve_shards(self.shards, self.index)
+        shards = resolve_shards(self.shards, self.index, allow_pipe=self.allow_pipe)
         idx = shards.index
         workers = max(1, self.num_workers)
         slots = world_size * workers

@@ -287,7 +287,7 @@ class SlotStream(IterableDataset):  # type: ignore[type-arg]
                 if shard is not None:
                     yield from sample_refs(shard, seg.start, seg.stop)
                     continue
-            yield from _read_tar(seg, faults)
+            yield from _read_tar(seg, faults, shards.allow_pipe)
 
     def _fill(
         self,
@@ -331,7 +331,7 @@ class SlotStream(IterableDataset):  # type: ignore[type-arg]
                 yield bucket
 
 
-def _read_tar(seg: Segment, faults: Faults) -> Iterator[dict[str, Any]]:
+def _read_tar(seg: Segment, faults: Faults, allow_pipe: bool = False) -> Iterator[dict[str, Any]]:
     """Raw samples (``__key__``, ``__url__`` and bytes per member) of one segment, streamed from the tar."""
     last: list[str | None] = [None]
     failed = [False]
@@ -342,7 +342,7 @@ def _read_tar(seg: Segment, faults: Faults) -> Iterator[dict[str, Any]]:
         return True  # skip the rest of this shard, go on with the next
 
     try:
-        stream = open_url(seg.url)
+        stream = open_url(seg.url, allow_pipe=allow_pipe)
     except Exception as e:  # missing file, failed command, network error: a fault, not a crash
         handler(e)
         return

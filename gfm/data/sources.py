@@ -9,6 +9,12 @@ A shard spec is one of
 * a single URL. ``pipe:`` commands and the schemes webdataset's ``gopen`` knows (http, gs, hf, ...)
   go through webdataset; other ``scheme://`` URLs (``s3://``, ``az://``) through fsspec.
 
+``pipe:`` runs a shell command, so it is used only where the user asks for it: in a spec, list file or
+index location they give, and only with ``allow_pipe`` (``LoaderConfig.allow_pipe``); otherwise it is a
+start-up error. Shard names *read from* an ``index.json`` are never URLs or commands: :mod:`gfm.index`
+refuses anything but plain relative file names inside the dataset, so a downloaded dataset cannot make
+the loader run a command or read outside its root, whatever ``allow_pipe`` says.
+
 URLs are passed through untouched. The ``index.json`` (contract in :mod:`gfm.index`) is found at the root,
 or next to the first shard, unless given explicitly; it supplies sample counts and band statistics.
 
@@ -49,14 +55,26 @@ def _scheme(url: str) -> str | None:
     return m.group(1).lower() if m else None
 
 
-def open_url(url: str) -> IO[bytes]:
-    """A binary stream for a local path, a ``pipe:`` command or a remote URL.
+def _refuse_pipe(url: str, what: str) -> LoaderError:
+    return LoaderError(
+        f"{what} {url!r} is a 'pipe:' command, which runs a shell; the loader runs one only when asked to "
+        "(LoaderConfig.allow_pipe=True; data.loader.allow_pipe: true in a run config)"
+    )
+
+
+def open_url(url: str, *, allow_pipe: bool = False) -> IO[bytes]:
+    """A binary stream for a local path, a remote URL, or (with ``allow_pipe``) a ``pipe:`` command.
 
     Local paths and ``file://`` open directly; ``pipe:`` and the schemes in webdataset's ``gopen``
     table go through webdataset; anything else with a scheme goes through ``fsspec`` (which must have
     the scheme's backend installed, e.g. ``s3fs`` for ``s3://``).
+
+    Raises:
+        LoaderError: a ``pipe:`` command without ``allow_pipe``.
     """
     scheme = _scheme(url)
+    if scheme == "pipe" and not allow_pipe:
+        raise _refuse_pipe(url, "shard")
     if scheme is None:
         return open(url, "rb")
     if scheme == "file":
@@ -126,10 +144,15 @@ class DatasetIndex:
         return float(entry["mean"]), float(entry["std"])
 
 
-def load_index(url: str) -> DatasetIndex:
-    """Read and check an ``index.json`` (local path or URL) against its contract (:mod:`gfm.index`)."""
+def load_index(url: str, *, allow_pipe: bool = False) -> DatasetIndex:
+    """Read and check an ``index.json`` (local path or URL) against its contract (:mod:`gfm.index`).
+
+    ``allow_pipe``: ``url`` may be a ``pipe:`` command (given by the user).
+    """
+    if _scheme(url) == "pipe" and not allow_pipe:
+        raise _refuse_pipe(url, "index")
     try:
-        with open_url(url) as f:
+        with open_url(url, allow_pipe=allow_pipe) as f:
             data = f.read()
     except FileNotFoundError:
         raise LoaderError(
@@ -156,12 +179,14 @@ class ShardSet:
         index: the dataset index.
         members: local path of each shard's member table (:mod:`gfm.data.reader`), aligned with ``urls``;
             None for shards the index gives none, and for every URL and ``pipe:`` command.
+        allow_pipe: the user allowed ``pipe:`` commands (for :func:`open_url`).
     """
 
     urls: list[str]
     counts: list[int | None]
     index: DatasetIndex
     members: list[str | None] = field(default_factory=list)
+    allow_pipe: bool = False
 
     @property
     def total(self) -> int:
@@ -169,10 +194,18 @@ class ShardSet:
         return sum(c for c in self.counts if c is not None)
 
 
-def resolve_shards(spec: str, index: str | None = None) -> ShardSet:
-    """Turn a shard spec (see the module docstring) into URLs plus their index."""
+def resolve_shards(spec: str, index: str | None = None, *, allow_pipe: bool = False) -> ShardSet:
+    """Turn a shard spec (see the module docstring) into URLs plus their index.
+
+    Raises:
+        LoaderError: no shards or index, an index that breaks its contract, or a ``pipe:`` command in
+            ``spec``, a list file or ``index`` without ``allow_pipe``.
+    """
     if not spec:
         raise LoaderError("loader.shards is empty: give a dataset directory, brace pattern, list file or URL")
+    for given, what in ((spec, "shard spec"), (index, "index")):
+        if given is not None and not allow_pipe and any(part.startswith("pipe:") for part in given.split("::")):
+            raise _refuse_pipe(given, what)
     root: str | None = None
     if spec.endswith(INDEX_FILE):
         root = _dirname(spec)
@@ -180,7 +213,7 @@ def resolve_shards(spec: str, index: str | None = None) -> ShardSet:
     elif os.path.isdir(spec) if _scheme(spec) is None else spec.endswith("/"):
         root = spec
     if root is not None:
-        idx = load_index(index or _join(root, INDEX_FILE))
+        idx = load_index(index or _join(root, INDEX_FILE), allow_pipe=allow_pipe)
         urls = [_join(root, name) for name in idx.counts]
         if not urls:
             raise LoaderError(f"{idx.url} lists no shards")
@@ -190,15 +223,18 @@ def resolve_shards(spec: str, index: str | None = None) -> ShardSet:
             with open(spec, encoding="utf-8") as f:
                 lines = [ln.strip() for ln in f]
             urls = [_join(base, ln) for ln in lines if ln and not ln.startswith("#")]
+            piped = [u for u in urls if _scheme(u) == "pipe"]
+            if piped and not allow_pipe:
+                raise _refuse_pipe(piped[0], f"line of {spec}:")
         else:
             urls = list(expand_urls(spec))
         if not urls:
             raise LoaderError(f"shard spec {spec!r} names no shards")
-        idx = load_index(index or _join(_dirname(urls[0]), INDEX_FILE))
+        idx = load_index(index or _join(_dirname(urls[0]), INDEX_FILE), allow_pipe=allow_pipe)
     counts = [idx.counts.get(_basename(u)) for u in urls]
     tables = {e["name"]: e["members"] for e in idx.raw.get("shards", []) if e.get("members")}
     members = [_local_table(u, tables.get(_basename(u))) for u in urls]
-    return ShardSet(urls=urls, counts=counts, index=idx, members=members)
+    return ShardSet(urls=urls, counts=counts, index=idx, members=members, allow_pipe=allow_pipe)
 
 
 def local_path(url: str) -> str | None:
