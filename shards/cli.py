@@ -272,7 +272,7 @@ def _cmd_info(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps(summary.index.to_dict(), indent=1))
     else:
-        print(info_text(summary.index, min_valid="--min-valid"))
+        print(info_text(summary.index, min_valid="--min-valid", absent=summary.absent))
     if a.plot:
         print(f"wrote {plot_band_stats(summary.index, a.plot)}", file=sys.stderr)
     return 0

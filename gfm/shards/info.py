@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from gfm import index as index_file
@@ -21,14 +22,26 @@ class BandRow:
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """The summary of a dataset root (see :func:`info`)."""
+    """The summary of a dataset root (see :func:`info`).
+
+    Attributes:
+        index: the parsed ``index.json``.
+        bands: one row per band.
+        absent: shards ``index.json`` lists whose file is not in the root (deleted or not copied).
+    """
 
     index: Index
     bands: list[BandRow]
+    absent: list[str] = field(default_factory=list)
+
+    @property
+    def missing(self) -> list[str]:
+        """Every shard the dataset lacks: planned but never built, and listed but absent."""
+        return sorted(set(self.index.missing_shards) | set(self.absent))
 
     def text(self) -> str:
         """The human summary table that ``gfm shards info`` prints."""
-        return info_text(self.index)
+        return info_text(self.index, absent=self.absent)
 
 
 def band_rows(index: Index) -> list[BandRow]:
@@ -38,13 +51,15 @@ def band_rows(index: Index) -> list[BandRow]:
 
 
 def info(root: str | Path) -> DatasetInfo:
-    """Read the ``index.json`` of ``root`` and summarise it.
+    """Read the ``index.json`` of ``root``, summarise it, and find the shards it lists that are not there.
 
     Raises:
         gfm.index.IndexFileError: no readable ``index.json`` (IndexNotFoundError when there is none).
     """
     idx = index_file.read(root)
-    return DatasetInfo(index=idx, bands=band_rows(idx))
+    folder = index_file.index_path(root).parent
+    absent = [s.name for s in idx.shards if not (folder / s.name).is_file()]
+    return DatasetInfo(index=idx, bands=band_rows(idx), absent=absent)
 
 
 def _fmt_bytes(n: float) -> str:
@@ -59,17 +74,26 @@ def _num(value: float | None) -> float:
     return float("nan") if value is None else value
 
 
-def info_text(index: Index, *, min_valid: str = "min_valid") -> str:
+def info_text(index: Index, *, min_valid: str = "min_valid", absent: Sequence[str] = ()) -> str:
     """The human summary table of an index: counts, sensors, dates, then one row per band.
 
-    ``min_valid`` is how the table names the build option below which tiles were dropped.
+    ``min_valid`` is how the table names the build option below which tiles were dropped; ``absent`` lists
+    shards of the index whose file is missing (counted as missing, and named).
     """
+    missing = sorted(set(index.missing_shards) | set(absent))
     lines = [
-        f"shards   {len(index.shards)} ({index.planned_shards} planned, {len(index.missing_shards)} missing)",
+        f"shards   {len(index.shards)} ({index.planned_shards} planned, {len(missing)} missing)",
         f"samples  {index.samples}   bytes {_fmt_bytes(index.bytes or 0)}   tile {index.tile_size} px",
         f"sensors  {', '.join(index.sensors)}",
         f"dates    {', '.join(index.dates) if index.dates else '-'}",
     ]
+    if absent:
+        shown = ", ".join(list(absent)[:5]) + (f" and {len(absent) - 5} more" if len(absent) > 5 else "")
+        lines.append(f"absent   {shown}: listed in index.json, no such file (deleted or not copied)")
+    if index.missing_shards:
+        shown = ", ".join(index.missing_shards[:5])
+        more = f" and {len(index.missing_shards) - 5} more" if len(index.missing_shards) > 5 else ""
+        lines.append(f"unbuilt  {shown}{more}: planned, not built yet")
     if index.dropped_low_valid:
         lines.append(f"dropped  {index.dropped_low_valid} tiles below {min_valid}")
     lines.append("")

@@ -24,7 +24,7 @@ from typing import Any
 
 from gfm import __version__
 from gfm.fileio import atomic_write
-from gfm.index import INDEX_FILE, members_name
+from gfm.index import INDEX_FILE, is_shard_name, members_name
 from gfm.shards.errors import DatasetError
 from gfm.shards.fingerprint import Fingerprint, fingerprint
 from gfm.shards.options import BuildOptions
@@ -169,7 +169,7 @@ def read_plan(out: Path) -> dict[str, Any] | None:
     """The ``build.json`` of ``out`` as written by a gfm build, or None when there is none.
 
     Raises:
-        DatasetError: the file exists but is not a gfm build plan.
+        DatasetError: the file exists but is not a gfm build plan (or a damaged one).
     """
     path = out / PLAN_FILE
     if not path.exists():
@@ -179,7 +179,18 @@ def read_plan(out: Path) -> dict[str, Any] | None:
         if not (isinstance(doc, dict) and "gfm" in doc and isinstance(doc.get("shards"), list)):
             raise ValueError("not a gfm build plan")
         for s in doc["shards"]:
-            str(s["name"])
+            if not isinstance(s, dict) or not isinstance(s.get("name"), str) or not is_shard_name(s["name"]):
+                raise ValueError(f"shard entry {s!r} has no plain file name")
+        int(doc.get("tile", 0))
+        if doc.get("format") == PLAN_FORMAT:
+            if not (isinstance(doc.get("inputs"), dict) and isinstance(doc.get("scene_digests"), dict)):
+                raise ValueError("no 'inputs' or 'scene_digests' mapping")
+            if not all(isinstance(s.get("scenes"), list) for s in doc["shards"]):
+                raise ValueError("a shard entry without its 'scenes' list")
+            classes = doc.get("classes")
+            if classes is not None and not (isinstance(classes, dict) and
+                                            all(isinstance(v, int) for v in classes.values())):
+                raise ValueError(f"'classes' is not a mapping of class names to integers: {classes!r}")
         return doc
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise DatasetError(f"{path}: unreadable build plan ({e}); it was not written by gfm shards build, "
@@ -191,16 +202,13 @@ def planned_shards(out: Path) -> tuple[list[str], int] | None:
     doc = read_plan(out)
     if doc is None:
         return None
-    try:
-        return [str(s["name"]) for s in doc["shards"]], int(doc["tile"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise DatasetError(f"{out / PLAN_FILE}: unreadable build plan ({e}); use a new output directory") from None
+    return [s["name"] for s in doc["shards"]], int(doc.get("tile", 0))
 
 
 def plan_classes(out: Path) -> dict[int, str] | None:
     """Label value → class name recorded in ``out/build.json`` (None when the labels have no names)."""
     doc = read_plan(out)
-    classes = doc.get("classes") if doc is not None else None
+    classes = doc.get("classes") if doc is not None and doc.get("format") == PLAN_FORMAT else None
     if not isinstance(classes, dict):
         return None
     return {int(v): str(n) for n, v in classes.items()}
