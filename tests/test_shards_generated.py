@@ -370,8 +370,8 @@ def test_api_errors_name_the_value_and_cli_names_the_flag(scene, tmp_path, capsy
     capsys.readouterr()
     assert run("build", *scene.files[DATES[0]], "--out", tmp_path / "c", "--tile", "100") == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after the notices of the opened files
-    assert last == ("gfm shards build: error: no tile fits in scene(s) T33UUU_20200101T101010_B02 (64x64) at --tile 100; "
-                    "--edge pad writes partial tiles")
+    assert last == ("gfm shards build: error: no tile fits in scene(s) T33UUU_20200101T101010_B02 (64x64) at "
+                    "--tile 100; --edge pad writes partial tiles")
     assert run("build", two, "--sensor", "landsat8", "--out", tmp_path / "c2", "--tile", "8") == 2
     assert capsys.readouterr().err.strip().endswith("name them in file order (e.g. --bands B1,B2)")
 
