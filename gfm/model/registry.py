@@ -247,6 +247,7 @@ class ModelConfig:
 
     Attributes:
         name: a registered model (:func:`list_models`).
+        depth: encoder blocks (None = the variant's; fewer for a quick CPU run).
         patch_size: ``p``, pixels per patch side.
         spectral_patch: ``s``, observations of one sensor, date and kind folded into one token.
         num_heads: encoder heads ``h``.
@@ -276,6 +277,7 @@ class ModelConfig:
     """
 
     name: str = "hypermae_less_tiny"
+    depth: int | None = None
     patch_size: int | None = None
     spectral_patch: int | None = None
     num_heads: int | None = None
@@ -306,7 +308,7 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Check values; raises ValueError naming the field."""
-        for key in ("patch_size", "spectral_patch", "num_heads", "rank", "spectral_head_dim", "decoder_dim",
+        for key in ("depth", "patch_size", "spectral_patch", "num_heads", "rank", "spectral_head_dim", "decoder_dim",
                     "decoder_depth", "decoder_num_heads", "decoder_rank", "decoder_spectral_head_dim"):
             value = getattr(self, key)
             if value is not None and value < 1:
