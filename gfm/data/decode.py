@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from gfm.schema import SchemaError, Tile, decode
+from gfm.schema import SchemaError, Tile, bandset_signature, decode
 
 _MAGIC = b"\x93NUMPY"
 _MAX_HEADERS = 4096
@@ -68,6 +68,7 @@ def decode_sample(sample: Mapping[str, Any]) -> Tile:
 
 _BANDS_KEY = b'{"bands":'
 _MAX_BAND_LISTS = 256
+_JSON = json.JSONDecoder()
 
 
 class TileDecoder:
@@ -79,6 +80,7 @@ class TileDecoder:
 
     def __init__(self) -> None:
         self.band_lists: dict[bytes, list[dict[str, Any]]] = {}
+        self._signatures: dict[int, str] = {}  # id of a list in band_lists (kept alive there) → signature
         self._candidate: tuple[bytes, list[dict[str, Any]]] | None = None
         self._last: bytes | None = None
 
@@ -87,9 +89,16 @@ class TileDecoder:
         self._candidate = None
         tile = decode(sample, npy_loader=load_npy, meta_loader=self._meta)
         if self._candidate is not None and self._candidate[1] is tile.meta["bands"]:
-            self.band_lists[self._candidate[0]] = self._candidate[1]  # validated: reusable from now on
+            text, bands = self._candidate  # validated: reusable from now on
+            self.band_lists[text] = bands
+            self._signatures[id(bands)] = bandset_signature(bands)
         self._candidate = None
         return tile
+
+    def signature(self, bands: list[Any]) -> str:
+        """:func:`gfm.schema.bandset_signature` of a tile's band list (looked up for the lists kept here)."""
+        sig = self._signatures.get(id(bands))
+        return bandset_signature(bands) if sig is None else sig
 
     def _meta(self, data: bytes | memoryview, key: str) -> tuple[dict[str, Any], bool]:
         raw = bytes(data)
@@ -102,7 +111,7 @@ class TileDecoder:
         # the last list that matched first: consecutive tiles usually share one
         for text in (self._last, *self.band_lists):
             if text is not None and raw.startswith(text, p):
-                meta = json.loads(raw[:p] + b"null" + raw[p + len(text) :])
+                meta = _JSON.decode((raw[:p] + b"null" + raw[p + len(text) :]).decode())
                 if not isinstance(meta, dict):
                     break
                 meta["bands"] = self.band_lists[text]

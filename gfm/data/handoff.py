@@ -129,6 +129,7 @@ class BufferLedger:
         self.send_once = send_once
         self.maps: dict[tuple[int, int], tuple[torch.Tensor, object]] = {}  # (worker, j) → buffer, numpy view
         self.lent: list[tuple[Lease, StorageWeakRef]] = []
+        self.one_offs = 0  # batches that came in one-off buffers (every pooled one was held)
 
     def reset(self) -> None:
         """New worker processes: forget their buffers."""
@@ -151,6 +152,7 @@ class BufferLedger:
         worker, j, _, version = lease
         if j < 0:
             assert buf is not None
+            self.one_offs += 1
             return Batch(keys=keys, **views(buf, layout))
         if buf is not None and self.send_once:
             self.maps[(worker, j)] = (buf, buf.numpy())

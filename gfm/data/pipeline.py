@@ -42,7 +42,7 @@ from gfm.data.handoff import BufferLedger, BufferPool, HandoffState, Lease
 from gfm.data.reader import SampleRef, TableCache, sample_refs
 from gfm.data.sources import LoaderError, Segment, ShardSet, epoch_order, local_path, open_url, slot_segments
 from gfm.data.transforms import Augment, BandTable, Geometry, Layout, check_tile, collate, draw_keep
-from gfm.schema import SchemaError, Tile, bandset_signature
+from gfm.schema import SchemaError, Tile
 
 if TYPE_CHECKING:
     from gfm.data.config import LoaderConfig
@@ -218,7 +218,7 @@ class SlotStream(IterableDataset):  # type: ignore[type-arg]
                 return
 
     def _table(self, tile: Tile) -> BandTable:
-        sig = bandset_signature(tile.meta["bands"])
+        sig = self._decode.signature(tile.meta["bands"])
         table = self._tables.get(sig)
         if table is None:
             table = self._tables[sig] = BandTable.from_bands(tile.meta["bands"], self.plan.shards.index)
@@ -320,7 +320,7 @@ class SlotStream(IterableDataset):  # type: ignore[type-arg]
             g = p.augment.draw(geo_rng, h, w)
             label_kind = type(tile.label).__name__
             out_hw = (g.w, g.h) if g.k % 2 else (g.h, g.w)  # a quarter turn swaps the sides
-            bkey = (bandset_signature(tile.meta["bands"]), *out_hw, label_kind)
+            bkey = (self._decode.signature(tile.meta["bands"]), *out_hw, label_kind)
             bucket = buckets.setdefault(bkey, [])
             bucket.append((tile, g))
             if len(bucket) == p.batch_size:
@@ -329,6 +329,11 @@ class SlotStream(IterableDataset):  # type: ignore[type-arg]
         if flush:
             for bucket in sorted(buckets.values(), key=len, reverse=True):
                 yield bucket
+
+
+def _as_is(item: Any) -> Any:
+    """The DataLoader's ``collate_fn``: items are finished batches already (nothing to convert)."""
+    return item
 
 
 def _read_tar(seg: Segment, faults: Faults, allow_pipe: bool = False) -> Iterator[dict[str, Any]]:
@@ -479,21 +484,27 @@ class ShardLoader:
     def __iter__(self) -> Iterator[Batch]:
         self.dataset.position.copy_(torch.tensor([self.epoch, self.restart, self.batches]))
         self._faults = {}
-        if self._loader is None:
-            workers = self.cfg.num_workers
-            self._ledger.reset()  # new workers, new pools
-            self._loader = DataLoader(
-                self.dataset,
-                batch_size=None,
-                num_workers=workers,
-                prefetch_factor=self.cfg.prefetch_factor if workers > 0 else None,
-                persistent_workers=workers > 0,  # started once; each epoch re-runs their __iter__
-                pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),  # pins the one buffer
-            )
-        self._ledger.begin()
-        for buf, layout, keys, faults, slot, lease in self._loader:
+        pin = self.cfg.pin_memory and torch.cuda.is_available()
+        workers = self.cfg.num_workers
+        if workers == 0:  # in this process: no DataLoader between the stream and the trainer
+            items: Iterator[Any] = iter(self.dataset)
+        else:
+            if self._loader is None:
+                self._ledger.reset()  # new workers, new pools
+                self._loader = DataLoader(
+                    self.dataset,
+                    batch_size=None,
+                    collate_fn=_as_is,
+                    num_workers=workers,
+                    prefetch_factor=self.cfg.prefetch_factor,
+                    persistent_workers=True,  # started once; each epoch re-runs their __iter__
+                    pin_memory=pin,  # pins the one buffer
+                )
+            self._ledger.begin()
+            items = iter(self._loader)
+        for buf, layout, keys, faults, slot, lease in items:
             if layout is None:
-                batch = buf
+                batch = buf.pin_memory() if pin else buf
             else:
                 assert lease is not None
                 batch = self._ledger.receive(buf, lease, layout, keys)

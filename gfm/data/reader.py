@@ -39,9 +39,10 @@ _TABLE_CACHE = 64  # parsed tables kept per stream (resampled mode reopens shard
 class ShardFile:
     """An open local shard and its member table; the file closes when the last sample reference goes."""
 
-    def __init__(self, path: str, table: MemberTable) -> None:
+    def __init__(self, path: str, table: MemberTable, members: str) -> None:
         self.path = path
         self.table = table
+        self.members = members  # where the table was read from
         self.fd = os.open(path, os.O_RDONLY)
 
     def __del__(self) -> None:
@@ -73,7 +74,7 @@ class SampleRef:
         start = members[0][1] - _BLOCK
         stop = members[-1][1] + members[-1][2]
         buf = os.pread(self.shard.fd, stop - start, start)
-        where = f"member table of {self.shard.path}"
+        where = f"member table {self.shard.members}"
         if len(buf) != stop - start:
             raise SchemaError(f"sample {key!r}: {where} points past the end of the file (truncated?)")
         view = memoryview(buf)
@@ -81,8 +82,7 @@ class SampleRef:
         for suffix, offset, size in members:
             head = offset - _BLOCK - start
             name = f"{key}.{suffix}".encode()
-            field = buf[head : head + 100]
-            named = field.startswith(name) and (len(name) == 100 or field[len(name)] == 0)
+            named = buf.startswith(name, head) and (len(name) == 100 or buf[head + len(name)] == 0)
             kind = buf[head + 156]
             try:
                 recorded = int(buf[head + 124 : head + 136].rstrip(b"\0 ").strip() or b"0", 8)
@@ -90,8 +90,8 @@ class SampleRef:
                 recorded = -1
             if not named or recorded != size or kind not in (0x30, 0):  # "0" or NUL: a regular file
                 raise SchemaError(
-                    f"sample {key!r}: {where} does not match the tar at {suffix} (header names "
-                    f"{field.rstrip(bytes(1))[:60]!r}, {recorded} bytes; table: {size} bytes)"
+                    f"sample {key!r}: {where} does not match the tar at {suffix} (its header names "
+                    f"{buf[head : head + 100].rstrip(bytes(1))[:60]!r}, {recorded} bytes; table: {size} bytes)"
                 )
             sample[suffix.lower()] = view[offset - start : offset - start + size]  # as webdataset names it
         return sample
@@ -124,7 +124,7 @@ class TableCache:
         except (OSError, IndexFileError) as e:
             log.warning("reading %s as a tar stream: its member table is unusable (%s)", url, e)
             return None
-        shard = ShardFile(url, table)
+        shard = ShardFile(url, table, members)
         size = os.fstat(shard.fd).st_size
         problem = None
         if size != table.bytes:

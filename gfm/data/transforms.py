@@ -166,13 +166,13 @@ def tile_lonlat(tile: Tile) -> tuple[float, float]:
 def check_tile(tile: Tile, crop_size: int | None) -> None:
     """Reader-side checks beyond the schema: big enough to crop, usable nodata and lonlat. Raises SchemaError.
 
-    Leaves the parsed nodata (``[C, 1, 1]`` or None) in ``tile.extra["nodata"]`` for :func:`collate`.
+    Leaves the parsed nodata (``[C, 1, 1]`` or None) and lonlat in ``tile.extra`` for :func:`collate`.
     """
     c, h, w = tile.pixels.shape
     if crop_size and (h < crop_size or w < crop_size):
         raise SchemaError(f"sample {tile.key!r}: tile {h}x{w} is smaller than crop_size {crop_size}")
     tile.extra["nodata"] = _nodata(tile.meta.get("nodata"), c)
-    tile_lonlat(tile)
+    tile.extra["lonlat"] = tile_lonlat(tile)
 
 
 def valid_masks(
@@ -330,7 +330,7 @@ def collate(
     a["time"][...] = times
     a["sensor"][...] = sensor
     a["gsd"][...] = [float(t.meta["gsd_m"]) for t in tiles]
-    a["lonlat"][...] = [tile_lonlat(t) for t in tiles]
+    a["lonlat"][...] = [t.extra["lonlat"] if "lonlat" in t.extra else tile_lonlat(t) for t in tiles]
     if seg:
         for i, (lb, g) in enumerate(zip(labels, geoms)):
             a["label"][i] = apply_geometry(lb, g)  # type: ignore[arg-type]
