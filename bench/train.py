@@ -11,16 +11,20 @@ measures at start (``gfm.train.flops.measure_peak_flops``, same precision as the
 Rows:
 
 - ``less 1 rank`` / ``less 2 ranks``: HyperMAE on LESS ViT-Tiny; scaling = 2-rank samples/s ÷ (2 × 1-rank);
-- ``dense 1 rank``: the same HyperMAE with the dense joint-attention reference encoder.
+- ``dense 1 rank``: the same HyperMAE with the dense joint-attention reference encoder;
+- ``less compiled``: ``less 1 rank`` with ``engine.compile=true`` (each LESS block compiled by
+  inductor; the compile happens in the first logging window, which is not timed).
 
-Run: ``python -m bench.train`` (``--steps``, ``--precision``, ``--tile``). The last line is
-``RESULT flop_util=<tiny, 1 rank> scaling_2=<2-rank samples/s ÷ (2 × 1-rank)>``.
+Run: ``python -m bench.train`` (``--steps``, ``--precision``, ``--tile``, ``--rows``). The last line is
+``RESULT flop_util=<tiny, 1 rank> scaling_2=<2-rank samples/s ÷ (2 × 1-rank)>
+compiled_speedup=<less compiled ÷ less 1 rank samples/s>``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -57,11 +61,20 @@ def worker(argv: list[str]) -> int:
     return run_guarded(cfg, model=model, prog="bench.train")
 
 
-def measure(args: argparse.Namespace, attention: str, nproc: int) -> dict[str, float]:
+#: (row, attention, ranks, extra config overrides)
+ROWS: tuple[tuple[str, str, int, tuple[str, ...]], ...] = (
+    ("less 1 rank", "less", 1, ()),
+    ("less 2 ranks", "less", 2, ()),
+    ("dense 1 rank", "dense", 1, ()),
+    ("less compiled", "less", 1, ("engine.compile=true",)),
+)
+
+
+def measure(args: argparse.Namespace, attention: str, nproc: int, extra: tuple[str, ...] = ()) -> dict[str, float]:
     """Run one configuration in fresh processes; its mean throughput and FLOP utilisation after warm-up."""
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         run_dir = Path(tmp) / "run"
-        cmd_args = ["-m", "bench.train", "--worker", attention, *overrides(args, run_dir)]
+        cmd_args = ["-m", "bench.train", "--worker", attention, *overrides(args, run_dir), *extra]
         if nproc == 1:
             cmd = [sys.executable, *cmd_args]
         else:
@@ -95,26 +108,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--threads-per-rank", type=int, default=1,
                    help="CPU threads per rank (the same for 1 and 2 ranks: scaling is per worker)")
-    p.add_argument("--timeout", type=int, default=900)
+    p.add_argument("--timeout", type=int, default=1800, help="seconds per run (a compiled run compiles first)")
+    p.add_argument("--rows", default=",".join(r[0] for r in ROWS), help="comma-separated rows to run")
     args = p.parse_args(argv)
 
+    wanted = set(args.rows.split(","))
+    unknown = wanted - {r[0] for r in ROWS}
+    if unknown:
+        p.error(f"--rows: unknown {sorted(unknown)} (known: {', '.join(r[0] for r in ROWS)})")
+    load_before = os.getloadavg()[0]
     results = {}
-    for name, attention, nproc in (("less 1 rank", "less", 1), ("less 2 ranks", "less", 2),
-                                   ("dense 1 rank", "dense", 1)):
-        results[name] = r = measure(args, attention, nproc)
-        print(f"  {name}: {r['samples_per_s']:.2f} samples/s", file=sys.stderr, flush=True)
+    for name, attention, nproc, extra in ROWS:
+        if name in wanted:
+            results[name] = r = measure(args, attention, nproc, extra)
+            print(f"  {name}: {r['samples_per_s']:.2f} samples/s", file=sys.stderr, flush=True)
 
-    one = results["less 1 rank"]
-    scaling = results["less 2 ranks"]["samples_per_s"] / (2 * one["samples_per_s"])
+    nan = {"samples_per_s": math.nan, "flop_util": math.nan}
+    one = results.get("less 1 rank", nan)
+    scaling = results.get("less 2 ranks", nan)["samples_per_s"] / (2 * one["samples_per_s"])
     print(f"HyperMAE-Tiny, synthetic S2 (12 bands, {args.tile}²), batch 8/rank, ZeRO 1, {args.precision}, "
-          f"{args.steps} steps, {args.threads_per_rank} thread(s) per rank")
+          f"{args.steps} steps, {args.threads_per_rank} thread(s) per rank; load average "
+          f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
     print(f"{'run':<14} {'samples/s':>10} {'GFLOP/s':>9} {'peak GFLOP/s/rank':>18} {'FLOP util':>10}")
     for name, r in results.items():
         print(f"{name:<14} {r['samples_per_s']:>10.2f} {r['flops_per_s'] / 1e9:>9.2f} "
               f"{r['peak'] / 1e9:>18.1f} {r['flop_util']:>10.3f}")
-    ratio = one["samples_per_s"] / results["dense 1 rank"]["samples_per_s"]
-    print(f"scaling 2 ranks: {scaling:.2f}; LESS / dense samples/s: {ratio:.2f}")
-    print(f"RESULT flop_util={one['flop_util']:.4f} scaling_2={scaling:.3f}")
+    ratio = one["samples_per_s"] / results.get("dense 1 rank", nan)["samples_per_s"]
+    compiled = results.get("less compiled", nan)["samples_per_s"] / one["samples_per_s"]
+    print(f"scaling 2 ranks: {scaling:.2f}; LESS / dense samples/s: {ratio:.2f}; compiled / eager: {compiled:.2f}")
+    print(f"RESULT flop_util={one['flop_util']:.4f} scaling_2={scaling:.3f} compiled_speedup={compiled:.3f}")
     return 0
 
 

@@ -64,7 +64,7 @@ def test_every_command_has_help(command: str) -> None:
 @pytest.mark.parametrize(
     ("overrides", "line"),
     [
-        (["engine.zero=1"], "engine.zero: unknown key (known: deepspeed, grad_accum,"),
+        (["engine.zero=1"], "engine.zero: unknown key (known: compile, compile_dynamic, compile_mode, deepspeed,"),
         (["optim.lr=fast"], "optim.lr: expected float, got 'fast'"),
         (["data.loader.num_workers=two"], "data.loader.num_workers: expected int, got 'two'"),
         (["model.name=less_vit_gigantic"], "model.name: unknown model 'less_vit_gigantic' (known: dense_vit_base,"),

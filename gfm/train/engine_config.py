@@ -21,6 +21,16 @@ class EngineConfig:
         timeout_s: collective timeout; a rank that does not arrive within it ends the run with an error.
         deepspeed: extra DeepSpeed JSON keys merged last (e.g. ``zero_optimization.overlap_comm``),
             for knobs this config does not model.
+        compile: ``torch.compile`` the model (inductor: C++ kernels on CPU, Triton on GPU). A model
+            built of gfm transformer blocks is compiled block by block (regional compilation: the
+            embedding, masking and loss, with their host syncs and RNG, stay eager); any other model
+            whole, through DeepSpeed's ``engine.compile()``. See docs/train.md for measurements.
+        compile_mode: ``torch.compile`` mode: ``default``; ``reduce-overhead`` adds CUDA graphs on GPU
+            (one graph per input shape); ``max-autotune`` / ``max-autotune-no-cudagraphs`` tune kernels
+            longer.
+        compile_dynamic: ``torch.compile``'s ``dynamic``: None compiles the first shapes statically
+            and recompiles once with symbolic sizes when a size changes (band count between buckets,
+            kept rows under observation masking); True starts symbolic; False recompiles per shape.
     """
 
     zero_stage: int = 1
@@ -29,6 +39,9 @@ class EngineConfig:
     grad_clip: float = 1.0
     timeout_s: float = 600.0
     deepspeed: dict[str, Any] = field(default_factory=dict)
+    compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    compile_dynamic: bool | None = None
 
     def validate(self) -> None:
         """Check values; raises :class:`ConfigError` naming the field."""
@@ -40,6 +53,9 @@ class EngineConfig:
             raise ConfigError(f"grad_clip: must be >= 0, got {self.grad_clip}")
         if self.timeout_s <= 0:
             raise ConfigError(f"timeout_s: must be > 0, got {self.timeout_s}")
+        if self.compile and self.zero_stage == 3:
+            raise ConfigError("compile: not supported with zero_stage 3 (ZeRO-3 gathers parameters in module "
+                              "hooks that a compiled block would trace); use zero_stage 1 or 2, or compile: false")
 
     def deepspeed_config(self, micro_batch: int, world_size: int, load_universal: bool = False) -> dict[str, Any]:
         """The DeepSpeed JSON for ``micro_batch`` samples per rank per micro-step on ``world_size`` ranks.
