@@ -127,7 +127,7 @@ def build(
         for spec in specs:
             scene = open_scene(spec, resampling=opts.resampling, classes=classes)
             opened.append(scene)
-            for notice in scene.notices:
+            for notice in [scene.grid_notice, *scene.notices] if scene.grid_notice else scene.notices:
                 emit(notice)
         empty = [s for s in opened
                  if not tile_origins(s.grid.height, s.grid.width, opts.tile, opts.step, opts.edge)]

@@ -73,6 +73,7 @@ class Scene:
     label: Reader | None
     label_array: np.ndarray | None
     notices: list[str]
+    grid_notice: str = ""  # the grid chosen: CRS, GSD, size and where it came from (build states it)
 
     @property
     def observations(self) -> list[tuple[Band, str | None]]:
@@ -135,13 +136,13 @@ def open_scene(spec: SceneSpec, *, resampling: str = "bilinear", classes: Mappin
     notices: list[str] = []
     first = spec.dates[0]
     grid: Grid | None = None  # a cube scene takes its grid from the first cube, below
+    grid_notice = ""
     if not any(_is_cube(f.path) for f in first.files):
         opened = []
         try:
             for f in first.files:
                 opened.append(open_raster(f.path))
             grid, grid_notice = target_grid(spec, opened, [f.path for f in first.files])
-            notices.append(grid_notice)
         finally:
             for d in opened:
                 d.close()
@@ -208,7 +209,7 @@ def open_scene(spec: SceneSpec, *, resampling: str = "bilinear", classes: Mappin
             if lr.warped:
                 notices.append(f"notice: label {spec.label} reprojected onto the scene grid (nearest)")
             label_reader = lr
-    return Scene(spec, grid, readers, quality, label_reader, label_arr, notices)
+    return Scene(spec, grid, readers, quality, label_reader, label_arr, notices, grid_notice)
 
 
 def _is_cube(path: str) -> bool:
