@@ -175,7 +175,7 @@ def test_resolved_config_holds_every_loader_default(tmp_path: Path) -> None:
         (["data.loader.mode=x"], "data.loader.mode: expected one of ['resampled', 'epoch'], got 'x'"),
         (["data.loader.batch_size=0"], "data.loader.batch_size: must be >= 1, got 0"),
         (["data.loader.obs_dropout=1.0"], "data.loader.obs_dropout: must be in [0, 1), got 1.0"),
-        (["data.loader.shufle_buffer=3"], "data.loader.shufle_buffer: unknown key (known: batch_size,"),
+        (["data.loader.shufle_buffer=3"], "data.loader.shufle_buffer: unknown key (known: allow_pipe, batch_size,"),
         (["model.name=nope"], "model.name: unknown model 'nope' (known: dense_vit_base,"),
         (["data.source=shards"], "data.loader.shards: empty, but source is 'shards'"),
         (["data.source=shards", "data.loader.shards=/no/such/dir"],
