@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/gfm demo --out demo_out
+	$(BIN)/gfm demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check $(wildcard gfm shards pretrain finetune demo export bench tests)

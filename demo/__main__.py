@@ -1,9 +1,21 @@
-"""``gfm demo``: the pipeline end to end on a real scene that a PyPI package ships.
+"""``gfm demo``: the whole path end to end on a real scene that a PyPI package ships, with no input.
 
-The AVIRIS Indian Pines cube (145 x 145 x 200, 1992-06-12, 20 m) ships inside ``tensorly``. The demo
-tiles it into shards with labels, prints the ``info`` summary, verifies the shards, then pretrains
-LESS ViT-Tiny as a HyperMAE on them for a few minutes on the CPU (loss curve, reconstruction and
-spectrum pictures, checkpoints and ``model.safetensors`` in ``OUT/run``).
+The AVIRIS Indian Pines cube (145 x 145 x 200, 1992-06-12, 20 m, 16 crop and land-cover classes) ships
+inside ``tensorly``. The demo runs what a user would, each step as its own program in a fresh process:
+
+1. ``gfm shards build`` the cube and its labels into WebDataset shards, then ``info`` and ``verify``;
+2. ``torchrun --nproc_per_node 2 -m pretrain``: HyperMAE pretraining of LESS ViT-Tiny with DeepSpeed on
+   2 CPU processes (gloo), checkpoints, loss curve and reconstruction pictures;
+3. ``gfm finetune``: per-pixel classification on a spatially disjoint split with 5 % of the labels,
+   LoRA on the pretrained encoder and the same recipe from random weights (``scratch``), evaluated on
+   the held-out blocks (confusion matrices, prediction maps);
+4. ``gfm export`` the pretrained encoder with the LoRA adapter as a Hugging Face directory;
+5. ``gfm predict`` the whole scene with the export in a fresh process (strict loading) into a
+   Cloud-Optimized GeoTIFF, checked against the held-out labels; ``gfm embed`` the tiles to GeoParquet;
+6. ``OUT/REPORT.md``: what ran, the metrics table, trainable parameters, timings and the pictures.
+
+Each program's own log goes to ``OUT/logs/``; the terminal shows one line per step, progress bars and
+the figures. Re-running resumes: steps whose results exist are skipped (``--fresh`` starts over).
 
 tensorly ships the cube without its wavelength list. The demo uses the nominal AVIRIS band centres
 (linear within each of the instrument's spectrometers, within ~11 nm of the calibrated list) with the
@@ -14,90 +26,167 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
+import subprocess
 import sys
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 from demo.indian_pines import DemoDataError, aviris_indian_pines_wavelengths, tensorly_indian_pines
+from demo.report import Step, check_prediction, prediction_png, write_report
 
-#: The pretraining config of the demo (shipped with the pretrain program), as the command line names it.
-CONFIG_NAME = "pretrain/configs/demo_indian_pines.yaml"
+PRETRAIN_CONFIG = "demo_indian_pines.yaml"
+FINETUNE_CONFIG = "indian_pines_lora.yaml"
 
 
-def build_shards(out: Path, *, wavelengths: str | None, tile: int, workers: int) -> int:
-    """Steps 1-3: shards from the cube (``gfm shards build``), then ``info`` and ``verify``; the exit code."""
-    from shards.cli import main as shards_main
+@dataclass
+class Demo:
+    """Where the demo writes, and the steps it ran (for the report)."""
 
+    out: Path
+    ranks: int
+    steps: list[Step] = field(default_factory=list)
+    aliases: dict[str, str] = field(default_factory=dict)  # long paths shown by a short name
+
+    @property
+    def logs(self) -> Path:
+        """One log file per program run."""
+        return self.out / "logs"
+
+    def run(self, title: str, name: str, argv: list[str], *, done: Path | None = None, torchrun: bool = False) -> Step:
+        """Run one program as a user would (a fresh process); its stdout goes to ``logs/NAME.log``.
+
+        Progress bars (stderr) stay on the terminal. A step whose ``done`` file exists is skipped.
+        Raises ``SystemExit`` with the log's tail when the program fails.
+        """
+        shown = (f"torchrun --nproc_per_node {self.ranks} -m " if torchrun else "gfm ") + " ".join(argv)
+        for long, short in self.aliases.items():
+            shown = shown.replace(long, short)
+        n = len(self.steps) + 1
+        print(f"\n[{n}] {title}\n    $ {shown}", flush=True)
+        step = Step(n=n, title=title, command=shown, log=self.logs / f"{name}.log")
+        self.steps.append(step)
+        if done is not None and done.exists():
+            print(f"    done already ({done}); skipped", flush=True)
+            step.skipped = True
+            return step
+        if torchrun:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                   str(self.ranks), "-m", *argv]
+        else:
+            cmd = [sys.executable, "-m", "gfm.cli", *argv]
+        env = dict(os.environ)
+        # one compute thread per rank on a small machine; the programs honour an explicit setting
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // (self.ranks if torchrun else 1))))
+        self.logs.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        with open(step.log, "w") as log:
+            rc = subprocess.run(cmd, stdout=log, stderr=None, env=env).returncode
+        step.seconds = time.time() - t0
+        if rc:
+            tail = "\n".join(step.log.read_text().splitlines()[-15:])
+            raise SystemExit(f"{tail}\ngfm demo: step {n} ({title}) failed with exit code {rc}; log: {step.log}")
+        print(f"    ok in {step.seconds:.0f} s (log: {step.log})", flush=True)
+        return step
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``gfm demo``."""
+    p = argparse.ArgumentParser(
+        prog="gfm demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--out", default="runs/demo", help="working directory (default runs/demo)")
+    p.add_argument("--wavelengths", help="exact wavelength list for the cube (default: nominal AVIRIS centres)")
+    p.add_argument("--ranks", type=int, default=2, help="pretraining processes (default 2)")
+    p.add_argument("--pretrain-steps", type=int, default=300, help="pretraining optimizer steps (default 300)")
+    p.add_argument("--finetune-steps", type=int, default=60, help="fine-tuning steps per run (default 60)")
+    p.add_argument("--shards-only", action="store_true", help="stop after building and checking the shards")
+    p.add_argument("--fresh", action="store_true", help="delete OUT first instead of resuming")
+    a = p.parse_args(argv)
+
+    out = Path(a.out)
+    if a.fresh and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    demo = Demo(out=out, ranks=a.ranks)
+    t_start = time.time()
     try:
         cube, gt = tensorly_indian_pines()
     except DemoDataError as e:
         raise SystemExit(f"gfm demo: {e}") from None
-    wl = Path(wavelengths) if wavelengths else out / "aviris_indian_pines_wavelengths_nm.txt"
-    if not wavelengths:
+    wl = Path(a.wavelengths) if a.wavelengths else out / "aviris_indian_pines_wavelengths_nm.txt"
+    if not a.wavelengths:
         wl.write_text("\n".join(f"{w:.2f}" for w in aviris_indian_pines_wavelengths()) + "\n")
-    shards_dir = out / "shards"
-    print(f"[1/4] building shards from {cube.name} (tensorly) -> {shards_dir}", flush=True)
-    rc = shards_main([
-        "build", str(cube), "--wavelengths", str(wl), "--label", str(gt), "--sensor", "aviris",
-        "--scene-id", "indian_pines", "--date", "1992-06-12", "--gsd", "20", "--tile", str(tile),
-        "--stride", str(tile // 2), "--shard-size", "16MB", "--workers", str(workers), "--out", str(shards_dir),
-    ])
-    if rc:
-        return rc
-    print("\n[2/4] gfm shards info", flush=True)
-    shards_main(["info", str(shards_dir), "--plot", str(out / "band_stats.png")])
-    print("\n[3/4] gfm shards verify", flush=True)
-    return shards_main(["verify", str(shards_dir)])
+    demo.aliases = {str(cube.parent): "<tensorly data>", str(resources.files("pretrain")): "pretrain",
+                    str(resources.files("finetune")): "finetune"}
+    scene = [str(cube), "--wavelengths", str(wl), "--sensor", "aviris", "--scene-id", "indian_pines",
+             "--date", "1992-06-12", "--gsd", "20"]
 
+    # 1. shards
+    shards = out / "shards"
+    demo.run("shards: tile the cube and its labels", "shards_build",
+             ["shards", "build", *scene, "--label", str(gt), "--tile", "32", "--stride", "16",
+              "--shard-size", "16MB", "--workers", "2", "--out", str(shards)],
+             done=shards / "index.json")
+    demo.run("shards: summary (band table in the log) and statistics plot", "shards_info",
+             ["shards", "info", str(shards), "--plot", str(out / "band_stats.png")])
+    demo.run("shards: verify every sample against index.json", "shards_verify", ["shards", "verify", str(shards)])
+    if a.shards_only:
+        return 0
 
-def pretrain(shards_dir: Path, out: Path, steps: int | None = None) -> int:
-    """Step 4: pretrain LESS ViT-Tiny on ``shards_dir`` into ``out/run``; print where the results are."""
-    from pretrain.__main__ import main as pretrain_main
+    # 2. pretraining, DeepSpeed on 2 processes
+    pre = out / "pretrain"
+    pre_cfg = resources.files("pretrain") / "configs" / PRETRAIN_CONFIG
+    demo.run("pretrain: HyperMAE LESS ViT-Tiny, DeepSpeed", "pretrain",
+             ["pretrain", "--config", str(pre_cfg), f"data.loader.shards={shards}", f"run_dir={pre}",
+              f"steps={a.pretrain_steps}", "logging.progress=true"],
+             done=pre / "model.safetensors", torchrun=True)
 
-    config = resources.files("pretrain") / "configs" / "demo_indian_pines.yaml"
-    run_dir = out / "run"
-    overrides = [f"data.loader.shards={shards_dir}", f"run_dir={run_dir}"]
-    if steps is not None:
-        overrides.append(f"steps={steps}")
-    print(f"\n[4/4] gfm pretrain --config {CONFIG_NAME} {' '.join(overrides)}", flush=True)
-    rc = pretrain_main(["--config", str(config), *overrides])
-    if rc:
-        return rc
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.exists():
-        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-        losses = [r["loss"] for r in rows if "loss" in r]
-        if losses:
-            print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} logged steps")
-    pictures = sorted(run_dir.rglob("images/*.png")) + sorted(run_dir.glob("loss_curve.png"))
-    print(f"run directory: {run_dir}")
-    for p in pictures[-3:]:
-        print(f"  picture: {p}")
-    weights = sorted(run_dir.rglob("model.safetensors"))
-    if weights:
-        print(f"  weights: {weights[-1]}")
+    # 3. fine-tuning: LoRA on the pretrained encoder vs the same recipe from scratch
+    ft_cfg = resources.files("finetune") / "configs" / FINETUNE_CONFIG
+    runs = {}
+    for method, what in (("lora", "LoRA on the pretrained encoder"), ("scratch", "same encoder, random init")):
+        run_dir = out / "finetune" / method
+        demo.run(f"finetune: {what}", f"finetune_{method}",
+                 ["finetune", "--config", str(ft_cfg), f"data.shards={shards}", f"run_dir={run_dir}",
+                  f"steps={a.finetune_steps}", f"schedule.warmup_steps={max(1, a.finetune_steps // 10)}",
+                  "data.window=7", "data.batch_size=16", "optim.ref_batch=16", f"method.name={method}",
+                  f"encoder.weights={pre}"],
+                 done=run_dir / "metrics.json")
+        runs[method] = run_dir
+
+    # 4. export the pretrained encoder with the LoRA adapter beside it
+    export = out / "export"
+    demo.run("export: Hugging Face directory with the LoRA adapter", "export",
+             ["export", str(pre), str(export), "--adapter", str(runs["lora"]), "--overwrite"],
+             done=None)
+
+    # 5. whole-scene prediction and embeddings, each loading the export in a fresh process
+    pred = out / "prediction.tif"
+    demo.run("predict: the whole scene into a Cloud-Optimized GeoTIFF", "predict",
+             ["predict", *scene, "--model", str(export), "--adapter", str(export / "adapter"), "--out", str(pred),
+              "--overwrite"])
+    emb = out / "embeddings.parquet"
+    demo.run("embed: one embedding per tile into GeoParquet", "embed",
+             ["embed", str(shards), "--model", str(export), "--out", str(emb), "--overwrite"])
+
+    # 6. checks and the report
+    check = check_prediction(pred, gt, runs["lora"] / "split.json", _read_json(runs["lora"] / "metrics.json"))
+    picture = prediction_png(pred, gt, out / "prediction_map.png")
+    report = write_report(out, demo.steps, pretrain_dir=pre, finetune_runs=runs, export_dir=export,
+                          prediction=pred, prediction_check=check, prediction_picture=picture,
+                          embeddings=emb, total_seconds=time.time() - t_start)
+    print(f"\n{check.summary}")
+    print(f"report: {report}")
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``gfm demo``: build and check the shards, then pretrain on them."""
-    p = argparse.ArgumentParser(
-        prog="gfm demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--out", default="demo_out", help="working directory (default demo_out)")
-    p.add_argument("--wavelengths", help="exact wavelength list for the cube (default: nominal AVIRIS centres)")
-    p.add_argument("--tile", type=int, default=32)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--shards-only", action="store_true", help="stop after building and checking the shards")
-    a = p.parse_args(argv)
-
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rc = build_shards(out, wavelengths=a.wavelengths, tile=a.tile, workers=a.workers)
-    if rc or a.shards_only:
-        return rc
-    return pretrain(out / "shards", out)
 
 
 if __name__ == "__main__":
