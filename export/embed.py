@@ -61,9 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             report = embed_shards(model, a.files[0], a.out, opts)
         else:
             scene = open_scene_from(a)
-            for notice in scene.notices:
-                print(notice, file=sys.stderr)
             report = embed_scene(model, scene, a.out, opts)
+            for notice in scene.notices:  # after the run: an error stays one line
+                print(notice, file=sys.stderr)
     except (HubError, ShardError, IndexFileError, SchemaError) as e:
         print(explain("gfm embed", e), file=sys.stderr)
         return 2

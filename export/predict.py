@@ -56,11 +56,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         loaded.model.to(a.device)
         predictor = make_predictor(loaded.model, loaded.info, a.window_batch)
         scene = open_scene_from(a)
-        for notice in scene.notices:
-            print(notice, file=sys.stderr)
         config = loaded.config  # the export's statistics and band table
         bands = input_bands(observation_bands(scene), config, stats_from(a),
                             "drop" if a.drop_unknown_bands else "error", where=f"scene {scene.spec.id}: ")
+        for notice in scene.notices:  # once the scene is accepted: an error stays one line
+            print(notice, file=sys.stderr)
         if bands.dropped:
             print(f"notice: leaving out band(s) without statistics: {', '.join(bands.dropped)}", file=sys.stderr)
         tile = a.tile or int((config.get("inputs") or {}).get("tile_size_trained") or 64)
