@@ -28,7 +28,7 @@ class PredictionCheck:
     """The whole-scene prediction read back and scored on the fine-tuning run's held-out pixels.
 
     Attributes:
-        test_pixels: held-out labelled pixels scored.
+        test_pixels: held-out labelled pixels inside the predicted area, scored.
         oa: overall accuracy of the predicted map on them.
         finetune_oa: the fine-tuning run's own test accuracy (same pixels, same model, before export).
         crs, shape, nodata: the GeoTIFF as rasterio reads it.
@@ -45,8 +45,8 @@ class PredictionCheck:
     def summary(self) -> str:
         """One line for the terminal."""
         return (f"prediction.tif ({self.shape[0]} x {self.shape[1]}, nodata {self.nodata}): OA {100 * self.oa:.2f}% on "
-                f"the {self.test_pixels} held-out labelled pixels; the fine-tuning run measured "
-                f"{100 * self.finetune_oa:.2f}% on the same pixels before export")
+                f"the {self.test_pixels} held-out labelled pixels it covers; the fine-tuning run measured "
+                f"{100 * self.finetune_oa:.2f}% on all its held-out pixels before export")
 
 
 def _test_pixels(split_json: Path) -> list[tuple[int, int]]:
@@ -69,9 +69,10 @@ def check_prediction(pred: Path, gt: Path, split_json: Path, finetune_metrics: d
         classes = src.read(1)
         crs, shape, nodata = str(src.crs), (src.height, src.width), src.nodata
     labels = np.load(gt)
-    pixels = _test_pixels(split_json)
-    rows = np.array([r for r, _ in pixels])
-    cols = np.array([c for _, c in pixels])
+    # the map covers the scene's top-left corner (``--region 0 0 N N``) or all of it
+    pixels = [(r, c) for r, c in _test_pixels(split_json) if r < shape[0] and c < shape[1]]
+    rows = np.array([r for r, _ in pixels], dtype=np.int64)
+    cols = np.array([c for _, c in pixels], dtype=np.int64)
     got = classes[rows, cols]
     ok = (got != nodata) & (values[np.minimum(got, len(values) - 1)] == labels[rows, cols])
     return PredictionCheck(
@@ -100,7 +101,7 @@ def prediction_png(pred: Path, gt: Path, out: Path) -> Path:
     k = int(classes[classes != nodata].max()) + 1 if (classes != nodata).any() else 1
     colours = [tuple(c / 255 for c in cmap.get(i, (128, 128, 128, 255))[:3]) for i in range(k)]
     shown = np.ma.masked_equal(classes, nodata)
-    labels = np.load(gt)
+    labels = np.load(gt)[: classes.shape[0], : classes.shape[1]]
     fig, axes = plt.subplots(1, 2, figsize=(9, 4.6))
     axes[0].imshow(np.ma.masked_equal(labels, 0), cmap="tab20", interpolation="nearest")
     axes[0].set_title("ground truth (labelled pixels)")
