@@ -44,11 +44,11 @@ class ShardFile:
         self.table = table
         self.members = members  # where the table was read from
         self.fd = os.open(path, os.O_RDONLY)
+        self._close = os.close  # still there when __del__ runs at interpreter exit
 
     def __del__(self) -> None:
-        fd = getattr(self, "fd", None)
-        if fd is not None:
-            os.close(fd)
+        if hasattr(self, "_close"):
+            self._close(self.fd)
 
 
 @dataclass(frozen=True, slots=True)

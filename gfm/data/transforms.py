@@ -321,9 +321,8 @@ def collate(
     np.copyto(x, px.reshape(b, ck, h * w), casting="unsafe")
     x -= mean[None, :, None]
     x *= (1.0 / std)[None, :, None]
-    for i in range(b):
-        if not valid[i].all():  # usually none: skip the masked write
-            np.copyto(a["pixels"][i], np.float32(0.0), where=~valid[i])
+    for i in np.flatnonzero(~valid.reshape(b, -1).all(axis=1)).tolist():  # tiles with invalid pixels (rare)
+        np.copyto(a["pixels"][i], np.float32(0.0), where=~valid[i])
     a["wavelength"][...] = wl
     a["bandwidth"][...] = bw
     a["kind"][...] = kind
