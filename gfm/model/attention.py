@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from timm.layers import DropPath, LayerScale, Mlp
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 # ------------------------------------------------------------------------------------------------
 # Masks
@@ -214,13 +215,11 @@ class AxisAttention(nn.Module):
 
 
 def _pool(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, axis: int, valid: torch.Tensor | None) -> torch.Tensor:
-    """Single-query attention along one grid axis.
+    """Single-query attention along one grid axis, from projected keys and values.
 
     ``q`` broadcasts against ``k, v: [B, C+1, N+1, h, d]`` and has size 1 on ``axis``; ``valid:
-    [B, C+1, N+1]`` masks keys. Returns ``[B, L, h, d]`` with ``axis`` reduced. Written elementwise
-    rather than with ``scaled_dot_product_attention``: with one query per row the work is a weighted
-    sum, and this way the grid-sized keys and values are not copied into head-major layout (twice,
-    once per pooling direction) and kept for the backward pass.
+    [B, C+1, N+1]`` masks keys. Returns ``[B, L, h, d]`` with ``axis`` reduced. The path of a pool
+    whose key/value layer is not a plain ``nn.Linear`` (a LoRA-wrapped one); see :func:`_absorbed_pool`.
     """
     logits = (q * k).sum(-1) * k.shape[-1] ** -0.5  # [B, C+1, N+1, h]
     if valid is not None:
@@ -229,13 +228,50 @@ def _pool(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, axis: int, valid: t
     return (weights[..., None] * v).sum(dim=axis)
 
 
+def _absorbed_pool(
+    z: torch.Tensor, q: torch.Tensor, w_k: torch.Tensor, w_v: torch.Tensor, valid: torch.Tensor | None
+) -> torch.Tensor:
+    """Single-query attention over axis 2 of ``z`` with the key and value maps folded into the query side.
+
+    Args:
+        z: ``[B, L, M, D]`` tokens, pooled over ``M`` (one query per ``L``).
+        q: ``[B, L, h, d]`` queries.
+        w_k: ``[h, d, D]`` key weights (rows of the pool's key/value layer).
+        w_v: ``[h, d, D]`` value weights.
+        valid: ``[B, L, M]`` key mask, or None.
+
+    Returns ``[B, L, h, d]``, without the value bias. The same numbers as projecting every token and
+    attending (:func:`_pool`), since for each head ``q·(W_k z + b_k) = (W_kᵀ q)·z + q·b_k``, and the
+    second term is constant along the pooled axis, so the softmax drops it; and since the weights sum to
+    one, ``Σ_m a_m (W_v z_m + b_v) = W_v (Σ_m a_m z_m) + b_v``. The work per token is ``O(h·D)`` instead of
+    the ``O(D²)`` of projecting keys and values, and nothing grid-sized beyond ``z`` is kept for the
+    backward pass.
+    """
+    q_abs = torch.einsum("blhd,hdk->blhk", q, w_k) * q.shape[-1] ** -0.5  # [B, L, h, D]
+    logits = torch.matmul(z, q_abs.transpose(-1, -2))  # [B, L, M, h]
+    if valid is not None:
+        logits = logits.masked_fill(~valid[..., None], float("-inf"))  # summary keys stay: never all masked
+    weights = logits.softmax(dim=2)
+    z_bar = torch.matmul(weights.transpose(-1, -2), z)  # [B, L, h, D]: per head, the weighted mean token
+    return torch.einsum("blhk,hdk->blhd", z_bar, w_v)
+
+
+def _column_pool(
+    x: torch.Tensor, q: torch.Tensor, w_k: torch.Tensor, w_v: torch.Tensor, valid: torch.Tensor | None
+) -> torch.Tensor:
+    """:func:`_absorbed_pool` along the rows of each column: ``x: [B, C+1, N+1, D]``, ``q: [B, N+1, h, d]``."""
+    columns = rearrange(x, "b c n k -> b n c k").contiguous()  # one copy, shared by both products
+    return _absorbed_pool(columns, q, w_k, w_v, valid)
+
+
 class SummaryPool(nn.Module):
     """Pool the grid into spectral and spatial tokens by attention from the summary tokens.
 
     Spectral token ``c`` = summary-column token ``x[c, 0]`` + attention from it over row ``c``;
     spatial token ``n`` = summary-row token ``x[0, n]`` + attention from it over column ``n``. Keys and
-    values of the grid are projected once (at width ``D``) and shared by both pools. Each pooled token
-    is then mapped to its branch width (``h·d_c`` spectral, ``h·d_s`` spatial).
+    values of the grid are one linear map at width ``D`` shared by both pools; they are never formed
+    per token (:func:`_absorbed_pool`). Each pooled token is then mapped to its branch width (``h·d_c``
+    spectral, ``h·d_s`` spatial).
     """
 
     def __init__(self, dim: int, num_heads: int, spectral_dim: int, spatial_dim: int, qkv_bias: bool = True) -> None:
@@ -247,6 +283,15 @@ class SummaryPool(nn.Module):
         self.to_spectral = nn.Linear(dim, spectral_dim)
         self.to_spatial = nn.Linear(dim, spatial_dim)
 
+    @property
+    def absorbed(self) -> bool:
+        """Whether keys and values are folded into the queries (the key/value layer is a plain ``nn.Linear``).
+
+        A wrapped layer (a LoRA adapter) is applied as a module to every token instead, so what it
+        adds is never bypassed.
+        """
+        return isinstance(self.kv, nn.Linear)
+
     def forward(
         self, x: torch.Tensor, spectral_keys: torch.Tensor | None = None, spatial_keys: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -255,27 +300,46 @@ class SummaryPool(nn.Module):
         Returns spectral tokens ``[B, C+1, h·d_c]`` and spatial tokens ``[B, N+1, h·d_s]``.
         """
         h = self.num_heads
-        k, v = rearrange(self.kv(x), "b c n (two h d) -> two b c n h d", two=2, h=h)  # views, no copies
         # spectral: the summary token of each row queries that row's N+1 positions
-        q = rearrange(self.q_spectral(x[:, :, 0]), "b c (h d) -> b c 1 h d", h=h)
-        pooled = rearrange(_pool(q, k, v, 2, spectral_keys), "b c h d -> b c (h d)")
-        spectral = self.to_spectral(x[:, :, 0] + pooled)
+        q_c = rearrange(self.q_spectral(x[:, :, 0]), "b c (h d) -> b c h d", h=h)
         # spatial: the summary token of each column queries that column's C+1 observations
-        q = rearrange(self.q_spatial(x[:, 0]), "b n (h d) -> b 1 n h d", h=h)
-        pooled = rearrange(_pool(q, k, v, 1, spatial_keys), "b n h d -> b n (h d)")
-        spatial = self.to_spatial(x[:, 0] + pooled)
-        return spectral, spatial
+        q_s = rearrange(self.q_spatial(x[:, 0]), "b n (h d) -> b n h d", h=h)
+        if self.absorbed:
+            w_k, w_v = rearrange(self.kv.weight, "(two h d) k -> two h d k", two=2, h=h)
+            b_v = self.kv.bias.chunk(2)[1] if self.kv.bias is not None else None
+            pooled_c = _absorbed_pool(x, q_c, w_k, w_v, spectral_keys)
+            keys_s = None if spatial_keys is None else rearrange(spatial_keys, "b c n -> b n c")
+            if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+                # the column-major copy of the grid is remade in the backward pass rather than kept
+                pooled_s = checkpoint(_column_pool, x, q_s, w_k, w_v, keys_s, use_reentrant=False)
+            else:
+                pooled_s = _column_pool(x, q_s, w_k, w_v, keys_s)
+            pooled_c = rearrange(pooled_c, "b c h d -> b c (h d)")
+            pooled_s = rearrange(pooled_s, "b n h d -> b n (h d)")
+            if b_v is not None:
+                pooled_c, pooled_s = pooled_c + b_v, pooled_s + b_v
+        else:
+            k, v = rearrange(self.kv(x), "b c n (two h d) -> two b c n h d", two=2, h=h)  # views, no copies
+            pooled_c = rearrange(_pool(q_c[:, :, None], k, v, 2, spectral_keys), "b c h d -> b c (h d)")
+            pooled_s = rearrange(_pool(q_s[:, None], k, v, 1, spatial_keys), "b n h d -> b n (h d)")
+        return self.to_spectral(x[:, :, 0] + pooled_c), self.to_spatial(x[:, 0] + pooled_s)
 
     def flops(self, rows: int, cols: int) -> int:
         """Forward matmul FLOPs for one sample with a ``rows × cols`` grid (``C+1``, ``N+1``).
 
-        The pools' scores and weighted sums (``8·rows·cols·D``) run elementwise and, like norms and
-        softmax, are not counted.
+        Folded keys and values (:attr:`absorbed`): the queries, their products with the key and value
+        weights (``2·(rows + cols)·D²`` each), and per pool the scores and weighted sums as matmuls
+        (``4·rows·cols·h·D``). Otherwise the per-token key/value projection, with the pools' scores and
+        weighted sums elementwise (not counted, like norms and softmax).
         """
-        dim = self.kv.in_features
-        kv = 2 * rows * cols * dim * 2 * dim
+        dim = self.q_spectral.in_features
         queries = 2 * (rows + cols) * dim * dim
         out = 2 * rows * dim * self.to_spectral.out_features + 2 * cols * dim * self.to_spatial.out_features
+        if self.absorbed:
+            folded = 2 * 2 * (rows + cols) * dim * dim
+            pools = 2 * 4 * rows * cols * self.num_heads * dim
+            return queries + folded + pools + out
+        kv = 2 * rows * cols * dim * 2 * dim
         return kv + queries + out
 
 
@@ -336,20 +400,43 @@ class LESSAttention(nn.Module):
     def forward(self, x: torch.Tensor, mask: GridMask | None = None) -> torch.Tensor:
         """``x: [B, C+1, N+1, D]`` → ``[B, C+1, N+1, D]``."""
         a_c, a_s = self.branches(x, mask)
-        heads = torch.einsum("brhci,brhnj->bcnhij", a_c, a_s) / self.rank  # rank-r sums of outer products
-        return self.proj_drop(self.proj(rearrange(heads, "b c n h i j -> b c n (h i j)")))
+        rows, cols = x.shape[1], x.shape[2]
+        if not self.project_spatial_first(rows, cols):
+            heads = torch.einsum("brhci,brhnj->bcnhij", a_c, a_s) / self.rank  # rank-r sums of outer products
+            return self.proj_drop(self.proj(rearrange(heads, "b c n h i j -> b c n (h i j)")))
+        # proj(head(c, n)) = Σ_{r,h,i} a_c[r,h,c,i] · (Σ_j a_s[r,h,n,j] W[:, (h,i,j)]): the spatial side
+        # goes through the projection first (cols × D per term), then one matmul over r·h·d_c per token;
+        # the [C+1, N+1, D] outer products are never formed (nor kept for the backward pass)
+        weight = rearrange(self.proj.weight, "o (h i j) -> h i j o", h=self.num_heads, i=self.spectral_head_dim)
+        spatial = torch.einsum("brhnj,hijo->brhino", a_s, weight)  # [B, r, h, d_c, N+1, D]
+        spectral = rearrange(a_c, "b r h c i -> b c (r h i)") / self.rank
+        out = torch.matmul(spectral, rearrange(spatial, "b r h i n o -> b (r h i) (n o)"))  # [B, C+1, (N+1)·D]
+        out = rearrange(out, "b c (n o) -> b c n o", n=cols)
+        if self.proj.bias is not None:
+            out = out + self.proj.bias
+        return self.proj_drop(out)
+
+    def project_spatial_first(self, rows: int, cols: int) -> bool:
+        """Whether :meth:`forward` folds the output projection into the spatial branch (fewer FLOPs).
+
+        Per sample, in multiply-adds: folded ``r·cols·D² + rows·cols·r·h·d_c·D``, against outer products
+        then projection ``r·rows·cols·D + rows·cols·D²``; folded wins unless there are few rows and a
+        high rank. Only for a plain ``nn.Linear`` projection: a wrapped one (a LoRA adapter) is applied
+        as a module.
+        """
+        if not isinstance(self.proj, nn.Linear):
+            return False
+        dim, r, w_c = self.proj.in_features, self.rank, self.num_heads * self.spectral_head_dim
+        return r * cols * dim * dim + rows * cols * r * w_c * dim <= r * rows * cols * dim + rows * cols * dim * dim
 
     def flops(self, rows: int, cols: int) -> int:
         """Forward matmul FLOPs for one sample with a ``rows × cols`` grid (``C+1``, ``N+1``)."""
-        dim = self.proj.in_features
-        outer = 2 * self.rank * rows * cols * dim  # the einsum runs as a batched matmul contracting r
-        return (
-            self.pool.flops(rows, cols)
-            + self.spectral.flops(rows)
-            + self.spatial.flops(cols)
-            + outer
-            + 2 * rows * cols * dim * dim
-        )
+        dim, r = self.proj.in_features, self.rank
+        if self.project_spatial_first(rows, cols):
+            recombine = 2 * r * cols * dim * dim + 2 * rows * cols * r * self.num_heads * self.spectral_head_dim * dim
+        else:  # the einsum runs as a batched matmul contracting r, then the projection
+            recombine = 2 * r * rows * cols * dim + 2 * rows * cols * dim * dim
+        return self.pool.flops(rows, cols) + self.spectral.flops(rows) + self.spatial.flops(cols) + recombine
 
 
 class JointAttention(nn.Module):
@@ -391,6 +478,122 @@ class JointAttention(nn.Module):
         """Forward matmul FLOPs for one sample with a ``rows × cols`` grid."""
         dim = self.proj.in_features
         return self.attn.flops(rows * cols) + 2 * rows * cols * dim * dim
+
+
+#: hidden-activation elements the MLP's backward pass works on at a time (:class:`_PreNormMLP`)
+_CHUNK_ELEMENTS = 2**22
+
+
+class _PreNormMLP(torch.autograd.Function):
+    """``fc2(gelu(fc1(LayerNorm(x))))`` keeping only ``x``, the norm statistics and the hidden pre-activation.
+
+    The plain composition keeps the normed input (``D`` per token), the pre-activation and the
+    activation (``2 × 4D``): most of what a block stores for the backward pass. Here the backward pass
+    recomputes the normed input and the activation (elementwise work, no matmul) a slice of tokens at a
+    time (:data:`_CHUNK_ELEMENTS`), so neither they nor the hidden gradient are ever whole. Gradients are
+    those of the composition, also under autocast: the norm runs in the input's dtype (fp32, as
+    autocast runs norms), the products in the dtype of the incoming gradient, and weight gradients are
+    summed over slices in fp32 (or wider) and returned in their parameters' dtype.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, ln_w: torch.Tensor | None,
+        ln_b: torch.Tensor | None, eps: float, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
+        b2: torch.Tensor | None, approximate: str,
+    ) -> torch.Tensor:
+        normed, mean, rstd = torch.native_layer_norm(x, (x.shape[-1],), ln_w, ln_b, eps)
+        h = F.linear(normed, w1, b1)
+        ctx.save_for_backward(x, mean, rstd, h, ln_w, ln_b, w1, w2)  # type: ignore[arg-type]
+        ctx.approximate = approximate  # type: ignore[attr-defined]
+        ctx.bias_dtypes = (None if b1 is None else b1.dtype, None if b2 is None else b2.dtype)  # type: ignore[attr-defined]
+        return F.linear(F.gelu(h, approximate=approximate), w2, b2)
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
+        x, mean, rstd, h, ln_w, ln_b, w1, w2 = ctx.saved_tensors  # type: ignore[attr-defined]
+        approximate: str = ctx.approximate  # type: ignore[attr-defined]
+        need = ctx.needs_input_grad  # type: ignore[attr-defined]
+        dim, hidden = x.shape[-1], h.shape[-1]
+        xs, hs, go = x.reshape(-1, dim), h.reshape(-1, hidden), grad_out.reshape(-1, grad_out.shape[-1])
+        means, rstds = mean.reshape(-1, 1), rstd.reshape(-1, 1)
+        dtype = go.dtype
+        w1c, w2c = w1.to(dtype), w2.to(dtype)
+
+        def zeros(p: torch.Tensor | None, i: int) -> torch.Tensor | None:  # an accumulator, fp32 at least
+            if p is None or not need[i]:
+                return None
+            return torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32))
+
+        grad_x = torch.empty_like(xs) if need[0] else None
+        g_lnw, g_lnb, g_w1, g_b1, g_w2 = zeros(ln_w, 1), zeros(ln_b, 2), zeros(w1, 4), zeros(w1[:, 0], 5), zeros(w2, 6)
+        step = max(1, _CHUNK_ELEMENTS // hidden)
+        for start in range(0, xs.shape[0], step):
+            rows = slice(start, start + step)
+            h_c, go_c = hs[rows], go[rows]
+            if g_w2 is not None:
+                g_w2 += go_c.t() @ F.gelu(h_c, approximate=approximate).to(dtype)
+            if grad_x is None and g_lnw is None and g_lnb is None and g_w1 is None and g_b1 is None:
+                continue
+            grad_h = torch.ops.aten.gelu_backward((go_c @ w2c).to(h.dtype), h_c, approximate=approximate)
+            if g_w1 is not None:
+                normed = (xs[rows] - means[rows]) * rstds[rows]  # recomputed
+                if ln_w is not None:
+                    normed = normed * ln_w
+                if ln_b is not None:
+                    normed = normed + ln_b
+                g_w1 += grad_h.t().to(dtype) @ normed.to(dtype)
+            if g_b1 is not None:
+                g_b1 += grad_h.sum(0)
+            if grad_x is not None or g_lnw is not None or g_lnb is not None:
+                grad_n = (grad_h.to(dtype) @ w1c).to(x.dtype)
+                dx, dw, db = torch.ops.aten.native_layer_norm_backward(
+                    grad_n, xs[rows], (dim,), means[rows], rstds[rows], ln_w, ln_b,
+                    [grad_x is not None, g_lnw is not None, g_lnb is not None],
+                )
+                if grad_x is not None:
+                    grad_x[rows] = dx
+                if g_lnw is not None:
+                    g_lnw += dw
+                if g_lnb is not None:
+                    g_lnb += db
+        b1_dtype, b2_dtype = ctx.bias_dtypes  # type: ignore[attr-defined]
+        g_b2 = go.sum(0, dtype=torch.promote_types(go.dtype, torch.float32)).to(b2_dtype) if need[7] else None
+
+        def cast(g: torch.Tensor | None, p: torch.Tensor | None) -> torch.Tensor | None:
+            return None if g is None or p is None else g.to(p.dtype)
+
+        return (
+            None if grad_x is None else grad_x.view(x.shape), cast(g_lnw, ln_w), cast(g_lnb, ln_b), None,
+            cast(g_w1, w1), None if g_b1 is None else g_b1.to(b1_dtype), cast(g_w2, w2), g_b2, None,
+        )
+
+
+def pre_norm_mlp(norm: nn.Module, mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``mlp(norm(x))`` for a timm ``Mlp``, recomputing the norm and GELU in the backward pass when it can.
+
+    That is (:class:`_PreNormMLP`): a ``LayerNorm``, a GELU MLP of plain ``nn.Linear`` layers (not
+    LoRA-wrapped ones), no hidden norm and no active dropout between the layers, gradients recorded,
+    and not inside ``torch.compile`` (where inductor decides itself what to recompute). Otherwise the
+    modules run as they are.
+    """
+    fc1, act, drop1, hidden_norm, fc2, drop2 = (
+        getattr(mlp, n) for n in ("fc1", "act", "drop1", "norm", "fc2", "drop2")
+    )
+    fusable = (
+        type(norm) is nn.LayerNorm and type(act) is nn.GELU and isinstance(fc1, nn.Linear)
+        and isinstance(fc2, nn.Linear) and isinstance(hidden_norm, nn.Identity)
+        and (not mlp.training or drop1.p == 0) and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    )
+    if not fusable:
+        out: torch.Tensor = mlp(norm(x))
+        return out
+    y: torch.Tensor = drop2(_PreNormMLP.apply(
+        x, norm.weight, norm.bias, norm.eps, fc1.weight, fc1.bias, fc2.weight, fc2.bias, act.approximate
+    ))
+    return y
 
 
 class Block(nn.Module):
@@ -450,7 +653,7 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, mask: GridMask | None = None) -> torch.Tensor:
         """``x: [B, C+1, N+1, D]`` → same shape."""
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), mask)))
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x + self.drop_path2(self.ls2(pre_norm_mlp(self.norm2, self.mlp, x)))
 
     def flops(self, rows: int, cols: int) -> int:
         """Forward matmul FLOPs for one sample with a ``rows × cols`` grid (``C+1``, ``N+1``)."""

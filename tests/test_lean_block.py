@@ -1,0 +1,183 @@
+"""The lean LESS block computes what the plain one computes, keeps less, and never bypasses an adapter.
+
+Three rewritings in ``gfm.model.attention`` change how, not what: the pools fold the key/value map
+into the queries (``SummaryPool.absorbed``), the output projection is folded into the spatial branch
+(``LESSAttention.project_spatial_first``), and the pre-norm MLP recomputes its norm and GELU in the
+backward pass (``pre_norm_mlp``). Each is compared here with the plain computation, which the same modules run when
+a layer is wrapped (as peft wraps LoRA targets): the wrapped modules below add nothing, so both paths
+must agree to rounding, gradients included.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from gfm.model.attention import Block, GridMask, LESSAttention, SummaryPool, grid_mask, pre_norm_mlp
+
+
+class Wrapped(nn.Module):
+    """A layer behind a module that is not an ``nn.Linear`` (like peft's LoRA layer), optionally adding ``x·Δᵀ``."""
+
+    def __init__(self, base: nn.Linear, delta: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.base = base
+        self.delta = delta
+        self.in_features, self.out_features = base.in_features, base.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        return y if self.delta is None else y + x @ self.delta.T
+
+
+def _wrap_all(block: Block) -> Block:
+    """The same block with every rewritten layer behind a :class:`Wrapped` (the plain paths)."""
+    attn = block.attn
+    assert isinstance(attn, LESSAttention)
+    attn.pool.kv = Wrapped(attn.pool.kv)  # type: ignore[assignment]
+    attn.proj = Wrapped(attn.proj)  # type: ignore[assignment]
+    block.mlp.fc2 = Wrapped(block.mlp.fc2)  # type: ignore[assignment]
+    return block
+
+
+def _mask(B: int, rows: int, cols: int) -> GridMask:
+    g = torch.Generator().manual_seed(3)
+    valid = torch.rand(B, rows - 1, cols - 1, generator=g) > 0.3
+    field = torch.rand(1, 1, cols, cols, generator=g) > 0.4
+    field[..., 0] = True
+    return grid_mask(valid, field)
+
+
+def _grads(module: nn.Module, x: torch.Tensor, *args: object) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    x = x.clone().requires_grad_(True)
+    module.zero_grad()
+    y = module(x, *args)
+    (y * torch.linspace(-1, 1, y.shape[-1], dtype=y.dtype)).sum().backward()
+    assert x.grad is not None
+    grads = {n.replace("base.", ""): p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+    return torch.cat([y.flatten(), x.grad.flatten()]), grads
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_absorbed_pool_is_the_projected_pool(masked: bool) -> None:
+    torch.manual_seed(0)
+    pool = SummaryPool(24, 3, 6, 12).double()
+    x = torch.randn(2, 5, 7, 24, dtype=torch.double)
+    mask = _mask(2, 5, 7) if masked else GridMask()
+    assert pool.absorbed
+    lean = pool(x, mask.spectral_pool, mask.spatial_pool)
+    pool.kv = Wrapped(pool.kv)  # type: ignore[assignment]
+    assert not pool.absorbed
+    plain = pool(x, mask.spectral_pool, mask.spatial_pool)
+    for a, b in zip(lean, plain):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize(
+    "heads,rank,d_c,rows,folded", [(3, 1, 4, 9, True), (2, 2, 2, 12, True), (2, 3, 2, 6, False), (2, 8, 2, 3, False)]
+)
+def test_lean_block_matches_plain_block(heads: int, rank: int, d_c: int, rows: int, folded: bool) -> None:
+    """Outputs and every gradient. With few rows and a high rank the projection is cheaper after the
+    outer products, so both recombination orders are covered."""
+    torch.manual_seed(0)
+    dim = heads * d_c * 4
+    block = Block(dim, "less", heads, rank, d_c).double()
+    attn = block.attn
+    assert isinstance(attn, LESSAttention)
+    cols = 10
+    assert attn.project_spatial_first(rows, cols) == folded
+    x = torch.randn(2, rows, cols, dim, dtype=torch.double)
+    mask = _mask(2, rows, cols)
+    out_lean, grads_lean = _grads(block, x, mask)
+    out_plain, grads_plain = _grads(_wrap_all(block), x, mask)
+    torch.testing.assert_close(out_lean, out_plain)
+    assert grads_lean.keys() == grads_plain.keys()
+    for name in grads_lean:
+        torch.testing.assert_close(grads_lean[name], grads_plain[name], msg=name)
+
+
+def test_adapters_are_never_bypassed() -> None:
+    """A wrapped layer that adds ``x·Δᵀ`` (LoRA) gives the block whose plain layers hold ``W + Δ``."""
+    torch.manual_seed(0)
+    block = Block(24, "less", 3, 1, 2).double()
+    merged = Block(24, "less", 3, 1, 2).double()
+    merged.load_state_dict(block.state_dict())
+    attn, attn_m = block.attn, merged.attn
+    assert isinstance(attn, LESSAttention) and isinstance(attn_m, LESSAttention)
+    x = torch.randn(2, 5, 7, 24, dtype=torch.double)
+    base = block(x)
+    for get in (lambda b: b.attn.pool.kv, lambda b: b.attn.proj, lambda b: b.mlp.fc2):
+        layer = get(block)
+        delta = 0.1 * torch.randn_like(layer.weight)
+        with torch.no_grad():
+            get(merged).weight += delta
+        if layer is attn.pool.kv:
+            attn.pool.kv = Wrapped(layer, delta)  # type: ignore[assignment]
+        elif layer is attn.proj:
+            attn.proj = Wrapped(layer, delta)  # type: ignore[assignment]
+        else:
+            block.mlp.fc2 = Wrapped(layer, delta)  # type: ignore[assignment]
+    torch.testing.assert_close(block(x), merged(x))
+    assert not torch.allclose(block(x), base)  # the adapters do change the output
+
+
+def test_mlp_recomputes_only_when_it_may() -> None:
+    torch.manual_seed(0)
+    block = Block(16, "less", 2, 1, 2, proj_drop=0.5).double()
+    x = torch.randn(3, 16, dtype=torch.double, requires_grad=True)
+    block.eval()  # dropout off: the recomputing path, same numbers as the modules
+    y = pre_norm_mlp(block.norm2, block.mlp, x)
+    assert type(y.grad_fn).__name__.startswith("_PreNormMLP")
+    torch.testing.assert_close(y, block.mlp(block.norm2(x)))
+    block.train()  # dropout between the layers: the modules themselves run
+    assert not type(pre_norm_mlp(block.norm2, block.mlp, x).grad_fn).__name__.startswith("_PreNormMLP")
+    with torch.no_grad():  # nothing to keep: the modules run
+        block.eval()
+        torch.testing.assert_close(pre_norm_mlp(block.norm2, block.mlp, x), block.mlp(block.norm2(x)))
+
+
+def _saved_bytes(module: nn.Module, x: torch.Tensor, mask: GridMask) -> int:
+    """Bytes of distinct storages autograd keeps for the backward pass of ``module(x, mask)``."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    x = x.clone().requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x, mask)
+    return sum(seen.values())
+
+
+def test_lean_block_keeps_half_of_what_the_plain_block_keeps() -> None:
+    """What one block keeps for the backward pass at C = 200 (grid 201 × 65, D 192): the plain paths keep
+    the keys and values, the outer products, the normed MLP input and the MLP activation (15.3 grids of
+    201 × 65 × D); the lean block keeps its input, its normed input, the MLP input and the hidden
+    pre-activation (4 + 1 + 1 + 1 = 7, and ~0.4 of small tensors)."""
+    torch.manual_seed(0)
+    block = Block(192, "less", 3, 1, 4)
+    x = torch.randn(1, 201, 65, 192)
+    mask = GridMask()
+    lean = _saved_bytes(block, x, mask)
+    plain = _saved_bytes(_wrap_all(block), x, mask)
+    token_grid = x.numel() * 4
+    assert lean <= 7.6 * token_grid, lean / token_grid
+    assert lean <= 0.5 * plain, (lean / token_grid, plain / token_grid)
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_block_flops_match_counter_on_both_paths(wrapped: bool) -> None:
+    torch.manual_seed(0)
+    block = Block(48, "less", 3, 2, 2).eval()
+    if wrapped:
+        _wrap_all(block)
+    x = torch.randn(2, 6, 9, 48)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
+        block(x)
+    measured = counter.get_total_flops()
+    assert abs(2 * block.flops(6, 9) - measured) / measured < 1e-9
