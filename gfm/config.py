@@ -124,6 +124,22 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported annotation {_type_name(tp)} for value {value!r}")
 
 
+def _overlay(base: Any, value: Mapping[str, Any]) -> dict[str, Any]:
+    """The init fields of dataclass instance ``base`` with ``value`` laid over them, nested sections merged.
+
+    A section whose default is built by a factory (``CheckpointConfig(every=0, export=False)``) keeps those
+    defaults for the keys a config or an override does not give, instead of the class's own defaults.
+    """
+    out: dict[str, Any] = {f.name: getattr(base, f.name) for f in dataclasses.fields(base) if f.init}
+    for k, v in value.items():
+        b = out.get(k)
+        if isinstance(v, Mapping) and dataclasses.is_dataclass(b) and not isinstance(b, type):
+            out[k] = _overlay(b, v)
+        else:
+            out[k] = v
+    return out
+
+
 def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     """Build dataclass ``cls`` from a mapping, checking keys and types; unknown keys are errors."""
     if not (dataclasses.is_dataclass(cls) and isinstance(cls, type)):
@@ -138,7 +154,12 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     for name, f in fields.items():
         key = _join(prefix, name)
         if name in data:
-            kwargs[name] = _convert(data[name], hints[name], key)
+            value = data[name]
+            if isinstance(value, Mapping) and f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+                if dataclasses.is_dataclass(default) and not isinstance(default, type):
+                    value = _overlay(default, value)  # keys not given keep this field's own defaults
+            kwargs[name] = _convert(value, hints[name], key)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{key}: missing required key")
     try:

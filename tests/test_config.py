@@ -41,6 +41,21 @@ def test_defaults_and_nested_values() -> None:
     assert cfg.inner.limit == 2 and cfg.flag is False
 
 
+@dataclass
+class WithSectionDefaults:
+    inner: Inner = field(default_factory=lambda: Inner(lr=0.5, mode="b"))
+
+
+def test_a_partial_section_keeps_its_factory_defaults() -> None:
+    """Overriding one key of a section built by a factory keeps that factory's other values, not the class's."""
+    cfg = from_dict(WithSectionDefaults, {"inner": {"limit": 3}})
+    assert (cfg.inner.lr, cfg.inner.mode, cfg.inner.limit) == (0.5, "b", 3)
+    cfg = load(WithSectionDefaults, None, ["inner.names=[x]"])
+    assert (cfg.inner.lr, cfg.inner.mode, cfg.inner.names) == (0.5, "b", ["x"])
+    with pytest.raises(ConfigError, match="inner.typo: unknown key"):
+        from_dict(WithSectionDefaults, {"inner": {"typo": 1}})
+
+
 @pytest.mark.parametrize(
     ("data", "message"),
     [
