@@ -61,6 +61,21 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+#: Set beside the variables a world of one puts in ``os.environ`` (DeepSpeed reads them from there).
+_WORLD_OF_ONE = "GFM_WORLD_OF_ONE_PORT"
+
+
+def _inherited_world_of_one() -> bool:
+    """True when RANK/MASTER_PORT... were set by a parent's world of one, not by a launcher.
+
+    A program that fine-tunes in-process and then starts ``python -m pretrain`` passes its environment on;
+    the child must not take the parent's store port (still held by the parent: EADDRINUSE) for its own.
+    A launcher (torchrun, SLURM) sets its own MASTER_PORT, which differs from the recorded one.
+    """
+    port = os.environ.get(_WORLD_OF_ONE)
+    return port is not None and os.environ.get("MASTER_PORT") == port and os.environ.get("WORLD_SIZE") == "1"
+
+
 def _choose_backend() -> tuple[str, torch.device, str]:
     """(backend, device type, DeepSpeed accelerator) for this machine: NCCL/CUDA or gloo/CPU."""
     if torch.cuda.is_available():
@@ -79,10 +94,11 @@ def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> DistInfo:
         return _INFO
     backend, device, accelerator = _choose_backend()
     os.environ.setdefault("DS_ACCELERATOR", accelerator)
-    if "RANK" not in os.environ:  # plain single process: a world of one on loopback
+    if "RANK" not in os.environ or _inherited_world_of_one():  # plain single process: a world of one
+        port = str(_free_port())
         os.environ.update(
             RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **{_WORLD_OF_ONE: port},
         )
     rank = int(os.environ["RANK"])
     world_size = int(os.environ["WORLD_SIZE"])

@@ -28,7 +28,8 @@ def test_local_cluster_two_nodes_one_process_each(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     env = dict(os.environ, NODES="2", NPROC="1", OMP_NUM_THREADS="1",
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    env.pop("RANK", None)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)  # an in-process world of one of an earlier test still holds its MASTER_PORT
     cmd = ["bash", str(LAUNCH / "local_cluster.sh"), str(REPO / "pretrain" / "configs" / "cpu_smoke.yaml"),
            f"run_dir={run_dir}", *SMALL]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
