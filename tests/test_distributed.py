@@ -45,7 +45,8 @@ def test_a_child_of_a_world_of_one_makes_its_own(tmp_path):
         sys.path.insert(0, {str(REPO)!r})
         from gfm import distributed as gdist
         info = gdist.init_distributed()
-        child = "from gfm import distributed as g; i = g.init_distributed(); g.barrier('x'); print('child', i.world_size)"
+        child = ("from gfm import distributed as g; i = g.init_distributed(); g.barrier('x'); "
+                 "print('child', i.world_size)")
         out = subprocess.run([sys.executable, "-c", child], env=os.environ, capture_output=True, text=True,
                              cwd={str(REPO)!r}, timeout=120)
         print(out.stdout, out.stderr[-2000:], "rc", out.returncode)
