@@ -10,10 +10,14 @@ BENCHES = {
     "shards": "shard writing: tiles/s and MB/s, 1 vs 2 workers, vs a hand-rolled chipping loop",
     "loader": "loader: raw tar vs gfm pipeline (0/1/2 workers) vs rasterio windows per sample",
     "model": "LESS vs dense joint attention: time and peak memory over C",
-    "train": "training step: samples/s, FLOP utilisation, 1 vs 2 ranks, LESS vs dense",
+    "train": "training step: samples/s, FLOP utilisation, 1 vs 2 ranks, LESS vs dense, eager vs compiled",
+    "gpu": "the prepared GPU check (<= 8 min on one GPU; --dry on CPU): NCCL/ZeRO path, MFU, LESS vs dense, loader",
     "finetune": "fine-tuning step: time and peak memory of LoRA vs full fine-tuning",
     "predict": "whole-scene prediction: peak memory for a scene and a 4x larger one (flat), tiles/s",
 }
+
+#: benches whose module is not ``bench.<name>``
+MODULES = {"gpu": "gpu_check"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -24,5 +28,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, text in BENCHES.items():
             print(f"  {name:<8} {text}")
         return 0 if args and args[0] in ("-h", "--help") else 2
-    module = importlib.import_module(f"bench.{args[0]}")
+    module = importlib.import_module(f"bench.{MODULES.get(args[0], args[0])}")
     return int(module.main(args[1:]) or 0)
