@@ -10,7 +10,11 @@ observations. Rows:
 - ``dense``: the dense reference (``dense_vit_tiny``) with PyTorch's fused
   ``scaled_dot_product_attention`` (flash kernel: the T × T attention matrix is never stored);
 - ``dense-math``: the same model with the math attention backend, which materialises the
-  T × T attention matrix as published ChannelViT code does.
+  T × T attention matrix as published ChannelViT code does;
+- ``authors``: gfm's embedding with every block computed the LESS authors' way
+  (:mod:`bench.less_reference`: branch-width projections of every token, pools at branch width,
+  the outer products formed), rank 1, no perception field: the ``less`` row against the authors'
+  maths at the same sizes. Its GFLOP column is gfm's count (the model's ``flops()``), not theirs.
 
 Each configuration runs in a fresh subprocess. Peak memory on CPU is the growth of the process's
 peak resident set (``getrusage`` high-water mark) over the first step, after model and batch are
@@ -23,8 +27,9 @@ small-C times and so inflates ``growth_13_200``.
 
 Run: ``python -m bench.model`` (``--depth``, ``--batch-size``, ``--repeats`` to trade time for
 fidelity). The last line is ``RESULT speedup_c200=... mem_ratio_c200=... growth_13_200=...
-flops_growth_13_200=... rank8_cost_c200=... field_cost_c200=...`` (dense = the fused-attention
-reference; the last two are time ratios to the ``less`` row at C = 200).
+flops_growth_13_200=... rank8_cost_c200=... field_cost_c200=... authors_time_c200=... authors_mem_c200=...``
+(dense = the fused-attention reference; the last four are ratios to the ``less`` row at C = 200: above 1,
+gfm's block is the cheaper).
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ ROWS: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
     ("less-pf", "less_vit_tiny", "auto", {"perception_radius_m": 640.0}),
     ("dense", "dense_vit_tiny", "auto", {"perception_radius_m": 0.0}),
     ("dense-math", "dense_vit_tiny", "math", {"perception_radius_m": 0.0}),
+    ("authors", "less_vit_tiny", "auto", {"perception_radius_m": 0.0, "authors_blocks": True}),
 )
 
 
@@ -61,8 +67,15 @@ def child(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     kwargs = json.loads(args.kwargs)
-    model = cast(LESSViT, create_model(args.model, depth=args.depth, patch_size=8, **kwargs)).to(device)
+    authors = bool(kwargs.pop("authors_blocks", False))
+    model = cast(LESSViT, create_model(args.model, depth=args.depth, patch_size=8, **kwargs))
     B, C, S = args.batch_size, args.channels, 64
+    flops = model.flops(B, C, S)  # gfm's count, taken before the authors' blocks replace gfm's
+    if authors:
+        from bench.less_reference import authors_encoder
+
+        model = authors_encoder(model, rank=int(kwargs.get("rank", 1)))
+    model = model.to(device)
     batch = Batch(
         pixels=torch.randn(B, C, S, S),
         wavelength=torch.linspace(400.0, 2500.0, C).repeat(B, 1),
@@ -98,7 +111,7 @@ def child(args: argparse.Namespace) -> None:
             step()
             times.append(time.perf_counter() - t0)
     print(json.dumps({"time_s": min(times), "peak_mb": peak_mb, "method": method,
-                      "device": str(device), "flops": model.flops(B, C, S)}))
+                      "device": str(device), "flops": flops}))
 
 
 class _nullcontext:
@@ -206,8 +219,11 @@ def main(argv: list[str] | None = None) -> None:
     flops_growth = get("less", 200, "flops") / get("less", 13, "flops")
     rank8 = get("less-r8", 200, "time_s") / less_t
     field = get("less-pf", 200, "time_s") / less_t
+    authors_t = get("authors", 200, "time_s") / less_t
+    authors_m = get("authors", 200, "peak_mb") / less_m
     print(f"RESULT speedup_c200={speedup:.2f} mem_ratio_c200={mem_ratio:.2f} growth_13_200={growth:.2f} "
-          f"flops_growth_13_200={flops_growth:.2f} rank8_cost_c200={rank8:.2f} field_cost_c200={field:.2f}")
+          f"flops_growth_13_200={flops_growth:.2f} rank8_cost_c200={rank8:.2f} field_cost_c200={field:.2f} "
+          f"authors_time_c200={authors_t:.2f} authors_mem_c200={authors_m:.2f}")
 
 
 if __name__ == "__main__":
