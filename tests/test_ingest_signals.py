@@ -44,7 +44,10 @@ def scene(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
 def start(files: list[str], out: Path) -> subprocess.Popen:
     cmd = [GFM, "shards", "build", *files, "--out", str(out), "--tile", "32", "--shard-size", "150KB",
            "--workers", "2", "--no-progress"]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT at its default in the build even when the tests run as a background job (which starts with
+    # SIGINT ignored, and an ignored SIGINT is inherited: the build would rightly ignore it too)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def workers_of(p: subprocess.Popen, out: Path) -> list[int]:
