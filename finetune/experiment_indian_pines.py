@@ -13,9 +13,8 @@ Steps (each skipped when its output already exists, so an interrupted study cont
    anomaly maps are not used. Separately, the labelled Indian Pines shards for fine-tuning.
 2. **Pretraining.** HyperMAE on LESS ViT-Tiny width (D 192, 3 heads) with ``--depth`` blocks (4 by
    default: 12 cost ~3 s per step of 32 windows on a shared 2-core CPU), patch 4, spectral patch 25,
-   16 x 16 crops, ``--pretrain-steps`` steps (600), through ``gfm.train.run`` (the model is passed in because
-   the pretraining ``ModelConfig`` has no depth field; the fine-tuning configs name the same
-   architecture explicitly and load its weights with strict keys).
+   16 x 16 crops, ``--pretrain-steps`` steps (600), through ``gfm.train.run`` (``model.depth``); the
+   fine-tuning configs name the same architecture explicitly and load its weights with strict keys.
 3. **Fine-tuning.** Per-pixel classification with 7 x 7 windows, spatially disjoint split (16 px blocks,
    half the blocks for training; no training window overlaps a test window), two label budgets (5 % of
    each class's labelled pixels; 10 pixels per class), encoder pretrained vs random (scratch), methods
@@ -110,7 +109,6 @@ def encoder_kwargs(depth: int) -> dict[str, Any]:
 def pretrain(out: Path, shards: Path, steps: int, depth: int) -> Path:
     """HyperMAE pretraining on the unlabelled scenes; returns the run directory (with model.safetensors)."""
     from gfm.config import load
-    from gfm.model import create_model
     from gfm.train import TrainConfig
     from gfm.train.runner import run
 
@@ -121,13 +119,13 @@ def pretrain(out: Path, shards: Path, steps: int, depth: int) -> Path:
         f"run_dir={run_dir}", f"steps={steps}", "seed=0", "data.source=shards", f"data.loader.shards={shards}",
         "data.loader.mode=resampled", "data.loader.batch_size=16", "data.loader.num_workers=1",
         "data.loader.crop_size=16", "data.loader.shuffle_buffer=200", "model.name=hypermae_less_tiny",
-        "model.patch_size=4", "model.spectral_patch=25", "model.norm_pix_loss=false", "optim.lr=1e-3",
+        f"model.depth={depth}", "model.patch_size=4", "model.spectral_patch=25", "model.norm_pix_loss=false",
+        "optim.lr=1e-3",
         "optim.ref_batch=16", f"schedule.warmup_steps={max(1, steps // 20)}", "engine.zero_stage=0",
         "engine.precision=fp32", "checkpoint.every=0", "logging.every=25", "logging.tensorboard=false",
         "logging.peak_flops=1e11",
     ])
-    model = create_model("hypermae_less_tiny", **encoder_kwargs(depth))
-    run(cfg, model=model)
+    run(cfg)
     return run_dir
 
 
@@ -231,6 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="label budgets to run (two processes may share --out, one budget each, once pretrained)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--table", action="store_true", help="only print the table of the runs done so far")
+    p.add_argument("--pretrain-only", action="store_true", help="stop after building the shards and pretraining")
     a = p.parse_args(argv)
     out = Path(a.out).resolve()  # absolute: the manifests written there name files by absolute path
     out.mkdir(parents=True, exist_ok=True)
@@ -249,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "run_dir": str(weights), "steps": a.pretrain_steps, "depth": a.depth,
             "encoder": {"name": "less_vit_tiny", "kwargs": encoder_kwargs(a.depth)},
         }, indent=1) + "\n")
-        for budget in a.budgets:
+        for budget in [] if a.pretrain_only else a.budgets:
             for init in INITS:
                 for method in METHODS:
                     for s in a.seeds:
