@@ -83,33 +83,46 @@ def check_prediction(pred: Path, gt: Path, split_json: Path, finetune_metrics: d
 
 
 def prediction_png(pred: Path, gt: Path, out: Path) -> Path:
-    """The predicted map beside the ground truth, in the GeoTIFF's own colour map."""
+    """The predicted map beside the ground truth, both in the GeoTIFF's colour map (one colour per class)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import rasterio
     from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
 
     with rasterio.open(pred) as src:
         classes = src.read(1)
         nodata = src.nodata
+        tags = src.tags()
         try:
             cmap = src.colormap(1)
         except ValueError:
             cmap = {}
-    k = int(classes[classes != nodata].max()) + 1 if (classes != nodata).any() else 1
+    values = [int(v) for v in json.loads(tags.get("CLASS_VALUES", "[]"))]  # class index -> label value
+    names = [str(n) for n in json.loads(tags.get("CLASS_NAMES", "[]"))]
+    predicted = classes[classes != nodata]
+    k = max(len(values), int(predicted.max()) + 1 if predicted.size else 1)
     colours = [tuple(c / 255 for c in cmap.get(i, (128, 128, 128, 255))[:3]) for i in range(k)]
-    shown = np.ma.masked_equal(classes, nodata)
     labels = np.load(gt)[: classes.shape[0], : classes.shape[1]]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 4.6))
-    axes[0].imshow(np.ma.masked_equal(labels, 0), cmap="tab20", interpolation="nearest")
+    truth = np.full(labels.shape, -1, dtype=np.int64)  # label values -> the class indices the map holds
+    for index, value in enumerate(values):
+        truth[labels == value] = index
+    fig, axes = plt.subplots(1, 2, figsize=(9, 5.6))
+    style = {"cmap": ListedColormap(colours), "vmin": -0.5, "vmax": k - 0.5, "interpolation": "nearest"}
+    axes[0].imshow(np.ma.masked_less(truth, 0), **style)
     axes[0].set_title("ground truth (labelled pixels)")
-    axes[1].imshow(shown, cmap=ListedColormap(colours), vmin=-0.5, vmax=k - 0.5, interpolation="nearest")
+    axes[1].imshow(np.ma.masked_equal(classes, nodata), **style)
     axes[1].set_title("gfm predict: whole scene (export + LoRA)")
     for ax in axes:
         ax.set_axis_off()
-    fig.tight_layout()
+    if names:
+        fig.legend(handles=[Patch(color=colours[i], label=n) for i, n in enumerate(names[:k])], loc="lower center",
+                   ncol=4, fontsize=7, frameon=False)
+        fig.tight_layout(rect=(0, 0.14, 1, 1))
+    else:
+        fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
