@@ -304,16 +304,11 @@ def part_less_vs_dense(sizes: Sizes, work: Path) -> dict[str, Any]:
     """Forward + backward time and peak memory of LESS and dense encoders at C = ``dense_channels``."""
     import torch
 
-    from gfm.batch import Batch
+    from bench.model import reflectance_batch
 
     device = _device()
     B, C, S = sizes.dense_batch, sizes.dense_channels, sizes.dense_tile
-    batch = Batch(
-        pixels=torch.randn(B, C, S, S), wavelength=torch.linspace(400.0, 2500.0, C).repeat(B, 1),
-        bandwidth=torch.full((B, C), 10.0), kind=torch.zeros(B, C, dtype=torch.long),
-        time=torch.full((B, C), 19000.0), valid=torch.ones(B, C, S, S, dtype=torch.bool),
-        gsd=torch.full((B,), 10.0),
-    ).to(device)
+    batch = reflectance_batch(B, C, S).to(device)
     rows: dict[str, Any] = {}
     for name in (f"less_vit_{sizes.dense_width}", f"dense_vit_{sizes.dense_width}"):
         try:

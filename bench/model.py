@@ -41,7 +41,10 @@ import resource
 import subprocess
 import sys
 import time
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:
+    from gfm.batch import Batch
 
 CHANNELS = (4, 13, 50, 200)
 #: (row, model, attention backend, constructor overrides)
@@ -55,12 +58,28 @@ ROWS: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
 )
 
 
+def reflectance_batch(B: int, C: int, S: int) -> Batch:
+    """``B`` random ``S × S`` tiles of ``C`` reflectance bands spread over 400-2500 nm, all valid, 10 m."""
+    import torch
+
+    from gfm.batch import Batch
+
+    return Batch(
+        pixels=torch.randn(B, C, S, S),
+        wavelength=torch.linspace(400.0, 2500.0, C).repeat(B, 1),
+        bandwidth=torch.full((B, C), 10.0),
+        kind=torch.zeros(B, C, dtype=torch.long),
+        time=torch.full((B, C), 19000.0),
+        valid=torch.ones(B, C, S, S, dtype=torch.bool),
+        gsd=torch.full((B,), 10.0),
+    )
+
+
 def child(args: argparse.Namespace) -> None:
     """One configuration: build, time forward + backward, print a JSON line."""
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from gfm.batch import Batch
     from gfm.model import LESSViT, create_model
 
     torch.set_num_threads(args.threads)
@@ -76,15 +95,7 @@ def child(args: argparse.Namespace) -> None:
 
         model = authors_encoder(model, rank=int(kwargs.get("rank", 1)))
     model = model.to(device)
-    batch = Batch(
-        pixels=torch.randn(B, C, S, S),
-        wavelength=torch.linspace(400.0, 2500.0, C).repeat(B, 1),
-        bandwidth=torch.full((B, C), 10.0),
-        kind=torch.zeros(B, C, dtype=torch.long),
-        time=torch.full((B, C), 19000.0),
-        valid=torch.ones(B, C, S, S, dtype=torch.bool),
-        gsd=torch.full((B,), 10.0),
-    ).to(device)
+    batch = reflectance_batch(B, C, S).to(device)
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
