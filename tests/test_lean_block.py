@@ -16,7 +16,15 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from gfm.model.attention import Block, GridMask, LESSAttention, SummaryPool, grid_mask, pre_norm_mlp
+from gfm.model.attention import (
+    Block,
+    GridMask,
+    LESSAttention,
+    SummaryPool,
+    grid_mask,
+    linear_parts,
+    pre_norm_mlp,
+)
 
 
 class Wrapped(nn.Module):
@@ -181,3 +189,85 @@ def test_block_flops_match_counter_on_both_paths(wrapped: bool) -> None:
         block(x)
     measured = counter.get_total_flops()
     assert abs(2 * block.flops(6, 9) - measured) / measured < 1e-9
+
+
+# ------------------------------------------------------------------------------------------------
+# LoRA-wrapped layers (peft) take the lean paths with their low-rank updates
+
+
+LORA_TARGETS = r"attn\.(?:pool\.kv|pool\.q_spectral|proj|spectral\.qkv)|mlp\.fc[12]"
+
+
+def _lora_block(dim: int = 24, heads: int = 3, rank: int = 1, d_c: int = 2, **lora: object) -> nn.Module:
+    """A LESS block with peft LoRA adapters (B random, so they change the output) on the rewritten layers."""
+    import peft
+
+    torch.manual_seed(0)
+    block = Block(dim, "less", heads, rank, d_c).double()
+    cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=LORA_TARGETS, init_lora_weights=False, **lora)
+    return peft.inject_adapter_in_model(cfg, block)
+
+
+def _plain(block: nn.Module) -> nn.Module:
+    """The same (wrapped) layers behind a module :func:`linear_parts` does not know: the plain paths."""
+    attn = block.attn
+    attn.pool.kv = Wrapped(attn.pool.kv)  # type: ignore[arg-type]
+    attn.proj = Wrapped(attn.proj)  # type: ignore[arg-type]
+    block.mlp.fc1 = Wrapped(block.mlp.fc1)  # type: ignore[arg-type]
+    block.mlp.fc2 = Wrapped(block.mlp.fc2)  # type: ignore[arg-type]
+    return block
+
+
+@pytest.mark.parametrize("rows,folded", [(9, True), (3, False)])
+def test_lora_layers_take_the_lean_paths_with_the_same_numbers(rows: int, folded: bool) -> None:
+    """Outputs and the gradients of the input and of every adapter factor, lean vs plain, both
+    recombination orders; the frozen base weights get no gradient on either path."""
+    block = _lora_block(rank=2 if folded else 8)
+    attn = block.attn
+    assert isinstance(attn, LESSAttention)
+    parts = linear_parts(attn.pool.kv)
+    assert parts is not None and parts.down is not None and attn.pool.absorbed
+    assert attn.project_spatial_first(rows, 10) == folded
+    x = torch.randn(2, rows, 10, 24, dtype=torch.double)
+    mask = _mask(2, rows, 10)
+    out_lean, grads_lean = _grads(block, x, mask)
+    assert {n for n in grads_lean if "lora_" not in n} == set()  # only adapters train
+    out_plain, grads_plain = _grads(_plain(block), x, mask)
+    torch.testing.assert_close(out_lean, out_plain)
+    assert grads_lean.keys() == grads_plain.keys() and len(grads_lean) == 2 * 6
+    for name in grads_lean:
+        torch.testing.assert_close(grads_lean[name], grads_plain[name], msg=name)
+
+
+def test_lora_mlp_takes_the_recomputing_path() -> None:
+    block = _lora_block()
+    x = torch.randn(3, 24, dtype=torch.double, requires_grad=True)
+    y = pre_norm_mlp(block.norm2, block.mlp, x)
+    assert type(y.grad_fn).__name__.startswith("_PreNormMLP")
+    torch.testing.assert_close(y, block.mlp(block.norm2(x)))
+
+
+def test_lora_layers_peft_computes_otherwise_run_as_modules() -> None:
+    """Dropout on the adapter input while training, DoRA, a merged layer: the module runs, nothing is bypassed."""
+    dropped = _lora_block(lora_dropout=0.5)
+    assert linear_parts(dropped.mlp.fc1) is None
+    dropped.eval()  # no dropout in eval: the lean path again
+    assert linear_parts(dropped.mlp.fc1) is not None
+    assert linear_parts(_lora_block(use_dora=True).mlp.fc1) is None
+    merged = _lora_block()
+    merged.mlp.fc1.merge()
+    assert linear_parts(merged.mlp.fc1) is None
+
+
+def test_a_lora_block_keeps_what_the_lean_block_keeps() -> None:
+    """At C = 200 (grid 201 × 65, D 192) a LoRA block keeps about what the lean block keeps (the rank-wide
+    intermediates are small), not the ~15 grids of the plain paths."""
+    import peft
+
+    torch.manual_seed(0)
+    block = Block(192, "less", 3, 1, 4)
+    x = torch.randn(1, 201, 65, 192)
+    lean = _saved_bytes(block, x, GridMask())
+    cfg = peft.LoraConfig(r=8, lora_alpha=16, target_modules=LORA_TARGETS)
+    lora = _saved_bytes(peft.inject_adapter_in_model(cfg, block), x, GridMask())
+    assert lora <= 1.15 * lean, lora / lean

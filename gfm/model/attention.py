@@ -166,6 +166,74 @@ def _attention(
 
 
 # ------------------------------------------------------------------------------------------------
+# Linear layers, plain or LoRA-wrapped
+
+
+@dataclass
+class LinearParts:
+    """A linear layer as tensors: ``y = x·Wᵀ + b + (x·Dᵀ)·Uᵀ``, the last term a low-rank update (or none).
+
+    Attributes:
+        weight: ``W``, ``[out, in]``.
+        bias: ``b``, ``[out]`` or None.
+        down: ``D``, ``[r, in]``, the adapters' down-projections stacked, each times its scaling; or None.
+        up: ``U``, ``[out, r]``, the matching up-projections side by side; or None.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    down: torch.Tensor | None = None
+    up: torch.Tensor | None = None
+
+    def merged_weight(self) -> torch.Tensor:
+        """``W + U·D``: the weight the layer applies (gradients reach the adapters through it)."""
+        return self.weight if self.down is None or self.up is None else self.weight + self.up @ self.down
+
+
+def linear_parts(layer: nn.Module) -> LinearParts | None:
+    """The :class:`LinearParts` of a plain ``nn.Linear`` or of a LoRA-wrapped one; None for anything else.
+
+    A LoRA layer is recognised by peft's attributes (``base_layer``, ``lora_A``, ``lora_B``, ``scaling``,
+    ``active_adapters``; ``gfm.model`` does not import peft) and taken apart only when its adapters are
+    plain low-rank products, as peft computes them: ``base(x) + Σ_a s_a·B_a(A_a(x))``, no dropout in
+    training, no DoRA or other variant, no adapter bias, not merged. Anything else returns None and the
+    caller runs the layer as a module, so nothing an adapter adds is ever bypassed.
+    """
+    if isinstance(layer, nn.Linear):
+        return LinearParts(layer.weight, layer.bias)
+    base, lora_a, lora_b = (getattr(layer, n, None) for n in ("base_layer", "lora_A", "lora_B"))
+    if not (isinstance(base, nn.Linear) and isinstance(lora_a, nn.ModuleDict) and isinstance(lora_b, nn.ModuleDict)):
+        return None
+    if getattr(layer, "merged", True) or getattr(layer, "fan_in_fan_out", True):
+        return None  # a merged layer's base holds the sum (the module may unmerge it first)
+    if getattr(layer, "disable_adapters", True):
+        return LinearParts(base.weight, base.bias)
+    variants = getattr(layer, "lora_variant", {})
+    dora = getattr(layer, "use_dora", {})
+    downs: list[torch.Tensor] = []
+    ups: list[torch.Tensor] = []
+    dropouts = layer.lora_dropout
+    assert isinstance(dropouts, nn.ModuleDict)
+    for name in getattr(layer, "active_adapters", ()):
+        if name not in lora_a:
+            continue
+        a, b, drop = lora_a[name], lora_b[name], dropouts[name]
+        if name in variants or dora.get(name, False):
+            return None
+        if layer.training and not (isinstance(drop, nn.Identity) or (isinstance(drop, nn.Dropout) and drop.p == 0)):
+            return None
+        if type(a) is not nn.Linear or type(b) is not nn.Linear or a.bias is not None or b.bias is not None:
+            return None
+        downs.append(a.weight * layer.scaling[name])
+        ups.append(b.weight)
+    if not downs:
+        return LinearParts(base.weight, base.bias)
+    down = downs[0] if len(downs) == 1 else torch.cat(downs)
+    up = ups[0] if len(ups) == 1 else torch.cat(ups, dim=1)
+    return LinearParts(base.weight, base.bias, down, up)
+
+
+# ------------------------------------------------------------------------------------------------
 # Branches and pools
 
 
@@ -219,7 +287,7 @@ def _pool(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, axis: int, valid: t
 
     ``q`` broadcasts against ``k, v: [B, C+1, N+1, h, d]`` and has size 1 on ``axis``; ``valid:
     [B, C+1, N+1]`` masks keys. Returns ``[B, L, h, d]`` with ``axis`` reduced. The path of a pool
-    whose key/value layer is not a plain ``nn.Linear`` (a LoRA-wrapped one); see :func:`_absorbed_pool`.
+    whose key/value layer cannot be taken apart (:func:`linear_parts`); see :func:`_absorbed_pool`.
     """
     logits = (q * k).sum(-1) * k.shape[-1] ** -0.5  # [B, C+1, N+1, h]
     if valid is not None:
@@ -285,12 +353,13 @@ class SummaryPool(nn.Module):
 
     @property
     def absorbed(self) -> bool:
-        """Whether keys and values are folded into the queries (the key/value layer is a plain ``nn.Linear``).
+        """Whether keys and values are folded into the queries.
 
-        A wrapped layer (a LoRA adapter) is applied as a module to every token instead, so what it
-        adds is never bypassed.
+        They are when the key/value layer is a plain ``nn.Linear`` or a LoRA-wrapped one whose weight is
+        ``W + U·D`` (:func:`linear_parts`). Any other wrapper is applied as a module to every token
+        instead, so what it adds is never bypassed.
         """
-        return isinstance(self.kv, nn.Linear)
+        return linear_parts(self.kv) is not None
 
     def forward(
         self, x: torch.Tensor, spectral_keys: torch.Tensor | None = None, spatial_keys: torch.Tensor | None = None
@@ -304,9 +373,10 @@ class SummaryPool(nn.Module):
         q_c = rearrange(self.q_spectral(x[:, :, 0]), "b c (h d) -> b c h d", h=h)
         # spatial: the summary token of each column queries that column's C+1 observations
         q_s = rearrange(self.q_spatial(x[:, 0]), "b n (h d) -> b n h d", h=h)
-        if self.absorbed:
-            w_k, w_v = rearrange(self.kv.weight, "(two h d) k -> two h d k", two=2, h=h)
-            b_v = self.kv.bias.chunk(2)[1] if self.kv.bias is not None else None
+        kv = linear_parts(self.kv)
+        if kv is not None:
+            w_k, w_v = rearrange(kv.merged_weight(), "(two h d) k -> two h d k", two=2, h=h)
+            b_v = kv.bias.chunk(2)[1] if kv.bias is not None else None
             pooled_c = _absorbed_pool(x, q_c, w_k, w_v, spectral_keys)
             keys_s = None if spatial_keys is None else rearrange(spatial_keys, "b c n -> b n c")
             if torch.is_grad_enabled() and not torch.compiler.is_compiling():
@@ -401,19 +471,20 @@ class LESSAttention(nn.Module):
         """``x: [B, C+1, N+1, D]`` → ``[B, C+1, N+1, D]``."""
         a_c, a_s = self.branches(x, mask)
         rows, cols = x.shape[1], x.shape[2]
-        if not self.project_spatial_first(rows, cols):
+        proj = linear_parts(self.proj)
+        if proj is None or not self.project_spatial_first(rows, cols):
             heads = torch.einsum("brhci,brhnj->bcnhij", a_c, a_s) / self.rank  # rank-r sums of outer products
             return self.proj_drop(self.proj(rearrange(heads, "b c n h i j -> b c n (h i j)")))
         # proj(head(c, n)) = Σ_{r,h,i} a_c[r,h,c,i] · (Σ_j a_s[r,h,n,j] W[:, (h,i,j)]): the spatial side
         # goes through the projection first (cols × D per term), then one matmul over r·h·d_c per token;
         # the [C+1, N+1, D] outer products are never formed (nor kept for the backward pass)
-        weight = rearrange(self.proj.weight, "o (h i j) -> h i j o", h=self.num_heads, i=self.spectral_head_dim)
+        weight = rearrange(proj.merged_weight(), "o (h i j) -> h i j o", h=self.num_heads, i=self.spectral_head_dim)
         spatial = torch.einsum("brhnj,hijo->brhino", a_s, weight)  # [B, r, h, d_c, N+1, D]
         spectral = rearrange(a_c, "b r h c i -> b c (r h i)") / self.rank
         out = torch.matmul(spectral, rearrange(spatial, "b r h i n o -> b (r h i) (n o)"))  # [B, C+1, (N+1)·D]
         out = rearrange(out, "b c (n o) -> b c n o", n=cols)
-        if self.proj.bias is not None:
-            out = out + self.proj.bias
+        if proj.bias is not None:
+            out = out + proj.bias
         return self.proj_drop(out)
 
     def project_spatial_first(self, rows: int, cols: int) -> bool:
@@ -421,10 +492,10 @@ class LESSAttention(nn.Module):
 
         Per sample, in multiply-adds: folded ``r·cols·D² + rows·cols·r·h·d_c·D``, against outer products
         then projection ``r·rows·cols·D + rows·cols·D²``; folded wins unless there are few rows and a
-        high rank. Only for a plain ``nn.Linear`` projection: a wrapped one (a LoRA adapter) is applied
-        as a module.
+        high rank. Only for a projection :func:`linear_parts` can take apart (plain or LoRA-wrapped): any
+        other is applied as a module.
         """
-        if not isinstance(self.proj, nn.Linear):
+        if linear_parts(self.proj) is None:
             return False
         dim, r, w_c = self.proj.in_features, self.rank, self.num_heads * self.spectral_head_dim
         return r * cols * dim * dim + rows * cols * r * w_c * dim <= r * rows * cols * dim + rows * cols * dim * dim
@@ -494,33 +565,56 @@ class _PreNormMLP(torch.autograd.Function):
     those of the composition, also under autocast: the norm runs in the input's dtype (fp32, as
     autocast runs norms), the products in the dtype of the incoming gradient, and weight gradients are
     summed over slices in fp32 (or wider) and returned in their parameters' dtype.
+
+    Either layer may carry a low-rank update (LoRA, :class:`LinearParts`): ``y = x·Wᵀ + b + (x·Dᵀ)·Uᵀ``.
+    Its rank-wide intermediate ``x·Dᵀ`` is kept too (``r`` per token), and the gradients of ``D`` and
+    ``U`` are formed through it, so a frozen ``W`` costs no weight gradient at all.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, ln_w: torch.Tensor | None,
-        ln_b: torch.Tensor | None, eps: float, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
-        b2: torch.Tensor | None, approximate: str,
+        ln_b: torch.Tensor | None, eps: float, w1: torch.Tensor, b1: torch.Tensor | None, d1: torch.Tensor | None,
+        u1: torch.Tensor | None, w2: torch.Tensor, b2: torch.Tensor | None, d2: torch.Tensor | None,
+        u2: torch.Tensor | None, approximate: str,
     ) -> torch.Tensor:
         normed, mean, rstd = torch.native_layer_norm(x, (x.shape[-1],), ln_w, ln_b, eps)
         h = F.linear(normed, w1, b1)
-        ctx.save_for_backward(x, mean, rstd, h, ln_w, ln_b, w1, w2)  # type: ignore[arg-type]
+        s1 = s2 = None
+        if d1 is not None and u1 is not None:
+            s1 = F.linear(normed, d1)
+            h = h + F.linear(s1, u1)
+        act = F.gelu(h, approximate=approximate)
+        out = F.linear(act, w2, b2)
+        if d2 is not None and u2 is not None:
+            s2 = F.linear(act, d2)
+            out = out + F.linear(s2, u2)
+        ctx.save_for_backward(x, mean, rstd, h, ln_w, ln_b, w1, w2, d1, u1, s1, d2, u2, s2)  # type: ignore[arg-type]
         ctx.approximate = approximate  # type: ignore[attr-defined]
         ctx.bias_dtypes = (None if b1 is None else b1.dtype, None if b2 is None else b2.dtype)  # type: ignore[attr-defined]
-        return F.linear(F.gelu(h, approximate=approximate), w2, b2)
+        return out
 
     @staticmethod
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:
-        x, mean, rstd, h, ln_w, ln_b, w1, w2 = ctx.saved_tensors  # type: ignore[attr-defined]
+        x, mean, rstd, h, ln_w, ln_b, w1, w2, d1, u1, s1, d2, u2, s2 = ctx.saved_tensors  # type: ignore[attr-defined]
         approximate: str = ctx.approximate  # type: ignore[attr-defined]
         need = ctx.needs_input_grad  # type: ignore[attr-defined]
         dim, hidden = x.shape[-1], h.shape[-1]
         xs, hs, go = x.reshape(-1, dim), h.reshape(-1, hidden), grad_out.reshape(-1, grad_out.shape[-1])
         means, rstds = mean.reshape(-1, 1), rstd.reshape(-1, 1)
         dtype = go.dtype
-        w1c, w2c = w1.to(dtype), w2.to(dtype)
+
+        def rows_of(t: torch.Tensor | None) -> torch.Tensor | None:  # a saved rank-wide intermediate, flat
+            return None if t is None else t.reshape(-1, t.shape[-1])
+
+        def cast(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(dtype)
+
+        s1s, s2s = rows_of(s1), rows_of(s2)
+        w1c, w2c, d1c, u1c, d2c, u2c = (cast(t) for t in (w1, w2, d1, u1, d2, u2))
+        assert w1c is not None and w2c is not None
 
         def zeros(p: torch.Tensor | None, i: int) -> torch.Tensor | None:  # an accumulator, fp32 at least
             if p is None or not need[i]:
@@ -528,29 +622,50 @@ class _PreNormMLP(torch.autograd.Function):
             return torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32))
 
         grad_x = torch.empty_like(xs) if need[0] else None
-        g_lnw, g_lnb, g_w1, g_b1, g_w2 = zeros(ln_w, 1), zeros(ln_b, 2), zeros(w1, 4), zeros(w1[:, 0], 5), zeros(w2, 6)
+        g_lnw, g_lnb, g_w1, g_b1 = zeros(ln_w, 1), zeros(ln_b, 2), zeros(w1, 4), zeros(w1[:, 0], 5)
+        g_d1, g_u1, g_w2, g_d2, g_u2 = zeros(d1, 6), zeros(u1, 7), zeros(w2, 8), zeros(d2, 10), zeros(u2, 11)
+        upstream = any(g is not None for g in (grad_x, g_lnw, g_lnb, g_w1, g_b1, g_d1, g_u1))
         step = max(1, _CHUNK_ELEMENTS // hidden)
         for start in range(0, xs.shape[0], step):
             rows = slice(start, start + step)
             h_c, go_c = hs[rows], go[rows]
-            if g_w2 is not None:
-                g_w2 += go_c.t() @ F.gelu(h_c, approximate=approximate).to(dtype)
-            if grad_x is None and g_lnw is None and g_lnb is None and g_w1 is None and g_b1 is None:
+            act = F.gelu(h_c, approximate=approximate).to(dtype) if g_w2 is not None or g_d2 is not None else None
+            if g_w2 is not None and act is not None:
+                g_w2 += go_c.t() @ act
+            grad_act = go_c @ w2c
+            if d2c is not None and u2c is not None and s2s is not None:
+                if g_u2 is not None:
+                    g_u2 += go_c.t() @ s2s[rows].to(dtype)
+                grad_s2 = go_c @ u2c
+                if g_d2 is not None and act is not None:
+                    g_d2 += grad_s2.t() @ act
+                grad_act = grad_act + grad_s2 @ d2c
+            if not upstream:
                 continue
-            grad_h = torch.ops.aten.gelu_backward((go_c @ w2c).to(h.dtype), h_c, approximate=approximate)
-            if g_w1 is not None:
+            grad_h = torch.ops.aten.gelu_backward(grad_act.to(h.dtype), h_c, approximate=approximate)
+            normed = None
+            if g_w1 is not None or g_d1 is not None:
                 normed = (xs[rows] - means[rows]) * rstds[rows]  # recomputed
                 if ln_w is not None:
                     normed = normed * ln_w
                 if ln_b is not None:
                     normed = normed + ln_b
-                g_w1 += grad_h.t().to(dtype) @ normed.to(dtype)
+                normed = normed.to(dtype)
+            if g_w1 is not None and normed is not None:
+                g_w1 += grad_h.t().to(dtype) @ normed
             if g_b1 is not None:
                 g_b1 += grad_h.sum(0)
+            grad_n = grad_h.to(dtype) @ w1c
+            if d1c is not None and u1c is not None and s1s is not None:
+                if g_u1 is not None:
+                    g_u1 += grad_h.t().to(dtype) @ s1s[rows].to(dtype)
+                grad_s1 = grad_h.to(dtype) @ u1c
+                if g_d1 is not None and normed is not None:
+                    g_d1 += grad_s1.t() @ normed
+                grad_n = grad_n + grad_s1 @ d1c
             if grad_x is not None or g_lnw is not None or g_lnb is not None:
-                grad_n = (grad_h.to(dtype) @ w1c).to(x.dtype)
                 dx, dw, db = torch.ops.aten.native_layer_norm_backward(
-                    grad_n, xs[rows], (dim,), means[rows], rstds[rows], ln_w, ln_b,
+                    grad_n.to(x.dtype), xs[rows], (dim,), means[rows], rstds[rows], ln_w, ln_b,
                     [grad_x is not None, g_lnw is not None, g_lnb is not None],
                 )
                 if grad_x is not None:
@@ -560,38 +675,41 @@ class _PreNormMLP(torch.autograd.Function):
                 if g_lnb is not None:
                     g_lnb += db
         b1_dtype, b2_dtype = ctx.bias_dtypes  # type: ignore[attr-defined]
-        g_b2 = go.sum(0, dtype=torch.promote_types(go.dtype, torch.float32)).to(b2_dtype) if need[7] else None
+        g_b2 = go.sum(0, dtype=torch.promote_types(go.dtype, torch.float32)).to(b2_dtype) if need[9] else None
 
-        def cast(g: torch.Tensor | None, p: torch.Tensor | None) -> torch.Tensor | None:
+        def back(g: torch.Tensor | None, p: torch.Tensor | None) -> torch.Tensor | None:
             return None if g is None or p is None else g.to(p.dtype)
 
         return (
-            None if grad_x is None else grad_x.view(x.shape), cast(g_lnw, ln_w), cast(g_lnb, ln_b), None,
-            cast(g_w1, w1), None if g_b1 is None else g_b1.to(b1_dtype), cast(g_w2, w2), g_b2, None,
+            None if grad_x is None else grad_x.view(x.shape), back(g_lnw, ln_w), back(g_lnb, ln_b), None,
+            back(g_w1, w1), None if g_b1 is None else g_b1.to(b1_dtype), back(g_d1, d1), back(g_u1, u1),
+            back(g_w2, w2), g_b2, back(g_d2, d2), back(g_u2, u2), None,
         )
 
 
 def pre_norm_mlp(norm: nn.Module, mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``mlp(norm(x))`` for a timm ``Mlp``, recomputing the norm and GELU in the backward pass when it can.
 
-    That is (:class:`_PreNormMLP`): a ``LayerNorm``, a GELU MLP of plain ``nn.Linear`` layers (not
-    LoRA-wrapped ones), no hidden norm and no active dropout between the layers, gradients recorded,
-    and not inside ``torch.compile`` (where inductor decides itself what to recompute). Otherwise the
-    modules run as they are.
+    That is (:class:`_PreNormMLP`): a ``LayerNorm``, a GELU MLP of layers :func:`linear_parts` takes
+    apart (plain ``nn.Linear`` or LoRA-wrapped), no hidden norm and no active dropout between the
+    layers, gradients recorded, and not inside ``torch.compile`` (where inductor decides itself what to
+    recompute). Otherwise the modules run as they are.
     """
     fc1, act, drop1, hidden_norm, fc2, drop2 = (
         getattr(mlp, n) for n in ("fc1", "act", "drop1", "norm", "fc2", "drop2")
     )
     fusable = (
-        type(norm) is nn.LayerNorm and type(act) is nn.GELU and isinstance(fc1, nn.Linear)
-        and isinstance(fc2, nn.Linear) and isinstance(hidden_norm, nn.Identity)
+        type(norm) is nn.LayerNorm and type(act) is nn.GELU and isinstance(hidden_norm, nn.Identity)
         and (not mlp.training or drop1.p == 0) and torch.is_grad_enabled() and not torch.compiler.is_compiling()
     )
-    if not fusable:
+    first = linear_parts(fc1) if fusable else None
+    second = linear_parts(fc2) if first is not None else None
+    if first is None or second is None:
         out: torch.Tensor = mlp(norm(x))
         return out
     y: torch.Tensor = drop2(_PreNormMLP.apply(
-        x, norm.weight, norm.bias, norm.eps, fc1.weight, fc1.bias, fc2.weight, fc2.bias, act.approximate
+        x, norm.weight, norm.bias, norm.eps, first.weight, first.bias, first.down, first.up,
+        second.weight, second.bias, second.down, second.up, act.approximate,
     ))
     return y
 
