@@ -357,3 +357,29 @@ def test_program_prints_one_line_for_bad_input(pixel_shards: Path, tmp_path: Pat
     assert len(err) == 1 and "task 'scene' needs label.cls" in err[0]
     assert main(["steps=zero"]) == 2
     assert capsys.readouterr().err.strip() == "gfm finetune: config error: steps: expected int, got 'zero'"
+
+
+def test_grad_checkpointing_recomputes_blocks_with_the_same_gradients() -> None:
+    """``encoder.grad_checkpointing`` turns activation checkpointing on, with LoRA too, and changes no gradient."""
+    from gfm.batch import Batch
+
+    B, C, S = 2, 5, 8
+    g = torch.Generator().manual_seed(1)
+    batch = Batch(pixels=torch.randn(B, C, S, S, generator=g), wavelength=torch.linspace(450.0, 2200.0, C).repeat(B, 1),
+                  bandwidth=torch.full((B, C), 30.0), kind=torch.zeros(B, C, dtype=torch.long),
+                  time=torch.full((B, C), 19000.0), valid=torch.ones(B, C, S, S, dtype=torch.bool),
+                  gsd=torch.full((B,), 10.0), label=torch.tensor([0, 2]))
+    grads = []
+    for on in (False, True):
+        torch.manual_seed(0)
+        loaded = load_encoder(from_dict(EncoderConfig, {"name": "less_vit_tiny", "grad_checkpointing": on,
+                                                        "kwargs": {"depth": 2, "patch_size": 4}}))
+        assert loaded.model.grad_checkpointing is on
+        model = apply_method(TaskModel(loaded.model, "scene", 3, HeadConfig()), MethodConfig("lora"))
+        loss = model(batch).loss
+        assert loss is not None
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any("lora_B" in n for n in grads[0])
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)

@@ -50,12 +50,16 @@ class EncoderConfig:
             config describes (a HyperMAE's encoder), or ``less_vit_tiny`` without weights.
         kwargs: constructor overrides of an explicitly named encoder (``patch_size``, ``spectral_patch``,
             ``depth``...); only with an explicit ``name``.
+        grad_checkpointing: recompute each block's activations in the backward pass (activation
+            checkpointing: the blocks keep only their inputs, for about one more forward pass of compute);
+            not part of the architecture, so it goes with any weights.
     """
 
     weights: str = ""
     random_init: bool = False
     name: str = "auto"
     kwargs: dict[str, Any] = field(default_factory=dict)
+    grad_checkpointing: bool = False
 
     def validate(self) -> None:
         """Check values; raises :class:`ConfigError` naming the field."""
@@ -238,6 +242,8 @@ def load_encoder(cfg: EncoderConfig) -> LoadedEncoder:
     if cfg.weights:
         state, run_config, where = read_weights(cfg.weights)
     encoder, arch = build_architecture(cfg, run_config)
+    if cfg.grad_checkpointing:
+        encoder.set_grad_checkpointing(True)  # type: ignore[operator]
     n = sum(p.numel() for p in encoder.parameters())
     name = arch.get("name") or arch["model_config"].get("name", "?")
     if state is None or cfg.random_init:
