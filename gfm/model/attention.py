@@ -169,6 +169,11 @@ def _attention(
 # Linear layers, plain or LoRA-wrapped
 
 
+def _merged(w: torch.Tensor, down: torch.Tensor | None, up: torch.Tensor | None) -> torch.Tensor:
+    """``W + U·D`` (or ``W``) in one product (``O(out·in·r)``), instead of a rank-``r`` pass per token."""
+    return w if down is None or up is None else torch.addmm(w, up, down)
+
+
 @dataclass
 class LinearParts:
     """A linear layer as tensors: ``y = x·Wᵀ + b + (x·Dᵀ)·Uᵀ``, the last term a low-rank update (or none).
@@ -187,7 +192,7 @@ class LinearParts:
 
     def merged_weight(self) -> torch.Tensor:
         """``W + U·D``: the weight the layer applies (gradients reach the adapters through it)."""
-        return self.weight if self.down is None or self.up is None else self.weight + self.up @ self.down
+        return _merged(self.weight, self.down, self.up)
 
 
 def linear_parts(layer: nn.Module) -> LinearParts | None:
@@ -566,9 +571,12 @@ class _PreNormMLP(torch.autograd.Function):
     autocast runs norms), the products in the dtype of the incoming gradient, and weight gradients are
     summed over slices in fp32 (or wider) and returned in their parameters' dtype.
 
-    Either layer may carry a low-rank update (LoRA, :class:`LinearParts`): ``y = x·Wᵀ + b + (x·Dᵀ)·Uᵀ``.
-    Its rank-wide intermediate ``x·Dᵀ`` is kept too (``r`` per token), and the gradients of ``D`` and
-    ``U`` are formed through it, so a frozen ``W`` costs no weight gradient at all.
+    Either layer may carry a low-rank update (LoRA, :class:`LinearParts`): ``y = x·(W + U·D)ᵀ + b``.
+    Tokens go through the merged weight (one matmul, as without the update); the rank-wide
+    ``x·Dᵀ`` is recomputed per slice for the gradients of ``D`` and ``U``, and a frozen ``W`` costs no
+    weight gradient at all. When the first layer's weight is frozen (LoRA) the hidden pre-activation is
+    not kept either but recomputed a slice at a time (one matmul, about what its weight gradient would
+    have cost): the MLP then keeps only ``x`` and its statistics.
     """
 
     @staticmethod
@@ -579,17 +587,13 @@ class _PreNormMLP(torch.autograd.Function):
         u2: torch.Tensor | None, approximate: str,
     ) -> torch.Tensor:
         normed, mean, rstd = torch.native_layer_norm(x, (x.shape[-1],), ln_w, ln_b, eps)
-        h = F.linear(normed, w1, b1)
-        s1 = s2 = None
-        if d1 is not None and u1 is not None:
-            s1 = F.linear(normed, d1)
-            h = h + F.linear(s1, u1)
-        act = F.gelu(h, approximate=approximate)
-        out = F.linear(act, w2, b2)
-        if d2 is not None and u2 is not None:
-            s2 = F.linear(act, d2)
-            out = out + F.linear(s2, u2)
-        ctx.save_for_backward(x, mean, rstd, h, ln_w, ln_b, w1, w2, d1, u1, s1, d2, u2, s2)  # type: ignore[arg-type]
+        h = F.linear(normed, _merged(w1, d1, u1), b1)
+        out = F.linear(F.gelu(h, approximate=approximate), _merged(w2, d2, u2), b2)
+        keep_h = ctx.needs_input_grad[4]  # type: ignore[attr-defined]  # else recomputed: the weight is frozen
+        ctx.save_for_backward(
+            x, mean, rstd, h if keep_h else None, ln_w, ln_b, w1, b1, d1, u1, w2, d2, u2  # type: ignore[arg-type]
+        )
+        ctx.hidden_dtype = h.dtype  # type: ignore[attr-defined]
         ctx.approximate = approximate  # type: ignore[attr-defined]
         ctx.bias_dtypes = (None if b1 is None else b1.dtype, None if b2 is None else b2.dtype)  # type: ignore[attr-defined]
         return out
@@ -598,23 +602,21 @@ class _PreNormMLP(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:
-        x, mean, rstd, h, ln_w, ln_b, w1, w2, d1, u1, s1, d2, u2, s2 = ctx.saved_tensors  # type: ignore[attr-defined]
+        x, mean, rstd, h, ln_w, ln_b, w1, b1, d1, u1, w2, d2, u2 = ctx.saved_tensors  # type: ignore[attr-defined]
         approximate: str = ctx.approximate  # type: ignore[attr-defined]
+        hidden_dtype: torch.dtype = ctx.hidden_dtype  # type: ignore[attr-defined]
         need = ctx.needs_input_grad  # type: ignore[attr-defined]
-        dim, hidden = x.shape[-1], h.shape[-1]
-        xs, hs, go = x.reshape(-1, dim), h.reshape(-1, hidden), grad_out.reshape(-1, grad_out.shape[-1])
+        dim, hidden = x.shape[-1], w1.shape[0]
+        xs, go = x.reshape(-1, dim), grad_out.reshape(-1, grad_out.shape[-1])
+        hs = None if h is None else h.reshape(-1, hidden)
         means, rstds = mean.reshape(-1, 1), rstd.reshape(-1, 1)
         dtype = go.dtype
-
-        def rows_of(t: torch.Tensor | None) -> torch.Tensor | None:  # a saved rank-wide intermediate, flat
-            return None if t is None else t.reshape(-1, t.shape[-1])
 
         def cast(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(dtype)
 
-        s1s, s2s = rows_of(s1), rows_of(s2)
-        w1c, w2c, d1c, u1c, d2c, u2c = (cast(t) for t in (w1, w2, d1, u1, d2, u2))
-        assert w1c is not None and w2c is not None
+        w1c, w2c = _merged(w1, d1, u1).to(dtype), _merged(w2, d2, u2).to(dtype)
+        b1c, d1c, u1c, d2c, u2c = (cast(t) for t in (b1, d1, u1, d2, u2))
 
         def zeros(p: torch.Tensor | None, i: int) -> torch.Tensor | None:  # an accumulator, fp32 at least
             if p is None or not need[i]:
@@ -628,44 +630,46 @@ class _PreNormMLP(torch.autograd.Function):
         step = max(1, _CHUNK_ELEMENTS // hidden)
         for start in range(0, xs.shape[0], step):
             rows = slice(start, start + step)
-            h_c, go_c = hs[rows], go[rows]
-            act = F.gelu(h_c, approximate=approximate).to(dtype) if g_w2 is not None or g_d2 is not None else None
-            if g_w2 is not None and act is not None:
-                g_w2 += go_c.t() @ act
-            grad_act = go_c @ w2c
-            if d2c is not None and u2c is not None and s2s is not None:
-                if g_u2 is not None:
-                    g_u2 += go_c.t() @ s2s[rows].to(dtype)
-                grad_s2 = go_c @ u2c
-                if g_d2 is not None and act is not None:
-                    g_d2 += grad_s2.t() @ act
-                grad_act = grad_act + grad_s2 @ d2c
-            if not upstream:
-                continue
-            grad_h = torch.ops.aten.gelu_backward(grad_act.to(h.dtype), h_c, approximate=approximate)
+            go_c = go[rows]
             normed = None
-            if g_w1 is not None or g_d1 is not None:
+            if hs is None or g_w1 is not None or g_d1 is not None or g_u1 is not None:
                 normed = (xs[rows] - means[rows]) * rstds[rows]  # recomputed
                 if ln_w is not None:
                     normed = normed * ln_w
                 if ln_b is not None:
                     normed = normed + ln_b
                 normed = normed.to(dtype)
+            if hs is not None:
+                h_c = hs[rows]
+            else:  # recomputed, as the forward pass computed it
+                assert normed is not None
+                h_c = F.linear(normed, w1c, b1c).to(hidden_dtype)
+            act = None
+            if g_w2 is not None or g_d2 is not None or g_u2 is not None:
+                act = F.gelu(h_c, approximate=approximate).to(dtype)
+            if g_w2 is not None and act is not None:
+                g_w2 += go_c.t() @ act
+            if d2c is not None and u2c is not None and act is not None:
+                if g_u2 is not None:
+                    g_u2 += go_c.t() @ (act @ d2c.t())
+                if g_d2 is not None:
+                    g_d2 += (go_c @ u2c).t() @ act
+            if not upstream:
+                continue
+            grad_h = torch.ops.aten.gelu_backward((go_c @ w2c).to(hidden_dtype), h_c, approximate=approximate)
+            gh = grad_h.to(dtype)
             if g_w1 is not None and normed is not None:
-                g_w1 += grad_h.t().to(dtype) @ normed
+                g_w1 += gh.t() @ normed
             if g_b1 is not None:
                 g_b1 += grad_h.sum(0)
-            grad_n = grad_h.to(dtype) @ w1c
-            if d1c is not None and u1c is not None and s1s is not None:
+            if d1c is not None and u1c is not None and normed is not None:
                 if g_u1 is not None:
-                    g_u1 += grad_h.t().to(dtype) @ s1s[rows].to(dtype)
-                grad_s1 = grad_h.to(dtype) @ u1c
-                if g_d1 is not None and normed is not None:
-                    g_d1 += grad_s1.t() @ normed
-                grad_n = grad_n + grad_s1 @ d1c
+                    g_u1 += gh.t() @ (normed @ d1c.t())
+                if g_d1 is not None:
+                    g_d1 += (gh @ u1c).t() @ normed
             if grad_x is not None or g_lnw is not None or g_lnb is not None:
                 dx, dw, db = torch.ops.aten.native_layer_norm_backward(
-                    grad_n.to(x.dtype), xs[rows], (dim,), means[rows], rstds[rows], ln_w, ln_b,
+                    (gh @ w1c).to(x.dtype), xs[rows], (dim,), means[rows], rstds[rows], ln_w, ln_b,
                     [grad_x is not None, g_lnw is not None, g_lnb is not None],
                 )
                 if grad_x is not None:
