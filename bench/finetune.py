@@ -6,10 +6,12 @@ scene-classification head), the method applied by :func:`gfm.finetune.methods.ap
 optimizer step per ``train_step`` on a fixed random batch.
 
 - **Time**: the best of ``--steps`` timed optimizer steps after two warm-up steps (forward, backward,
-  update).
+  update), best again over ``--rounds`` rounds that alternate the methods (a fresh process each), so a
+  passing disturbance on a shared machine does not land on one method only.
 - **Peak memory**: on CUDA, ``max_memory_allocated`` over model build, engine start and the steps; on
   the CPU, the growth of the process's peak resident set (``getrusage``) from before the model is built
-  to after the last step. Both count weights, gradients, optimizer state and activations.
+  to after the last step (the largest over the rounds). Both count weights, gradients, optimizer state
+  and activations.
 
 Run: ``python -m bench.finetune`` (``gfm bench finetune``); ``--model``, ``--depth``, ``--batch-size``,
 ``--channels``, ``--tile``, ``--rank`` change the workload. The last line is
@@ -115,6 +117,10 @@ def run_one(args: argparse.Namespace, method: str) -> dict[str, Any]:
     return out
 
 
+def _load() -> str:
+    return " ".join(f"{v:.1f}" for v in os.getloadavg())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run both methods, print the table and the RESULT line."""
     p = argparse.ArgumentParser(prog="gfm bench finetune", description=__doc__,
@@ -126,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tile", type=int, default=32)
     p.add_argument("--rank", type=int, default=8, help="LoRA rank")
     p.add_argument("--steps", type=int, default=5, help="timed optimizer steps (after 2 warm-up steps)")
+    p.add_argument("--rounds", type=int, default=2, help="rounds alternating the methods (best time, largest peak)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--precision", choices=["fp32", "bf16"], help="default: bf16 on CUDA, fp32 on the CPU")
     p.add_argument("--timeout", type=float, default=1800.0)
@@ -135,7 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         child(args)
         return 0
-    rows = {m: run_one(args, m) for m in METHODS}
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in METHODS}
+    for _ in range(max(1, args.rounds)):
+        for m in METHODS:
+            runs[m].append(run_one(args, m))
+    rows = {m: dict(r[0], time_s=min(x["time_s"] for x in r), peak_mb=max(x["peak_mb"] for x in r))
+            for m, r in runs.items()}
     dev = rows["full"]["device"]
     print(f"# lora vs full fine-tuning step: {args.model} depth {args.depth}, batch {args.batch_size}, "
           f"{args.channels} bands {args.tile}x{args.tile}, p 8, LoRA r={args.rank} on attention+pools+MLP, "
@@ -148,8 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     mem = rows["lora"]["peak_mb"] / rows["full"]["peak_mb"]
     tim = rows["lora"]["time_s"] / rows["full"]["time_s"]
     print(f"{'lora/full':<36}{'':>9}{tim:>10.2f}{mem:>10.2f}")
-    print(f"# time: best of {args.steps} optimizer steps after 2 warm-up; memory: {rows['full']['method']} "
-          "from before the model is built (weights, gradients, optimizer state, activations)")
+    print(f"# time: best of {args.steps} optimizer steps after 2 warm-up, over {max(1, args.rounds)} alternating "
+          f"rounds; memory: {rows['full']['method']} from before the model is built (weights, gradients, optimizer "
+          f"state, activations), the largest over the rounds; load average {_load()}")
     print(f"RESULT lora_mem_ratio={mem:.3f} lora_time_ratio={tim:.3f}")
     return 0
 
