@@ -14,7 +14,11 @@ observations. Rows:
 - ``authors``: gfm's embedding with every block computed the LESS authors' way
   (:mod:`bench.less_reference`: branch-width projections of every token, pools at branch width,
   the outer products formed), rank 1, no perception field: the ``less`` row against the authors'
-  maths at the same sizes. Its GFLOP column is gfm's count (the model's ``flops()``), not theirs.
+  maths at the same sizes. Its GFLOP column is gfm's count (the model's ``flops()``), not theirs;
+- ``less-compiled`` (only when named in ``--rows``: each configuration compiles for a minute or more on
+  a CPU): the ``less`` row with ``forward_features`` through ``torch.compile`` (inductor), what
+  ``engine.compile`` does in training. Its time is taken after two compiling steps; its peak memory is
+  not reported (the compiler's own high-water mark hides the step's on the CPU).
 
 Each configuration runs in a fresh subprocess. Peak memory on CPU is the growth of the process's
 peak resident set (``getrusage`` high-water mark) over the first step, after model and batch are
@@ -27,9 +31,10 @@ small-C times and so inflates ``growth_13_200``.
 
 Run: ``python -m bench.model`` (``--depth``, ``--batch-size``, ``--repeats`` to trade time for
 fidelity). The last line is ``RESULT speedup_c200=... mem_ratio_c200=... growth_13_200=...
-flops_growth_13_200=... rank8_cost_c200=... field_cost_c200=... authors_time_c200=... authors_mem_c200=...``
-(dense = the fused-attention reference; the last four are ratios to the ``less`` row at C = 200: above 1,
-gfm's block is the cheaper).
+flops_growth_13_200=... rank8_cost_c200=... field_cost_c200=... authors_time_c200=... authors_mem_c200=...
+authors_vs_compiled_c13=... authors_vs_compiled_c200=...`` (dense = the fused-attention reference;
+``rank8_cost`` to ``authors_mem`` are ratios to the ``less`` row at C = 200, the last two the ``authors``
+time over the ``less-compiled`` time: above 1, gfm's block is the cheaper; ``nan`` for rows not run).
 """
 
 from __future__ import annotations
@@ -55,7 +60,10 @@ ROWS: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
     ("dense", "dense_vit_tiny", "auto", {"perception_radius_m": 0.0}),
     ("dense-math", "dense_vit_tiny", "math", {"perception_radius_m": 0.0}),
     ("authors", "less_vit_tiny", "auto", {"perception_radius_m": 0.0, "authors_blocks": True}),
+    ("less-compiled", "less_vit_tiny", "auto", {"perception_radius_m": 0.0, "compiled": True}),
 )
+#: rows run unless ``--rows`` says otherwise (compiling every configuration takes minutes on a CPU)
+DEFAULT_ROWS = tuple(r[0] for r in ROWS if r[0] != "less-compiled")
 
 
 def reflectance_batch(B: int, C: int, S: int) -> Batch:
@@ -87,6 +95,7 @@ def child(args: argparse.Namespace) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     kwargs = json.loads(args.kwargs)
     authors = bool(kwargs.pop("authors_blocks", False))
+    compiled = bool(kwargs.pop("compiled", False))
     model = cast(LESSViT, create_model(args.model, depth=args.depth, patch_size=8, **kwargs))
     B, C, S = args.batch_size, args.channels, 64
     flops = model.flops(B, C, S)  # gfm's count, taken before the authors' blocks replace gfm's
@@ -96,15 +105,19 @@ def child(args: argparse.Namespace) -> None:
         model = authors_encoder(model, rank=int(kwargs.get("rank", 1)))
     model = model.to(device)
     batch = reflectance_batch(B, C, S).to(device)
+    features = torch.compile(model.forward_features) if compiled else model.forward_features
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
-        model.forward_features(batch).float().square().mean().backward()
+        features(batch).float().square().mean().backward()
         if device.type == "cuda":
             torch.cuda.synchronize()
 
     backend = SDPBackend.MATH if args.sdpa == "math" else None
     with sdpa_kernel(backend) if backend is not None else _nullcontext():
+        if compiled:  # compile (forward and backward graphs) before anything is measured
+            step()
+            step()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
@@ -116,6 +129,8 @@ def child(args: argparse.Namespace) -> None:
             step()
             peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
             method = "peak RSS growth (getrusage)"
+            if compiled:
+                peak_mb = math.nan  # under the compiler's own high-water mark
         times: list[float] = []
         while len(times) < args.repeats or (sum(times) < args.min_time and len(times) < 50):
             t0 = time.perf_counter()
@@ -185,7 +200,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1, help="CPU threads (1: robust on a shared machine)")
     p.add_argument("--mem-cap-gb", type=float, default=6.0, help="resident-set cap per configuration")
     p.add_argument("--timeout", type=float, default=240.0, help="seconds per configuration")
-    p.add_argument("--rows", default=",".join(r[0] for r in ROWS), help="which rows to run")
+    p.add_argument("--rows", default=",".join(DEFAULT_ROWS),
+                   help=f"which rows to run (default {','.join(DEFAULT_ROWS)}; also: less-compiled)")
     args = p.parse_args(argv)
     if args.child:
         child(args)
@@ -232,9 +248,11 @@ def main(argv: list[str] | None = None) -> None:
     field = get("less-pf", 200, "time_s") / less_t
     authors_t = get("authors", 200, "time_s") / less_t
     authors_m = get("authors", 200, "peak_mb") / less_m
+    compiled = {c: get("authors", c, "time_s") / get("less-compiled", c, "time_s") for c in (13, 200)}
     print(f"RESULT speedup_c200={speedup:.2f} mem_ratio_c200={mem_ratio:.2f} growth_13_200={growth:.2f} "
           f"flops_growth_13_200={flops_growth:.2f} rank8_cost_c200={rank8:.2f} field_cost_c200={field:.2f} "
-          f"authors_time_c200={authors_t:.2f} authors_mem_c200={authors_m:.2f}")
+          f"authors_time_c200={authors_t:.2f} authors_mem_c200={authors_m:.2f} "
+          f"authors_vs_compiled_c13={compiled[13]:.2f} authors_vs_compiled_c200={compiled[200]:.2f}")
 
 
 if __name__ == "__main__":
