@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from gfm.model import attention
 from gfm.model.attention import (
     Block,
     GridMask,
@@ -82,6 +83,61 @@ def test_absorbed_pool_is_the_projected_pool(masked: bool) -> None:
     plain = pool(x, mask.spectral_pool, mask.spatial_pool)
     for a, b in zip(lean, plain):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_summary_pools_backward_is_the_derivative(masked: bool) -> None:
+    """The fused pools' hand-written backward pass against finite differences, every input at once."""
+    torch.manual_seed(0)
+    B, R, P, D, h = 2, 4, 5, 12, 3
+    mask = _mask(B, R, P) if masked else GridMask()
+    args = [torch.randn(*shape, dtype=torch.double, requires_grad=True) for shape in
+            [(B, R, P, D), (D, D), (D,), (D, D), (D,), (h, D // h, D), (h, D // h, D), (D,)]]
+    assert torch.autograd.gradcheck(
+        lambda *a: attention._SummaryPools.apply(*a, mask.spectral_pool, mask.spatial_pool), args
+    )
+
+
+def test_pools_with_a_wrapped_query_layer_fold_the_same_way() -> None:
+    """A query layer :func:`linear_parts` cannot take apart keeps the fused pools off; the folded pools
+    of the autograd composition give the same numbers."""
+    torch.manual_seed(0)
+    pool = SummaryPool(24, 3, 6, 12).double()
+    x = torch.randn(2, 5, 7, 24, dtype=torch.double)
+    mask = _mask(2, 5, 7)
+    fused = pool(x, mask.spectral_pool, mask.spatial_pool)
+    pool.q_spatial = Wrapped(pool.q_spatial)  # type: ignore[assignment]
+    folded = pool(x, mask.spectral_pool, mask.spatial_pool)
+    for a, b in zip(fused, folded):
+        torch.testing.assert_close(a, b)
+        assert type(b.grad_fn).__name__ != "_SummaryPoolsBackward"
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_mlp_over_many_slices(frozen: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forward and backward a few tokens at a time (a last slice short): the modules' numbers."""
+    monkeypatch.setattr(attention, "_CHUNK_ELEMENTS", 3 * 64)  # 3 tokens of hidden width 64
+    torch.manual_seed(0)
+    block = Block(16, "less", 2, 1, 2).double()
+    block.mlp.fc1.weight.requires_grad_(not frozen)
+    x = torch.randn(2, 5, 16, dtype=torch.double)  # 10 tokens: slices of 3, 3, 3, 1
+
+    class MLP(nn.Module):
+        def __init__(self, fused: bool) -> None:
+            super().__init__()
+            self.norm, self.mlp, self.fused = block.norm2, block.mlp, fused
+
+        def forward(self, xi: torch.Tensor) -> torch.Tensor:
+            y = pre_norm_mlp(self.norm, self.mlp, xi) if self.fused else self.mlp(self.norm(xi))
+            assert type(y.grad_fn).__name__.startswith("_PreNormMLP") == self.fused
+            return y
+
+    out_lean, grads_lean = _grads(MLP(True), x)
+    out_plain, grads_plain = _grads(MLP(False), x)
+    assert grads_lean.keys() == grads_plain.keys() and len(grads_lean) == (5 if frozen else 6)
+    for name in grads_lean:
+        torch.testing.assert_close(grads_lean[name], grads_plain[name], msg=name)
+    torch.testing.assert_close(out_lean, out_plain)
 
 
 @pytest.mark.parametrize(
