@@ -86,8 +86,11 @@ def test_absorbed_pool_is_the_projected_pool(masked: bool) -> None:
 
 
 @pytest.mark.parametrize("masked", [False, True])
-def test_summary_pools_backward_is_the_derivative(masked: bool) -> None:
-    """The fused pools' hand-written backward pass against finite differences, every input at once."""
+@pytest.mark.parametrize("strided", [False, True])
+def test_summary_pools_backward_is_the_derivative(masked: bool, strided: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fused pools' hand-written backward pass against finite differences, every input at once, with the
+    column pool's gradient added whole (few rows) and column by column (many rows)."""
+    monkeypatch.setattr(attention, "_STRIDED_ROWS", 1 if strided else 10**6)
     torch.manual_seed(0)
     B, R, P, D, h = 2, 4, 5, 12, 3
     mask = _mask(B, R, P) if masked else GridMask()

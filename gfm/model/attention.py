@@ -328,6 +328,11 @@ def _absorbed_pool(
     return torch.einsum("blhk,hdk->blhd", z_bar, w_v)
 
 
+#: rows from which the column pool's gradient is added column by column (one small product per column)
+#: rather than formed whole and added: per-column calls cost ~15 µs each, a grid-sized temporary a pass
+_STRIDED_ROWS = 64
+
+
 def _columns(x: torch.Tensor, b: int) -> torch.Tensor:
     """Sample ``b`` of ``x: [B, C+1, N+1, D]`` column by column, ``[N+1, C+1, D]``: a strided view, no copy."""
     return x[b].transpose(0, 1)
@@ -406,8 +411,11 @@ class _SummaryPools(torch.autograd.Function):
             if need[0]:  # both pools, both uses of x in each (scores and means): one write of the grid, one update
                 grad_x = torch.matmul(torch.cat([a_c, gl_c], dim=-1), torch.cat([gz_c, qa_c], dim=2))
                 left, right = torch.cat([a_s, gl_s], dim=-1), torch.cat([gz_s, qa_s], dim=2)
-                for b in range(B):
-                    _columns(grad_x, b).baddbmm_(left[b], right[b])
+                if R >= _STRIDED_ROWS:  # into the grid's gradient column by column, no grid-sized temporary
+                    for b in range(B):
+                        _columns(grad_x, b).baddbmm_(left[b], right[b])
+                else:  # few rows: one product, then one strided addition
+                    grad_x += torch.matmul(left, right).transpose(1, 2)
             # qa = (x_summary·W_qᵀ + b_q)·W_k / √d
             gq_c = torch.einsum("bchk,hdk->bchd", gqa_c, w_k).reshape(B, R, D) * d**-0.5
             gq_s = torch.einsum("bnhk,hdk->bnhd", gqa_s, w_k).reshape(B, P, D) * d**-0.5
@@ -663,6 +671,13 @@ class JointAttention(nn.Module):
 _CHUNK_ELEMENTS = 2**20
 
 
+def _linear_into(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, w, b)``, written into ``out`` when given (a slice of a larger tensor: no temporary, no copy)."""
+    if out is None:
+        return F.linear(x, w, b)
+    return torch.mm(x, w.t(), out=out) if b is None else torch.addmm(b, x, w.t(), out=out)
+
+
 class _PreNormMLP(torch.autograd.Function):
     """``fc2(gelu(fc1(LayerNorm(x))))`` keeping only ``x``, the norm statistics and the hidden pre-activation.
 
@@ -694,22 +709,30 @@ class _PreNormMLP(torch.autograd.Function):
         xs = x.reshape(-1, dim)
         w1m, w2m = _merged(w1, d1, u1), _merged(w2, d2, u2)
         keep_h = ctx.needs_input_grad[4]  # type: ignore[attr-defined]  # else recomputed: the weight is frozen
-        tokens = xs.shape[0]
-        kept: list[torch.Tensor] = []  # out, mean, rstd (and h): whole, filled a slice at a time
-        step = max(1, _CHUNK_ELEMENTS // w1.shape[0])
+        tokens, hidden = xs.shape[0], w1.shape[0]
+        whole: dict[str, torch.Tensor] = {}  # out, mean, rstd (and h), filled a slice at a time
+        in_place: set[str] = set()  # written by the products themselves: no autocast, all in x's dtype
+        if not torch.is_autocast_enabled(x.device.type):
+            whole["out"], in_place = xs.new_empty(tokens, w2.shape[0]), {"out"}
+            if keep_h:
+                whole["h"], in_place = xs.new_empty(tokens, hidden), {"out", "h"}
+        step = max(1, _CHUNK_ELEMENTS // hidden)
         for start in range(0, tokens, step):  # the hidden slice stays in cache from fc1 to fc2
             rows = slice(start, start + step)
             normed, mean_c, rstd_c = torch.native_layer_norm(xs[rows], (dim,), ln_w, ln_b, eps)
-            h_c = F.linear(normed, w1m, b1)
-            out_c = F.linear(F.gelu(h_c, approximate=approximate), w2m, b2)
-            parts = (out_c, mean_c, rstd_c, h_c) if keep_h else (out_c, mean_c, rstd_c)
-            if not kept:  # dtypes as autocast chose them
-                kept = [p.new_empty(tokens, p.shape[1]) for p in parts]
-                hidden_dtype = h_c.dtype
-            for whole, part in zip(kept, parts):
-                whole[rows] = part
-        out, mean, rstd = kept[:3]
-        h = kept[3] if keep_h else None
+            h_c = _linear_into(normed, w1m, b1, whole["h"][rows] if "h" in in_place else None)
+            out_c = _linear_into(
+                F.gelu(h_c, approximate=approximate), w2m, b2, whole["out"][rows] if "out" in in_place else None
+            )
+            parts = {"out": out_c, "mean": mean_c, "rstd": rstd_c, "h": h_c}
+            for name, part in parts.items():
+                if name in in_place or (name == "h" and not keep_h):
+                    continue
+                if name not in whole:  # dtypes as autocast chose them
+                    whole[name] = part.new_empty(tokens, part.shape[1])
+                whole[name][rows] = part
+            hidden_dtype = h_c.dtype
+        out, mean, rstd, h = whole["out"], whole["mean"], whole["rstd"], whole.get("h")
         ctx.save_for_backward(
             x, mean, rstd, h, ln_w, ln_b, w1, b1, d1, u1, w2, d2, u2  # type: ignore[arg-type]
         )
