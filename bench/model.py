@@ -18,7 +18,13 @@ observations. Rows:
 - ``less-compiled`` (only when named in ``--rows``: each configuration compiles for a minute or more on
   a CPU): the ``less`` row with ``forward_features`` through ``torch.compile`` (inductor), what
   ``engine.compile`` does in training. Its time is taken after two compiling steps; its peak memory is
-  not reported (the compiler's own high-water mark hides the step's on the CPU).
+  not reported (the compiler's own high-water mark hides the step's on the CPU);
+- ``authors-src`` (only when named in ``--rows``, with ``--authors-src DIR``, a checkout of
+  ``uiuctml/GeospatialFM``): the authors' own encoder (``SpatialSpectralLowRankViTEncoder``, their
+  embedding and blocks) at the same sizes, imported from ``DIR`` in the child process, forward + backward
+  of its output grid as for gfm's ``forward_features``. gfm ships none of their code; the row runs what the
+  user points it at. Its GFLOP column is gfm's count too (their patch embedding is a two-layer MLP, so
+  they do somewhat more).
 
 Each configuration runs in a fresh subprocess. Peak memory on CPU is the growth of the process's
 peak resident set (``getrusage`` high-water mark) over the first step, after model and batch are
@@ -30,11 +36,17 @@ processes on a shared machine; cheap configurations get more tries, which if any
 small-C times and so inflates ``growth_13_200``.
 
 Run: ``python -m bench.model`` (``--depth``, ``--batch-size``, ``--repeats`` to trade time for
-fidelity). The last line is ``RESULT speedup_c200=... mem_ratio_c200=... growth_13_200=...
-flops_growth_13_200=... rank8_cost_c200=... field_cost_c200=... authors_time_c200=... authors_mem_c200=...
-authors_vs_compiled_c13=... authors_vs_compiled_c200=...`` (dense = the fused-attention reference;
-``rank8_cost`` to ``authors_mem`` are ratios to the ``less`` row at C = 200, the last two the ``authors``
-time over the ``less-compiled`` time: above 1, gfm's block is the cheaper; ``nan`` for rows not run).
+fidelity; ``--sizes 13,200`` for some C only; ``--rounds N`` runs every configuration N times, the rows
+of one size one after another, and keeps the best time and the largest peak: on a shared machine a slow
+spell then hits every row alike instead of one). The last line is ``RESULT speedup_c200=...
+mem_ratio_c200=... growth_13_200=... flops_growth_13_200=... rank8_cost_c200=... field_cost_c200=...
+authors_time_c200=... authors_mem_c200=...
+authors_time_c13=... authors_mem_c13=... authors_vs_compiled_c13=... authors_vs_compiled_c200=...
+authors_src_time_c13=... authors_src_time_c200=... authors_src_mem_c13=... authors_src_mem_c200=...``
+(dense = the fused-attention reference; ``rank8_cost`` to ``authors_mem`` are ratios to the ``less`` row at
+C = 200 and ``authors_*_c13`` at C = 13, ``authors_vs_compiled`` the ``authors`` time over the
+``less-compiled`` time, ``authors_src_*`` the ``authors-src`` row over the ``less`` row: above 1, gfm is
+the cheaper; ``nan`` for rows or sizes not run).
 """
 
 from __future__ import annotations
@@ -42,10 +54,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
@@ -61,9 +75,10 @@ ROWS: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
     ("dense-math", "dense_vit_tiny", "math", {"perception_radius_m": 0.0}),
     ("authors", "less_vit_tiny", "auto", {"perception_radius_m": 0.0, "authors_blocks": True}),
     ("less-compiled", "less_vit_tiny", "auto", {"perception_radius_m": 0.0, "compiled": True}),
+    ("authors-src", "less_vit_tiny", "auto", {"perception_radius_m": 0.0, "authors_src": True}),
 )
 #: rows run unless ``--rows`` says otherwise (compiling every configuration takes minutes on a CPU)
-DEFAULT_ROWS = tuple(r[0] for r in ROWS if r[0] != "less-compiled")
+DEFAULT_ROWS = tuple(r[0] for r in ROWS if r[0] not in ("less-compiled", "authors-src"))
 
 
 def reflectance_batch(B: int, C: int, S: int) -> Batch:
@@ -96,6 +111,7 @@ def child(args: argparse.Namespace) -> None:
     kwargs = json.loads(args.kwargs)
     authors = bool(kwargs.pop("authors_blocks", False))
     compiled = bool(kwargs.pop("compiled", False))
+    source = bool(kwargs.pop("authors_src", False))
     model = cast(LESSViT, create_model(args.model, depth=args.depth, patch_size=8, **kwargs))
     B, C, S = args.batch_size, args.channels, 64
     flops = model.flops(B, C, S)  # gfm's count, taken before the authors' blocks replace gfm's
@@ -103,9 +119,11 @@ def child(args: argparse.Namespace) -> None:
         from bench.less_reference import authors_encoder
 
         model = authors_encoder(model, rank=int(kwargs.get("rank", 1)))
-    model = model.to(device)
     batch = reflectance_batch(B, C, S).to(device)
-    features = torch.compile(model.forward_features) if compiled else model.forward_features
+    features: Any = torch.compile(model.forward_features) if compiled else model.forward_features
+    if source:
+        model, features = _authors_source_encoder(args.authors_src, args.depth, batch)
+    model = model.to(device)
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
@@ -140,6 +158,31 @@ def child(args: argparse.Namespace) -> None:
                       "device": str(device), "flops": flops}))
 
 
+def _authors_source_encoder(src: str, depth: int, batch: Batch) -> tuple[Any, Any]:
+    """The LESS authors' own encoder from their code in ``src``, and a function running it on a batch.
+
+    ``src`` is a checkout of ``uiuctml/GeospatialFM``; the encoder has the sizes of ``less_vit_tiny`` (D 192,
+    3 heads, ``d_c`` 4, rank 1, p 8, no perception field) and runs as their fine-tuning runs it (no
+    masking): the whole encoder, their embedding included, as gfm's ``forward_features`` is. Their code is
+    imported only in this child process and only when the row is asked for.
+    """
+    sys.path.insert(0, src)
+    from GeospatialFM.models.spatial_spectral_low_rank_vit import (  # type: ignore[import-not-found]
+        SpatialSpectralLowRankViTConfig,
+        SpatialSpectralLowRankViTEncoder,
+    )
+
+    config = SpatialSpectralLowRankViTConfig(patch_size=8, embed_dim=192, depth=depth, num_heads=3)
+    config.pretrain = False  # their encoder masks tokens in training only while pretraining
+    model = SpatialSpectralLowRankViTEncoder(config).train()
+    wavelengths = batch.wavelength[:1].cpu()  # [1, C], nm: one band set per batch, as their embedding takes
+
+    def features(b: Batch) -> Any:
+        return model(optical=b.pixels, optical_channel_wv=wavelengths, spatial_resolution=10)[0]
+
+    return model, features
+
+
 class _nullcontext:
     def __enter__(self) -> None:
         return None
@@ -165,6 +208,8 @@ def run_one(args: argparse.Namespace, model: str, sdpa: str, kwargs: dict[str, A
            "--kwargs", json.dumps(kwargs),
            "--channels", str(channels), "--depth", str(args.depth), "--batch-size", str(args.batch_size),
            "--repeats", str(args.repeats), "--min-time", str(args.min_time), "--threads", str(args.threads)]
+    if args.authors_src:
+        cmd += ["--authors-src", args.authors_src]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     t0 = time.monotonic()
     status = None
@@ -185,6 +230,15 @@ def run_one(args: argparse.Namespace, model: str, sdpa: str, kwargs: dict[str, A
     return {"status": "ok", **json.loads(out.strip().splitlines()[-1])}
 
 
+def _merge(old: dict | None, new: dict) -> dict:
+    """Two runs of one configuration: the best time and the largest peak; a failed run stands."""
+    if old is None or old["status"] != "ok":
+        return old or new
+    if new["status"] != "ok":
+        return new
+    return {**old, "time_s": min(old["time_s"], new["time_s"]), "peak_mb": max(old["peak_mb"], new["peak_mb"])}
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run every row and configuration, print the table and the RESULT line."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -201,35 +255,48 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mem-cap-gb", type=float, default=6.0, help="resident-set cap per configuration")
     p.add_argument("--timeout", type=float, default=240.0, help="seconds per configuration")
     p.add_argument("--rows", default=",".join(DEFAULT_ROWS),
-                   help=f"which rows to run (default {','.join(DEFAULT_ROWS)}; also: less-compiled)")
+                   help=f"which rows to run (default {','.join(DEFAULT_ROWS)}; also: less-compiled, authors-src)")
+    p.add_argument("--sizes", default=",".join(map(str, CHANNELS)), help="observation counts C to run")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every configuration this many times, rows alternating (best time, largest peak)")
+    p.add_argument("--authors-src", default=None, metavar="DIR",
+                   help="a checkout of uiuctml/GeospatialFM for the authors-src row (their encoder, run in the child)")
     args = p.parse_args(argv)
     if args.child:
         child(args)
         return
 
-    wanted = set(args.rows.split(","))
+    wanted = args.rows.split(",")
+    unknown = sorted(set(wanted) - {r[0] for r in ROWS})
+    if unknown:
+        raise SystemExit(f"bench.model: unknown row(s) {unknown}; known: {[r[0] for r in ROWS]}")
+    if "authors-src" in wanted and not (args.authors_src and Path(args.authors_src, "GeospatialFM").is_dir()):
+        raise SystemExit(f"bench.model: row authors-src needs --authors-src DIR holding GeospatialFM/ "
+                         f"(a checkout of uiuctml/GeospatialFM); got {args.authors_src!r}")
+    sizes = [int(c) for c in args.sizes.split(",")]
     results: dict[tuple[str, int], dict] = {}
+    chosen = [r for r in ROWS if r[0] in wanted]
+    for _ in range(args.rounds):
+        for c in sizes:  # the rows of one size one after another: a slow spell hits them alike
+            for row, model, sdpa, kwargs in chosen:
+                results[(row, c)] = _merge(results.get((row, c)), run_one(args, model, sdpa, kwargs, c))
+    results = {(r[0], c): results[(r[0], c)] for r in chosen for c in sizes}
     print(f"# LESS vs dense joint attention: tiny width (D 192, 3 heads), depth {args.depth}, batch "
           f"{args.batch_size}, 64x64 tiles at 10 m, p 8 (N 64), forward+backward, {args.threads} threads")
-    header = f"{'model':<11} {'C':>4} {'tokens':>7} {'GFLOP fwd':>10} {'fwd+bwd s':>10} {'peak MB':>9}"
+    header = f"{'model':<13} {'C':>4} {'tokens':>7} {'GFLOP fwd':>10} {'fwd+bwd s':>10} {'peak MB':>9}"
     print(header)
     print("-" * len(header))
     method = ""
-    for row, model, sdpa, kwargs in ROWS:
-        if row not in wanted:
-            continue
-        for c in CHANNELS:
-            r = run_one(args, model, sdpa, kwargs, c)
-            results[(row, c)] = r
-            tokens = (c + 1) * 65
-            if r["status"] == "ok":
-                method = f"{r['method']} on {r['device']}"
-                print(f"{row:<11} {c:>4} {tokens:>7} {r['flops'] / 1e9:>10.1f} {r['time_s']:>10.3f} "
-                      f"{r['peak_mb']:>9.0f}", flush=True)
-            else:
-                print(f"{row:<11} {c:>4} {tokens:>7} {'':>10} {r['status']:>10} {r['status']:>9}", flush=True)
-    print(f"# time: best step of >= {args.repeats} (more until {args.min_time:g} s); peak memory: {method}; "
-          f"OOM = resident set over {args.mem_cap_gb:g} GB")
+    for (row, c), r in results.items():
+        tokens = (c + 1) * 65
+        if r["status"] == "ok":
+            method = f"{r['method']} on {r['device']}"
+            print(f"{row:<13} {c:>4} {tokens:>7} {r['flops'] / 1e9:>10.1f} {r['time_s']:>10.3f} {r['peak_mb']:>9.0f}")
+        else:
+            print(f"{row:<13} {c:>4} {tokens:>7} {'':>10} {r['status']:>10} {r['status']:>9}")
+    print(f"# time: best step of >= {args.repeats} (more until {args.min_time:g} s), best over {args.rounds} "
+          f"round(s); peak memory: {method}, largest over the rounds; OOM = resident set over "
+          f"{args.mem_cap_gb:g} GB; load average {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
 
     def get(row: str, c: int, key: str) -> float:
         r = results.get((row, c), {})
@@ -249,10 +316,16 @@ def main(argv: list[str] | None = None) -> None:
     authors_t = get("authors", 200, "time_s") / less_t
     authors_m = get("authors", 200, "peak_mb") / less_m
     compiled = {c: get("authors", c, "time_s") / get("less-compiled", c, "time_s") for c in (13, 200)}
+    source = " ".join(
+        f"authors_src_{key}_c{c}={get('authors-src', c, field) / get('less', c, field):.2f}"
+        for key, field in (("time", "time_s"), ("mem", "peak_mb")) for c in (13, 200)
+    )
     print(f"RESULT speedup_c200={speedup:.2f} mem_ratio_c200={mem_ratio:.2f} growth_13_200={growth:.2f} "
           f"flops_growth_13_200={flops_growth:.2f} rank8_cost_c200={rank8:.2f} field_cost_c200={field:.2f} "
           f"authors_time_c200={authors_t:.2f} authors_mem_c200={authors_m:.2f} "
-          f"authors_vs_compiled_c13={compiled[13]:.2f} authors_vs_compiled_c200={compiled[200]:.2f}")
+          f"authors_time_c13={get('authors', 13, 'time_s') / get('less', 13, 'time_s'):.2f} "
+          f"authors_mem_c13={get('authors', 13, 'peak_mb') / get('less', 13, 'peak_mb'):.2f} "
+          f"authors_vs_compiled_c13={compiled[13]:.2f} authors_vs_compiled_c200={compiled[200]:.2f} {source}")
 
 
 if __name__ == "__main__":
