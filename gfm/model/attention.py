@@ -710,33 +710,36 @@ class _PreNormMLP(torch.autograd.Function):
         w1m, w2m = _merged(w1, d1, u1), _merged(w2, d2, u2)
         keep_h = ctx.needs_input_grad[4]  # type: ignore[attr-defined]  # else recomputed: the weight is frozen
         tokens, hidden = xs.shape[0], w1.shape[0]
-        whole: dict[str, torch.Tensor] = {}  # out, mean, rstd (and h), filled a slice at a time
-        in_place: set[str] = set()  # written by the products themselves: no autocast, all in x's dtype
-        if not torch.is_autocast_enabled(x.device.type):
-            whole["out"], in_place = xs.new_empty(tokens, w2.shape[0]), {"out"}
-            if keep_h:
-                whole["h"], in_place = xs.new_empty(tokens, hidden), {"out", "h"}
+        # without autocast every product is in x's dtype: the second layer writes the output in place
+        out = None if torch.is_autocast_enabled(x.device.type) else xs.new_empty(tokens, w2.shape[0])
+        whole: dict[str, torch.Tensor] = {}  # mean, rstd (and the output under autocast), a slice at a time
+        # The hidden pre-activation is kept slice by slice: allocations of a few MB, which the allocator
+        # serves again step after step, where one [T, 4D] tensor is mapped fresh (page fault after page
+        # fault) every step (glibc maps anything over 32 MB; at C = 200: 57k → 26k faults a step, -6 % time).
+        h_kept: list[torch.Tensor] = []
         step = max(1, _CHUNK_ELEMENTS // hidden)
         for start in range(0, tokens, step):  # the hidden slice stays in cache from fc1 to fc2
             rows = slice(start, start + step)
             normed, mean_c, rstd_c = torch.native_layer_norm(xs[rows], (dim,), ln_w, ln_b, eps)
-            h_c = _linear_into(normed, w1m, b1, whole["h"][rows] if "h" in in_place else None)
-            out_c = _linear_into(
-                F.gelu(h_c, approximate=approximate), w2m, b2, whole["out"][rows] if "out" in in_place else None
-            )
-            parts = {"out": out_c, "mean": mean_c, "rstd": rstd_c, "h": h_c}
+            h_c = F.linear(normed, w1m, b1)
+            out_c = _linear_into(F.gelu(h_c, approximate=approximate), w2m, b2, None if out is None else out[rows])
+            if keep_h:
+                h_kept.append(h_c)
+            parts = {"mean": mean_c, "rstd": rstd_c}
+            if out is None:
+                parts["out"] = out_c
             for name, part in parts.items():
-                if name in in_place or (name == "h" and not keep_h):
-                    continue
                 if name not in whole:  # dtypes as autocast chose them
                     whole[name] = part.new_empty(tokens, part.shape[1])
                 whole[name][rows] = part
             hidden_dtype = h_c.dtype
-        out, mean, rstd, h = whole["out"], whole["mean"], whole["rstd"], whole.get("h")
+        out = whole["out"] if out is None else out
+        mean, rstd = whole["mean"], whole["rstd"]
         ctx.save_for_backward(
-            x, mean, rstd, h, ln_w, ln_b, w1, b1, d1, u1, w2, d2, u2  # type: ignore[arg-type]
+            x, mean, rstd, ln_w, ln_b, w1, b1, d1, u1, w2, d2, u2, *h_kept  # type: ignore[arg-type]
         )
         ctx.hidden_dtype = hidden_dtype  # type: ignore[attr-defined]
+        ctx.step = step  # type: ignore[attr-defined]
         ctx.approximate = approximate  # type: ignore[attr-defined]
         ctx.bias_dtypes = (None if b1 is None else b1.dtype, None if b2 is None else b2.dtype)  # type: ignore[attr-defined]
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -745,13 +748,13 @@ class _PreNormMLP(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:
-        x, mean, rstd, h, ln_w, ln_b, w1, b1, d1, u1, w2, d2, u2 = ctx.saved_tensors  # type: ignore[attr-defined]
+        x, mean, rstd, ln_w, ln_b, w1, b1, d1, u1, w2, d2, u2, *h_kept = ctx.saved_tensors  # type: ignore[attr-defined]
         approximate: str = ctx.approximate  # type: ignore[attr-defined]
         hidden_dtype: torch.dtype = ctx.hidden_dtype  # type: ignore[attr-defined]
         need = ctx.needs_input_grad  # type: ignore[attr-defined]
-        dim, hidden = x.shape[-1], w1.shape[0]
+        dim = x.shape[-1]
         xs, go = x.reshape(-1, dim), grad_out.reshape(-1, grad_out.shape[-1])
-        hs = None if h is None else h.reshape(-1, hidden)
+        hs = h_kept or None  # slice by slice, as the forward pass kept them
         means, rstds = mean.reshape(-1, 1), rstd.reshape(-1, 1)
         dtype = go.dtype
 
@@ -770,7 +773,7 @@ class _PreNormMLP(torch.autograd.Function):
         g_lnw, g_lnb, g_w1, g_b1 = zeros(ln_w, 1), zeros(ln_b, 2), zeros(w1, 4), zeros(w1[:, 0], 5)
         g_d1, g_u1, g_w2, g_d2, g_u2 = zeros(d1, 6), zeros(u1, 7), zeros(w2, 8), zeros(d2, 10), zeros(u2, 11)
         upstream = any(g is not None for g in (grad_x, g_lnw, g_lnb, g_w1, g_b1, g_d1, g_u1))
-        step = max(1, _CHUNK_ELEMENTS // hidden)
+        step: int = ctx.step  # type: ignore[attr-defined]  # the slices of the forward pass
         for start in range(0, xs.shape[0], step):
             rows = slice(start, start + step)
             go_c = go[rows]
@@ -783,7 +786,7 @@ class _PreNormMLP(torch.autograd.Function):
                     normed = normed + ln_b
                 normed = normed.to(dtype)
             if hs is not None:
-                h_c = hs[rows]
+                h_c = hs[start // step]  # the same slicing as forward
             else:  # recomputed, as the forward pass computed it
                 assert normed is not None
                 h_c = F.linear(normed, w1c, b1c).to(hidden_dtype)
