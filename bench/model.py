@@ -230,6 +230,11 @@ def run_one(args: argparse.Namespace, model: str, sdpa: str, kwargs: dict[str, A
     return {"status": "ok", **json.loads(out.strip().splitlines()[-1])}
 
 
+def _ratio(a: float, b: float) -> float:
+    """``a / b``, or nan where ``b`` is 0 (a peak below the resolution of the high-water mark)."""
+    return a / b if b else math.nan
+
+
 def _merge(old: dict | None, new: dict) -> dict:
     """Two runs of one configuration: the best time and the largest peak; a failed run stands."""
     if old is None or old["status"] != "ok":
@@ -317,7 +322,7 @@ def main(argv: list[str] | None = None) -> None:
     authors_m = get("authors", 200, "peak_mb") / less_m
     compiled = {c: get("authors", c, "time_s") / get("less-compiled", c, "time_s") for c in (13, 200)}
     source = " ".join(
-        f"authors_src_{key}_c{c}={get('authors-src', c, field) / get('less', c, field):.2f}"
+        f"authors_src_{key}_c{c}={_ratio(get('authors-src', c, field), get('less', c, field)):.2f}"
         for key, field in (("time", "time_s"), ("mem", "peak_mb")) for c in (13, 200)
     )
     print(f"RESULT speedup_c200={speedup:.2f} mem_ratio_c200={mem_ratio:.2f} growth_13_200={growth:.2f} "

@@ -59,7 +59,8 @@ def test_rows_alternate_and_the_authors_source_row_runs(tmp_path: Path, capsys: 
     assert rows == ["less", "authors-src"], out  # one line per configuration, merged over the rounds
     assert "best over 2 round(s)" in out and "load average" in out
     result = _result(out)
-    assert result["authors_src_time_c13"] > 0 and result["authors_src_mem_c13"] > 0
+    assert result["authors_src_time_c13"] > 0
+    assert "authors_src_mem_c13" in result  # nan where the tiny run's peak is below the high-water mark
     assert str(result["authors_src_time_c200"]) == "nan"  # a size not run
 
 
