@@ -307,30 +307,32 @@ def main(argv: list[str] | None = None) -> None:
         r = results.get((row, c), {})
         return float(r[key]) if r.get("status") == "ok" else math.nan
 
-    less_t, less_m = get("less", 200, "time_s"), get("less", 200, "peak_mb")
+    def ratio(row: str, over: str, c: int, key: str) -> float:
+        return _ratio(get(row, c, key), get(over, c, key))
+
     dense = results.get(("dense", 200), {})
     if dense.get("status") == "OOM":
         speedup, mem_ratio = math.inf, math.inf
     else:
-        speedup = get("dense", 200, "time_s") / less_t
-        mem_ratio = get("dense", 200, "peak_mb") / less_m
-    growth = less_t / get("less", 13, "time_s")
-    flops_growth = get("less", 200, "flops") / get("less", 13, "flops")
-    rank8 = get("less-r8", 200, "time_s") / less_t
-    field = get("less-pf", 200, "time_s") / less_t
-    authors_t = get("authors", 200, "time_s") / less_t
-    authors_m = get("authors", 200, "peak_mb") / less_m
-    compiled = {c: get("authors", c, "time_s") / get("less-compiled", c, "time_s") for c in (13, 200)}
-    source = " ".join(
-        f"authors_src_{key}_c{c}={_ratio(get('authors-src', c, field), get('less', c, field)):.2f}"
-        for key, field in (("time", "time_s"), ("mem", "peak_mb")) for c in (13, 200)
-    )
-    print(f"RESULT speedup_c200={speedup:.2f} mem_ratio_c200={mem_ratio:.2f} growth_13_200={growth:.2f} "
-          f"flops_growth_13_200={flops_growth:.2f} rank8_cost_c200={rank8:.2f} field_cost_c200={field:.2f} "
-          f"authors_time_c200={authors_t:.2f} authors_mem_c200={authors_m:.2f} "
-          f"authors_time_c13={get('authors', 13, 'time_s') / get('less', 13, 'time_s'):.2f} "
-          f"authors_mem_c13={get('authors', 13, 'peak_mb') / get('less', 13, 'peak_mb'):.2f} "
-          f"authors_vs_compiled_c13={compiled[13]:.2f} authors_vs_compiled_c200={compiled[200]:.2f} {source}")
+        speedup, mem_ratio = ratio("dense", "less", 200, "time_s"), ratio("dense", "less", 200, "peak_mb")
+    growth = _ratio(get("less", 200, "time_s"), get("less", 13, "time_s"))
+    flops_growth = _ratio(get("less", 200, "flops"), get("less", 13, "flops"))
+    keys = {
+        "speedup_c200": speedup, "mem_ratio_c200": mem_ratio, "growth_13_200": growth,
+        "flops_growth_13_200": flops_growth,
+        "rank8_cost_c200": ratio("less-r8", "less", 200, "time_s"),
+        "field_cost_c200": ratio("less-pf", "less", 200, "time_s"),
+        "authors_time_c200": ratio("authors", "less", 200, "time_s"),
+        "authors_mem_c200": ratio("authors", "less", 200, "peak_mb"),
+        "authors_time_c13": ratio("authors", "less", 13, "time_s"),
+        "authors_mem_c13": ratio("authors", "less", 13, "peak_mb"),
+        "authors_vs_compiled_c13": ratio("authors", "less-compiled", 13, "time_s"),
+        "authors_vs_compiled_c200": ratio("authors", "less-compiled", 200, "time_s"),
+    }
+    for key, field in (("time", "time_s"), ("mem", "peak_mb")):
+        for c in (13, 200):
+            keys[f"authors_src_{key}_c{c}"] = ratio("authors-src", "less", c, field)
+    print("RESULT " + " ".join(f"{k}={v:.2f}" for k, v in keys.items()))
 
 
 if __name__ == "__main__":
