@@ -237,6 +237,19 @@ def test_lean_block_keeps_half_of_what_the_plain_block_keeps() -> None:
     assert lean <= 0.5 * plain, (lean / token_grid, plain / token_grid)
 
 
+def test_folded_projection_keeps_no_spatial_factor() -> None:
+    """At C = 13 the folded projection's spatial factor ([r·h·d_c + 1, (N+1)·D] per sample) is most of a grid;
+    it is remade in the backward pass, so the attention keeps its input and small tensors only."""
+    torch.manual_seed(0)
+    attn = Block(192, "less", 3, 1, 4).attn
+    assert isinstance(attn, LESSAttention) and attn.project_spatial_first(14, 65)
+    params = {p.untyped_storage().data_ptr() for p in attn.parameters()}
+    x = torch.randn(2, 14, 65, 192)
+    kept = _saved_bytes(attn, x, GridMask()) - sum(p.untyped_storage().nbytes() for p in attn.parameters()
+                                                   if p.untyped_storage().data_ptr() in params)
+    assert kept <= 2.0 * x.numel() * 4, kept / (x.numel() * 4)  # the input (1 grid) and ~0.85 of small tensors
+
+
 @pytest.mark.parametrize("wrapped", [False, True])
 def test_block_flops_match_counter_on_both_paths(wrapped: bool) -> None:
     torch.manual_seed(0)

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from timm.layers import DropPath, LayerScale, Mlp
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 # ------------------------------------------------------------------------------------------------
 # Masks
@@ -530,6 +531,23 @@ class SummaryPool(nn.Module):
 # Attention layers and the block
 
 
+def _folded_projection(
+    spectral: torch.Tensor, a_s: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``proj`` of the heads' outer products with the projection folded into the spatial branch.
+
+    ``spectral: [B, C+1, r·h·d_c]`` (already over ``r``), ``a_s: [B, r, h, N+1, d_s]``, ``weight: [h, d_c, d_s,
+    D]`` → ``[B, C+1, (N+1)·D]``: the spatial side goes through the projection first, then one matmul
+    over ``r·h·d_c`` per token, the bias as one more term of it (no pass over the grid of its own).
+    """
+    cols = a_s.shape[3]
+    spatial = rearrange(torch.einsum("brhnj,hijo->brhino", a_s, weight), "b r h i n o -> b (r h i) (n o)")
+    if bias is not None:
+        spectral = F.pad(spectral, (0, 1), value=1.0)
+        spatial = torch.cat([spatial, bias.to(spatial.dtype).repeat(cols).expand(spatial.shape[0], 1, -1)], dim=1)
+    return torch.matmul(spectral, spatial)
+
+
 class LESSAttention(nn.Module):
     """Low-rank spatial-spectral attention: ``[B, C+1, N+1, D] → [B, C+1, N+1, D]``.
 
@@ -592,13 +610,13 @@ class LESSAttention(nn.Module):
         # goes through the projection first (cols × D per term), then one matmul over r·h·d_c per token;
         # the [C+1, N+1, D] outer products are never formed (nor kept for the backward pass)
         weight = rearrange(proj.merged_weight(), "o (h i j) -> h i j o", h=self.num_heads, i=self.spectral_head_dim)
-        spatial = torch.einsum("brhnj,hijo->brhino", a_s, weight)  # [B, r, h, d_c, N+1, D]
         spectral = rearrange(a_c, "b r h c i -> b c (r h i)") / self.rank
-        spatial = rearrange(spatial, "b r h i n o -> b (r h i) (n o)")
-        if proj.bias is not None:  # the bias as one more term of the product: no pass over the grid of its own
-            spectral = F.pad(spectral, (0, 1), value=1.0)
-            spatial = torch.cat([spatial, proj.bias.to(spatial.dtype).repeat(cols).expand(x.shape[0], 1, -1)], dim=1)
-        out = torch.matmul(spectral, spatial)  # [B, C+1, (N+1)·D]
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            # the spatial factor ([r·h·d_c, (N+1)·D] per sample: most of a grid at small C) is remade in the
+            # backward pass from the branch output and the weight rather than kept
+            out = checkpoint(_folded_projection, spectral, a_s, weight, proj.bias, use_reentrant=False)
+        else:
+            out = _folded_projection(spectral, a_s, weight, proj.bias)
         return self.proj_drop(rearrange(out, "b c (n o) -> b c n o", n=cols))
 
     def project_spatial_first(self, rows: int, cols: int) -> bool:
