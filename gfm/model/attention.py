@@ -339,6 +339,16 @@ def _columns(x: torch.Tensor, b: int) -> torch.Tensor:
     return x[b].transpose(0, 1)
 
 
+def _columns_times(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Per column, the grid's column times a matrix: ``[B, C+1, N+1, D]``, ``[B, N+1, D, k]`` → ``[B, N+1, C+1, k]``."""
+    return torch.stack([torch.bmm(_columns(x, b), m[b]) for b in range(x.shape[0])])
+
+
+def _times_columns(m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per column, a matrix times the grid's column: ``[B, N+1, k, C+1]``, ``[B, C+1, N+1, D]`` → ``[B, N+1, k, D]``."""
+    return torch.stack([torch.bmm(m[b], _columns(x, b)) for b in range(x.shape[0])])
+
+
 class _SummaryPools(torch.autograd.Function):
     """Both summary pools of a grid with the key/value map folded into the queries, in one pass of autograd.
 
@@ -371,14 +381,14 @@ class _SummaryPools(torch.autograd.Function):
             qa_c = torch.einsum("bchd,hdk->bchk", q_c, w_k) * d**-0.5  # [B, R, h, D]
             qa_s = torch.einsum("bnhd,hdk->bnhk", q_s, w_k) * d**-0.5  # [B, P, h, D]
             logits_c = torch.matmul(x, qa_c.transpose(-1, -2))  # [B, R, P, h]
-            logits_s = torch.stack([torch.bmm(_columns(x, b), qa_s[b].transpose(-1, -2)) for b in range(B)])
+            logits_s = _columns_times(x, qa_s.transpose(-1, -2))
             if keys_c is not None:  # summary keys stay: never all masked
                 logits_c = logits_c.masked_fill(~keys_c[..., None], float("-inf"))
             if keys_s is not None:
                 logits_s = logits_s.masked_fill(~keys_s.transpose(1, 2)[..., None], float("-inf"))
             a_c, a_s = logits_c.softmax(dim=2), logits_s.softmax(dim=2)  # [B, R, P, h], [B, P, R, h]
             zbar_c = torch.matmul(a_c.transpose(-1, -2), x)  # [B, R, h, D]: per head, the weighted mean token
-            zbar_s = torch.stack([torch.bmm(a_s[b].transpose(-1, -2), _columns(x, b)) for b in range(B)])
+            zbar_s = _times_columns(a_s.transpose(-1, -2), x)
             tokens_c = col + torch.einsum("bchk,hdk->bchd", zbar_c, w_v).reshape(B, R, D)
             tokens_s = row + torch.einsum("bnhk,hdk->bnhd", zbar_s, w_v).reshape(B, P, D)
             if b_v is not None:
@@ -402,12 +412,12 @@ class _SummaryPools(torch.autograd.Function):
             gz_s = torch.einsum("bnhd,hdk->bnhk", gp_s, w_v)  # [B, P, h, D]
             # zbar = aᵀ·x, then the softmax: the scores' gradient, [B, R, P, h] and [B, P, R, h]
             ga_c = torch.matmul(x, gz_c.transpose(-1, -2))
-            ga_s = torch.stack([torch.bmm(_columns(x, b), gz_s[b].transpose(-1, -2)) for b in range(B)])
+            ga_s = _columns_times(x, gz_s.transpose(-1, -2))
             gl_c = a_c * (ga_c - (a_c * ga_c).sum(dim=2, keepdim=True))
             gl_s = a_s * (ga_s - (a_s * ga_s).sum(dim=2, keepdim=True))
             # scores = x·qa: the folded queries' gradient, [B, R, h, D] and [B, P, h, D]
             gqa_c = torch.matmul(gl_c.transpose(-1, -2), x)
-            gqa_s = torch.stack([torch.bmm(gl_s[b].transpose(-1, -2), _columns(x, b)) for b in range(B)])
+            gqa_s = _times_columns(gl_s.transpose(-1, -2), x)
             grad_x = None
             if need[0]:  # both pools, both uses of x in each (scores and means): one write of the grid, one update
                 grad_x = torch.matmul(torch.cat([a_c, gl_c], dim=-1), torch.cat([gz_c, qa_c], dim=2))
@@ -479,22 +489,22 @@ class SummaryPool(nn.Module):
         Returns spectral tokens ``[B, C+1, h·d_c]`` and spatial tokens ``[B, N+1, h·d_s]``.
         """
         h = self.num_heads
-        kv, q_c, q_s = linear_parts(self.kv), linear_parts(self.q_spectral), linear_parts(self.q_spatial)
-        if kv is not None and q_c is not None and q_s is not None and not torch.compiler.is_compiling():
+        kv = linear_parts(self.kv)
+        if kv is not None:  # keys and values folded into the queries
             w_k, w_v = rearrange(kv.merged_weight(), "(two h d) k -> two h d k", two=2, h=h)
             b_v = kv.bias.chunk(2)[1] if kv.bias is not None else None
-            tokens_c, tokens_s = _SummaryPools.apply(
-                x, q_c.merged_weight(), q_c.bias, q_s.merged_weight(), q_s.bias, w_k, w_v, b_v,
-                spectral_keys, spatial_keys,
-            )
-            return self.to_spectral(tokens_c), self.to_spatial(tokens_s)
+            parts_c, parts_s = linear_parts(self.q_spectral), linear_parts(self.q_spatial)
+            if parts_c is not None and parts_s is not None and not torch.compiler.is_compiling():
+                tokens_c, tokens_s = _SummaryPools.apply(
+                    x, parts_c.merged_weight(), parts_c.bias, parts_s.merged_weight(), parts_s.bias, w_k, w_v, b_v,
+                    spectral_keys, spatial_keys,
+                )
+                return self.to_spectral(tokens_c), self.to_spatial(tokens_s)
         # spectral: the summary token of each row queries that row's N+1 positions
         q_c = rearrange(self.q_spectral(x[:, :, 0]), "b c (h d) -> b c h d", h=h)
         # spatial: the summary token of each column queries that column's C+1 observations
         q_s = rearrange(self.q_spatial(x[:, 0]), "b n (h d) -> b n h d", h=h)
         if kv is not None:  # inside torch.compile (inductor fuses), or a wrapped query layer
-            w_k, w_v = rearrange(kv.merged_weight(), "(two h d) k -> two h d k", two=2, h=h)
-            b_v = kv.bias.chunk(2)[1] if kv.bias is not None else None
             keys_s = None if spatial_keys is None else rearrange(spatial_keys, "b c n -> b n c")
             pooled_c = _absorbed_pool(x, q_c, w_k, w_v, spectral_keys)
             pooled_s = _absorbed_pool(rearrange(x, "b c n k -> b n c k"), q_s, w_k, w_v, keys_s)
@@ -689,10 +699,8 @@ class JointAttention(nn.Module):
 _CHUNK_ELEMENTS = 2**20
 
 
-def _linear_into(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear(x, w, b)``, written into ``out`` when given (a slice of a larger tensor: no temporary, no copy)."""
-    if out is None:
-        return F.linear(x, w, b)
+def _linear_into(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, w, b)`` written into ``out`` (a slice of a larger tensor: no temporary, no copy)."""
     return torch.mm(x, w.t(), out=out) if b is None else torch.addmm(b, x, w.t(), out=out)
 
 
@@ -729,30 +737,32 @@ class _PreNormMLP(torch.autograd.Function):
         keep_h = ctx.needs_input_grad[4]  # type: ignore[attr-defined]  # else recomputed: the weight is frozen
         tokens, hidden = xs.shape[0], w1.shape[0]
         # without autocast every product is in x's dtype: the second layer writes the output in place
-        out = None if torch.is_autocast_enabled(x.device.type) else xs.new_empty(tokens, w2.shape[0])
-        whole: dict[str, torch.Tensor] = {}  # mean, rstd (and the output under autocast), a slice at a time
+        direct = not torch.is_autocast_enabled(x.device.type)
+        out = xs.new_empty(tokens, w2.shape[0]) if direct else None
         # The hidden pre-activation is kept slice by slice: allocations of a few MB, which the allocator
         # serves again step after step, where one [T, 4D] tensor is mapped fresh (page fault after page
         # fault) every step (glibc maps anything over 32 MB; at C = 200: 57k → 26k faults a step, -6 % time).
         h_kept: list[torch.Tensor] = []
+        stats: list[tuple[torch.Tensor, torch.Tensor]] = []
         step = max(1, _CHUNK_ELEMENTS // hidden)
         for start in range(0, tokens, step):  # the hidden slice stays in cache from fc1 to fc2
             rows = slice(start, start + step)
             normed, mean_c, rstd_c = torch.native_layer_norm(xs[rows], (dim,), ln_w, ln_b, eps)
             h_c = F.linear(normed, w1m, b1)
-            out_c = _linear_into(F.gelu(h_c, approximate=approximate), w2m, b2, None if out is None else out[rows])
+            act = F.gelu(h_c, approximate=approximate)
+            if direct and out is not None:
+                _linear_into(act, w2m, b2, out[rows])
+            else:
+                out_c = F.linear(act, w2m, b2)
+                if out is None:  # in the dtype autocast chose
+                    out = out_c.new_empty(tokens, out_c.shape[1])
+                out[rows] = out_c
             if keep_h:
                 h_kept.append(h_c)
-            parts = {"mean": mean_c, "rstd": rstd_c}
-            if out is None:
-                parts["out"] = out_c
-            for name, part in parts.items():
-                if name not in whole:  # dtypes as autocast chose them
-                    whole[name] = part.new_empty(tokens, part.shape[1])
-                whole[name][rows] = part
+            stats.append((mean_c, rstd_c))
             hidden_dtype = h_c.dtype
-        out = whole["out"] if out is None else out
-        mean, rstd = whole["mean"], whole["rstd"]
+        assert out is not None
+        mean, rstd = (torch.cat(s) for s in zip(*stats))
         ctx.save_for_backward(
             x, mean, rstd, ln_w, ln_b, w1, b1, d1, u1, w2, d2, u2, *h_kept  # type: ignore[arg-type]
         )
