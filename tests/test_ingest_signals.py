@@ -50,10 +50,15 @@ def start(files: list[str], out: Path) -> subprocess.Popen:
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
+def shard_temporaries(out: Path) -> list[str]:
+    """Shards being written (``.<shard>.<pid>.tmp``), not the build's own write-check probe in ``out``."""
+    return glob.glob(str(out / ".gfm-*.tar.*.tmp"))
+
+
 def workers_of(p: subprocess.Popen, out: Path) -> list[int]:
-    """The build's worker pids, once a worker is writing a shard (a temporary file exists)."""
+    """The build's worker pids, once a worker is writing a shard (a shard's temporary file exists)."""
     deadline = time.monotonic() + 120
-    while not glob.glob(str(out / ".gfm-*.tmp")):
+    while not shard_temporaries(out):
         assert p.poll() is None, p.communicate()
         assert time.monotonic() < deadline, "no shard was started"
         time.sleep(0.02)
@@ -92,7 +97,7 @@ def test_sigkill_to_the_build_kills_its_workers_and_the_next_build_cleans_up(sce
     p.kill()
     p.wait()
     assert wait_gone(kids, 10) == [], "workers outlived a SIGKILLed build"
-    left = sorted(Path(f).name for f in glob.glob(str(out / ".gfm-*.tmp")))
+    left = sorted(Path(f).name for f in shard_temporaries(out))
     assert left and finished(out) < planned(out)
     done = subprocess.run([GFM, "shards", "build", *scene, "--out", str(out), "--tile", "32", "--shard-size", "150KB",
                            "--workers", "2", "--no-progress"], capture_output=True, text=True, timeout=600)
