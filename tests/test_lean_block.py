@@ -143,6 +143,34 @@ def test_mlp_over_many_slices(frozen: bool, monkeypatch: pytest.MonkeyPatch) -> 
     torch.testing.assert_close(out_lean, out_plain)
 
 
+@pytest.mark.parametrize("onednn", [True, False])
+def test_mlp_in_fp32_on_either_cpu_matmul(onednn: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp32 on CPU: the row-wise products go through oneDNN where PyTorch has it, else ``F.linear``;
+    either way the numbers are the modules' (to fp32 rounding); the switch is PyTorch's own flag."""
+    monkeypatch.setattr(attention, "_CHUNK_ELEMENTS", 7 * 256)  # 7 tokens a slice, the last one short
+    torch.manual_seed(0)
+    block = Block(64, "less", 2, 1, 4)
+    x = torch.randn(3, 11, 64)
+
+    def run(fused: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        class MLP(nn.Module):
+            def forward(self, xi: torch.Tensor) -> torch.Tensor:
+                return pre_norm_mlp(block.norm2, block.mlp, xi) if fused else block.mlp(block.norm2(xi))
+        return _grads(MLP(), x)
+
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", onednn)
+    with torch.profiler.profile() as prof:
+        out_lean, grads_lean = run(True)
+    calls = sum(e.count for e in prof.key_averages() if e.key == "mkldnn::_linear_pointwise")
+    # forward fc1 and fc2, backward both input gradients: 4 products a slice, 5 slices of the 33 tokens
+    assert calls == (4 * 5 if onednn and attention._ONEDNN_LINEAR else 0)
+    out_plain, grads_plain = run(False)
+    assert grads_lean.keys() == grads_plain.keys()
+    for name in grads_lean:
+        torch.testing.assert_close(grads_lean[name], grads_plain[name], rtol=1e-5, atol=1e-5, msg=name)
+    torch.testing.assert_close(out_lean, out_plain, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "heads,rank,d_c,rows,folded", [(3, 1, 4, 9, True), (2, 2, 2, 12, True), (2, 3, 2, 6, False), (2, 8, 2, 3, False)]
 )
