@@ -19,6 +19,9 @@ observations. Rows:
   a CPU): the ``less`` row with ``forward_features`` through ``torch.compile`` (inductor), what
   ``engine.compile`` does in training. Its time is taken after two compiling steps; its peak memory is
   not reported (the compiler's own high-water mark hides the step's on the CPU);
+- ``less-mkl`` (only when named in ``--rows``): the ``less`` row with PyTorch's oneDNN paths off
+  (``torch.backends.mkldnn.enabled = False``), so the MLP's products run through ``F.linear``'s BLAS
+  (MKL on x86) instead of oneDNN's kernel: the kernel's share of the ``less`` time shows;
 - ``authors-src`` (only when named in ``--rows``, with ``--authors-src DIR``, a checkout of
   ``uiuctml/GeospatialFM``): the authors' own encoder (``SpatialSpectralLowRankViTEncoder``, their
   embedding and blocks) at the same sizes, imported from ``DIR`` in the child process, forward + backward
@@ -42,11 +45,13 @@ spell then hits every row alike instead of one). The last line is ``RESULT speed
 mem_ratio_c200=... growth_13_200=... flops_growth_13_200=... rank8_cost_c200=... field_cost_c200=...
 authors_time_c200=... authors_mem_c200=...
 authors_time_c13=... authors_mem_c13=... authors_vs_compiled_c13=... authors_vs_compiled_c200=...
-authors_src_time_c13=... authors_src_time_c200=... authors_src_mem_c13=... authors_src_mem_c200=...``
+authors_src_time_c13=... authors_src_time_c200=... authors_src_mem_c13=... authors_src_mem_c200=...
+onednn_gain_c13=... onednn_gain_c200=...``
 (dense = the fused-attention reference; ``rank8_cost`` to ``authors_mem`` are ratios to the ``less`` row at
 C = 200 and ``authors_*_c13`` at C = 13, ``authors_vs_compiled`` the ``authors`` time over the
 ``less-compiled`` time, ``authors_src_*`` the ``authors-src`` row over the ``less`` row: above 1, gfm is
-the cheaper; ``nan`` for rows or sizes not run).
+the cheaper; ``onednn_gain_*`` the ``less-mkl`` time over the ``less`` time; ``nan`` for rows or sizes not
+run).
 """
 
 from __future__ import annotations
@@ -76,9 +81,11 @@ ROWS: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
     ("authors", "less_vit_tiny", "auto", {"perception_radius_m": 0.0, "authors_blocks": True}),
     ("less-compiled", "less_vit_tiny", "auto", {"perception_radius_m": 0.0, "compiled": True}),
     ("authors-src", "less_vit_tiny", "auto", {"perception_radius_m": 0.0, "authors_src": True}),
+    ("less-mkl", "less_vit_tiny", "auto", {"perception_radius_m": 0.0, "onednn": False}),
 )
 #: rows run unless ``--rows`` says otherwise (compiling every configuration takes minutes on a CPU)
-DEFAULT_ROWS = tuple(r[0] for r in ROWS if r[0] not in ("less-compiled", "authors-src"))
+OPT_IN_ROWS = ("less-compiled", "authors-src", "less-mkl")
+DEFAULT_ROWS = tuple(r[0] for r in ROWS if r[0] not in OPT_IN_ROWS)
 
 
 def reflectance_batch(B: int, C: int, S: int) -> Batch:
@@ -112,6 +119,8 @@ def child(args: argparse.Namespace) -> None:
     authors = bool(kwargs.pop("authors_blocks", False))
     compiled = bool(kwargs.pop("compiled", False))
     source = bool(kwargs.pop("authors_src", False))
+    if not kwargs.pop("onednn", True):
+        torch.backends.mkldnn.enabled = False
     model = cast(LESSViT, create_model(args.model, depth=args.depth, patch_size=8, **kwargs))
     B, C, S = args.batch_size, args.channels, 64
     flops = model.flops(B, C, S)  # gfm's count, taken before the authors' blocks replace gfm's
@@ -260,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mem-cap-gb", type=float, default=6.0, help="resident-set cap per configuration")
     p.add_argument("--timeout", type=float, default=240.0, help="seconds per configuration")
     p.add_argument("--rows", default=",".join(DEFAULT_ROWS),
-                   help=f"which rows to run (default {','.join(DEFAULT_ROWS)}; also: less-compiled, authors-src)")
+                   help=f"which rows to run (default {','.join(DEFAULT_ROWS)}; also: {', '.join(OPT_IN_ROWS)})")
     p.add_argument("--sizes", default=",".join(map(str, CHANNELS)), help="observation counts C to run")
     p.add_argument("--rounds", type=int, default=1,
                    help="run every configuration this many times, rows alternating (best time, largest peak)")
@@ -332,6 +341,8 @@ def main(argv: list[str] | None = None) -> None:
     for key, field in (("time", "time_s"), ("mem", "peak_mb")):
         for c in (13, 200):
             keys[f"authors_src_{key}_c{c}"] = ratio("authors-src", "less", c, field)
+    for c in (13, 200):
+        keys[f"onednn_gain_c{c}"] = ratio("less-mkl", "less", c, "time_s")
     print("RESULT " + " ".join(f"{k}={v:.2f}" for k, v in keys.items()))
 
 
