@@ -41,17 +41,21 @@ small-C times and so inflates ``growth_13_200``.
 Run: ``python -m bench.model`` (``--depth``, ``--batch-size``, ``--repeats`` to trade time for
 fidelity; ``--sizes 13,200`` for some C only; ``--rounds N`` runs every configuration N times, the rows
 of one size one after another, and keeps the best time and the largest peak: on a shared machine a slow
-spell then hits every row alike instead of one). The last line is ``RESULT speedup_c200=...
+spell then hits every row alike instead of one; ``--shared`` also times the rows of each size together in
+one process, a step of each in turn, and reports each row's median step as ``shared s``: the ratio least
+moved by the machine, though no peak memory can be told apart there). The last line is ``RESULT speedup_c200=...
 mem_ratio_c200=... growth_13_200=... flops_growth_13_200=... rank8_cost_c200=... field_cost_c200=...
 authors_time_c200=... authors_mem_c200=...
 authors_time_c13=... authors_mem_c13=... authors_vs_compiled_c13=... authors_vs_compiled_c200=...
 authors_src_time_c13=... authors_src_time_c200=... authors_src_mem_c13=... authors_src_mem_c200=...
-onednn_gain_c13=... onednn_gain_c200=...``
+onednn_gain_c13=... onednn_gain_c200=... shared_authors_time_c13=... shared_authors_time_c200=...
+shared_authors_src_time_c13=... shared_authors_src_time_c200=... shared_onednn_gain_c13=...
+shared_onednn_gain_c200=...``
 (dense = the fused-attention reference; ``rank8_cost`` to ``authors_mem`` are ratios to the ``less`` row at
 C = 200 and ``authors_*_c13`` at C = 13, ``authors_vs_compiled`` the ``authors`` time over the
 ``less-compiled`` time, ``authors_src_*`` the ``authors-src`` row over the ``less`` row: above 1, gfm is
-the cheaper; ``onednn_gain_*`` the ``less-mkl`` time over the ``less`` time; ``nan`` for rows or sizes not
-run).
+the cheaper; ``onednn_gain_*`` the ``less-mkl`` time over the ``less`` time; ``shared_*`` the same
+ratios of the ``shared s`` medians; ``nan`` for rows or sizes not run).
 """
 
 from __future__ import annotations
@@ -64,6 +68,8 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -105,23 +111,40 @@ def reflectance_batch(B: int, C: int, S: int) -> Batch:
     )
 
 
-def child(args: argparse.Namespace) -> None:
-    """One configuration: build, time forward + backward, print a JSON line."""
+@dataclass
+class _Configuration:
+    """One row at one size, built in a child process: its step, gfm's FLOP count, how it runs."""
+
+    step: Callable[[], None]
+    flops: int
+    device: Any
+    compiled: bool
+    onednn: bool
+    sdpa: str
+
+    def run(self) -> None:
+        """One step with the row's own settings (oneDNN on or off, attention backend)."""
+        import torch
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        torch.backends.mkldnn.enabled = self.onednn  # type: ignore[assignment]  # a ContextProp
+        with sdpa_kernel(SDPBackend.MATH) if self.sdpa == "math" else _nullcontext():
+            self.step()
+
+
+def _configuration(args: argparse.Namespace, model_name: str, sdpa: str, kwargs: dict[str, Any]) -> _Configuration:
     import torch
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from gfm.model import LESSViT, create_model
 
-    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    kwargs = json.loads(args.kwargs)
+    kwargs = dict(kwargs)
     authors = bool(kwargs.pop("authors_blocks", False))
     compiled = bool(kwargs.pop("compiled", False))
     source = bool(kwargs.pop("authors_src", False))
-    if not kwargs.pop("onednn", True):
-        torch.backends.mkldnn.enabled = False
-    model = cast(LESSViT, create_model(args.model, depth=args.depth, patch_size=8, **kwargs))
+    onednn = bool(kwargs.pop("onednn", True))
+    model = cast(LESSViT, create_model(model_name, depth=args.depth, patch_size=8, **kwargs))
     B, C, S = args.batch_size, args.channels, 64
     flops = model.flops(B, C, S)  # gfm's count, taken before the authors' blocks replace gfm's
     if authors:
@@ -140,31 +163,65 @@ def child(args: argparse.Namespace) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    backend = SDPBackend.MATH if args.sdpa == "math" else None
-    with sdpa_kernel(backend) if backend is not None else _nullcontext():
-        if compiled:  # compile (forward and backward graphs) before anything is measured
-            step()
-            step()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            step()
-            peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
-            method = "cuda max_memory_allocated"
-        else:
-            base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-            step()
-            peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
-            method = "peak RSS growth (getrusage)"
-            if compiled:
-                peak_mb = math.nan  # under the compiler's own high-water mark
-        times: list[float] = []
-        while len(times) < args.repeats or (sum(times) < args.min_time and len(times) < 50):
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
+    return _Configuration(step, flops, device, compiled, onednn, sdpa)
+
+
+def _enough(times: list[float], args: argparse.Namespace) -> bool:
+    return len(times) >= args.repeats and (sum(times) >= args.min_time or len(times) >= 50)
+
+
+def child(args: argparse.Namespace) -> None:
+    """One configuration: build, time forward + backward, print a JSON line."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    conf = _configuration(args, args.model, args.sdpa, json.loads(args.kwargs))
+    if conf.compiled:  # compile (forward and backward graphs) before anything is measured
+        conf.run()
+        conf.run()
+    if conf.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        conf.run()
+        peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
+        method = "cuda max_memory_allocated"
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        conf.run()
+        peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+        method = "peak RSS growth (getrusage)"
+        if conf.compiled:
+            peak_mb = math.nan  # under the compiler's own high-water mark
+    times: list[float] = []
+    while not _enough(times, args):
+        t0 = time.perf_counter()
+        conf.run()
+        times.append(time.perf_counter() - t0)
     print(json.dumps({"time_s": min(times), "peak_mb": peak_mb, "method": method,
-                      "device": str(device), "flops": flops}))
+                      "device": str(conf.device), "flops": conf.flops}))
+
+
+def shared_child(args: argparse.Namespace) -> None:
+    """Several rows at one size in this one process, a step of each in turn: print their median step times.
+
+    Every row sees the same machine at the same moments (a slow spell, the allocator's state), which a
+    process per configuration cannot give; what it cannot measure is each row's own peak memory.
+    """
+    import torch
+
+    torch.set_num_threads(args.threads)
+    rows = json.loads(args.configs)
+    confs = {row: _configuration(args, model, sdpa, kwargs) for row, model, sdpa, kwargs in rows}
+    for conf in confs.values():  # warm-up (and compilation) outside the timing
+        for _ in range(2 if conf.compiled else 1):
+            conf.run()
+    times: dict[str, list[float]] = {row: [] for row in confs}
+    while not all(_enough(t, args) for t in times.values()):
+        for row, conf in confs.items():
+            t0 = time.perf_counter()
+            conf.run()
+            times[row].append(time.perf_counter() - t0)
+    print(json.dumps({row: sorted(t)[len(t) // 2] for row, t in times.items()}))
 
 
 def _authors_source_encoder(src: str, depth: int, batch: Batch) -> tuple[Any, Any]:
@@ -211,21 +268,34 @@ def _rss_mb(pid: int) -> float:
     return 0.0
 
 
+def _common(args: argparse.Namespace, channels: int) -> list[str]:
+    cmd = ["--channels", str(channels), "--depth", str(args.depth), "--batch-size", str(args.batch_size),
+           "--repeats", str(args.repeats), "--min-time", str(args.min_time), "--threads", str(args.threads)]
+    return cmd + (["--authors-src", args.authors_src] if args.authors_src else [])
+
+
 def run_one(args: argparse.Namespace, model: str, sdpa: str, kwargs: dict[str, Any], channels: int) -> dict:
     """Run one configuration in a fresh subprocess under the memory and time watchdog."""
-    cmd = [sys.executable, "-m", "bench.model", "--child", "--model", model, "--sdpa", sdpa,
-           "--kwargs", json.dumps(kwargs),
-           "--channels", str(channels), "--depth", str(args.depth), "--batch-size", str(args.batch_size),
-           "--repeats", str(args.repeats), "--min-time", str(args.min_time), "--threads", str(args.threads)]
-    if args.authors_src:
-        cmd += ["--authors-src", args.authors_src]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cmd = ["--child", "--model", model, "--sdpa", sdpa, "--kwargs", json.dumps(kwargs), *_common(args, channels)]
+    return _watched(args, cmd)
+
+
+def run_shared(args: argparse.Namespace, rows: list[tuple[str, str, str, dict[str, Any]]], channels: int) -> dict:
+    """Time ``rows`` at one size in one subprocess, a step of each in turn (:func:`shared_child`)."""
+    return _watched(args, ["--shared-child", "--configs", json.dumps(rows), *_common(args, channels)],
+                    timeout=args.timeout * len(rows))
+
+
+def _watched(args: argparse.Namespace, child_args: list[str], timeout: float | None = None) -> dict:
+    """``python -m bench.model CHILD_ARGS`` under the watchdog: its last JSON line, with a status."""
+    proc = subprocess.Popen([sys.executable, "-m", "bench.model", *child_args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     t0 = time.monotonic()
     status = None
     while proc.poll() is None:
         if _rss_mb(proc.pid) > args.mem_cap_gb * 1024:
             status = "OOM"
-        elif time.monotonic() - t0 > args.timeout:
+        elif time.monotonic() - t0 > (timeout or args.timeout):
             status = "TIMEOUT"
         if status:
             proc.kill()
@@ -261,6 +331,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sdpa", default="auto", help=argparse.SUPPRESS)
     p.add_argument("--kwargs", default="{}", help=argparse.SUPPRESS)
     p.add_argument("--channels", type=int, default=4, help=argparse.SUPPRESS)
+    p.add_argument("--shared-child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--configs", default="[]", help=argparse.SUPPRESS)
     p.add_argument("--depth", type=int, default=2, help="encoder blocks (tiny width; ratios do not depend on it)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--repeats", type=int, default=2, help="timed steps after the first (best reported)")
@@ -275,9 +347,15 @@ def main(argv: list[str] | None = None) -> None:
                    help="run every configuration this many times, rows alternating (best time, largest peak)")
     p.add_argument("--authors-src", default=None, metavar="DIR",
                    help="a checkout of uiuctml/GeospatialFM for the authors-src row (their encoder, run in the child)")
+    p.add_argument("--shared", action="store_true",
+                   help="also time the rows of each size in one process, a step of each in turn (median step: "
+                        "the 'shared s' column), so every row meets the same machine at the same moments")
     args = p.parse_args(argv)
     if args.child:
         child(args)
+        return
+    if args.shared_child:
+        shared_child(args)
         return
 
     wanted = args.rows.split(",")
@@ -289,15 +367,23 @@ def main(argv: list[str] | None = None) -> None:
                          f"(a checkout of uiuctml/GeospatialFM); got {args.authors_src!r}")
     sizes = [int(c) for c in args.sizes.split(",")]
     results: dict[tuple[str, int], dict] = {}
+    shared: dict[tuple[str, int], float] = {}  # median step in the shared process, best over the rounds
+    shared_status: dict[int, str] = {}
     chosen = [r for r in ROWS if r[0] in wanted]
     for _ in range(args.rounds):
         for c in sizes:  # the rows of one size one after another: a slow spell hits them alike
             for row, model, sdpa, kwargs in chosen:
                 results[(row, c)] = _merge(results.get((row, c)), run_one(args, model, sdpa, kwargs, c))
+            if args.shared:
+                together = run_shared(args, [list(r) for r in chosen], c)  # type: ignore[misc]
+                shared_status[c] = together.pop("status")
+                for row, median in together.items():
+                    shared[(row, c)] = min(shared.get((row, c), math.inf), median)
     results = {(r[0], c): results[(r[0], c)] for r in chosen for c in sizes}
     print(f"# LESS vs dense joint attention: tiny width (D 192, 3 heads), depth {args.depth}, batch "
           f"{args.batch_size}, 64x64 tiles at 10 m, p 8 (N 64), forward+backward, {args.threads} threads")
     header = f"{'model':<13} {'C':>4} {'tokens':>7} {'GFLOP fwd':>10} {'fwd+bwd s':>10} {'peak MB':>9}"
+    header += f" {'shared s':>9}" if args.shared else ""
     print(header)
     print("-" * len(header))
     method = ""
@@ -305,12 +391,19 @@ def main(argv: list[str] | None = None) -> None:
         tokens = (c + 1) * 65
         if r["status"] == "ok":
             method = f"{r['method']} on {r['device']}"
-            print(f"{row:<13} {c:>4} {tokens:>7} {r['flops'] / 1e9:>10.1f} {r['time_s']:>10.3f} {r['peak_mb']:>9.0f}")
+            line = f"{row:<13} {c:>4} {tokens:>7} {r['flops'] / 1e9:>10.1f} {r['time_s']:>10.3f} {r['peak_mb']:>9.0f}"
         else:
-            print(f"{row:<13} {c:>4} {tokens:>7} {'':>10} {r['status']:>10} {r['status']:>9}")
+            line = f"{row:<13} {c:>4} {tokens:>7} {'':>10} {r['status']:>10} {r['status']:>9}"
+        if args.shared:
+            line += f" {shared[(row, c)]:>9.3f}" if (row, c) in shared else f" {shared_status.get(c, ''):>9}"
+        print(line)
     print(f"# time: best step of >= {args.repeats} (more until {args.min_time:g} s), best over {args.rounds} "
           f"round(s); peak memory: {method}, largest over the rounds; OOM = resident set over "
           f"{args.mem_cap_gb:g} GB; load average {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
+    if args.shared:
+        print(f"# shared s: median step with the rows of one size in one process, a step of each in turn "
+              f"(>= {args.repeats} each, more until each row's take {args.min_time:g} s), "
+              f"best over {args.rounds} round(s)")
 
     def get(row: str, c: int, key: str) -> float:
         r = results.get((row, c), {})
@@ -343,6 +436,9 @@ def main(argv: list[str] | None = None) -> None:
             keys[f"authors_src_{key}_c{c}"] = ratio("authors-src", "less", c, field)
     for c in (13, 200):
         keys[f"onednn_gain_c{c}"] = ratio("less-mkl", "less", c, "time_s")
+    for row, key in (("authors", "authors_time"), ("authors-src", "authors_src_time"), ("less-mkl", "onednn_gain")):
+        for c in (13, 200):
+            keys[f"shared_{key}_c{c}"] = _ratio(shared.get((row, c), math.nan), shared.get(("less", c), math.nan))
     print("RESULT " + " ".join(f"{k}={v:.2f}" for k, v in keys.items()))
 
 

@@ -7,6 +7,7 @@ their call signature, so what is tested is how the row finds, builds and times i
 
 from __future__ import annotations
 
+import math
 import re
 import textwrap
 from pathlib import Path
@@ -62,6 +63,26 @@ def test_rows_alternate_and_the_authors_source_row_runs(tmp_path: Path, capsys: 
     assert result["authors_src_time_c13"] > 0
     assert "authors_src_mem_c13" in result  # nan where the tiny run's peak is below the high-water mark
     assert str(result["authors_src_time_c200"]) == "nan"  # a size not run
+
+
+def test_shared_timing_runs_the_rows_together(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--shared``: one process per size times every row in turn; its medians fill a column and the keys."""
+    package = tmp_path / "GeospatialFM" / "models"
+    package.mkdir(parents=True)
+    for init in (tmp_path / "GeospatialFM" / "__init__.py", package / "__init__.py"):
+        init.write_text("")
+    (package / "spatial_spectral_low_rank_vit.py").write_text(textwrap.dedent(STAND_IN))
+    bench_model.main(["--rows", "less,less-mkl,authors-src", "--sizes", "13", "--depth", "1", "--repeats", "2",
+                      "--min-time", "0", "--threads", "1", "--shared", "--authors-src", str(tmp_path)])
+    out = capsys.readouterr().out
+    row = re.compile(r"^(less|less-mkl|authors-src)\s+13\s")
+    lines = {ln.split()[0]: ln.split() for ln in out.splitlines() if row.match(ln)}
+    assert lines.keys() == {"less", "less-mkl", "authors-src"}, out
+    assert all(len(v) == 7 and float(v[6]) > 0 for v in lines.values()), out  # the shared column, a time
+    result = _result(out)
+    for key in ("shared_authors_src_time_c13", "shared_onednn_gain_c13", "onednn_gain_c13"):
+        assert 0 < result[key] < math.inf, key
+    assert str(result["shared_authors_src_time_c200"]) == "nan"
 
 
 def test_the_authors_source_row_needs_their_code(tmp_path: Path) -> None:
