@@ -47,12 +47,17 @@ def _result(out: str) -> dict[str, float]:
     return {k: float(v) for k, v in re.findall(r"(\w+)=([\w.+-]+)", line)}
 
 
-def test_rows_alternate_and_the_authors_source_row_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    package = tmp_path / "GeospatialFM" / "models"
+def _stand_in(root: Path) -> None:
+    """The stand-in package under ``root``, where ``--authors-src`` looks for their code."""
+    package = root / "GeospatialFM" / "models"
     package.mkdir(parents=True)
-    for init in (tmp_path / "GeospatialFM" / "__init__.py", package / "__init__.py"):
+    for init in (root / "GeospatialFM" / "__init__.py", package / "__init__.py"):
         init.write_text("")
     (package / "spatial_spectral_low_rank_vit.py").write_text(textwrap.dedent(STAND_IN))
+
+
+def test_rows_alternate_and_the_authors_source_row_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _stand_in(tmp_path)
     bench_model.main(["--rows", "less,authors-src", "--sizes", "13", "--depth", "1", "--repeats", "1",
                       "--min-time", "0", "--rounds", "2", "--threads", "1", "--authors-src", str(tmp_path)])
     out = capsys.readouterr().out
@@ -67,11 +72,7 @@ def test_rows_alternate_and_the_authors_source_row_runs(tmp_path: Path, capsys: 
 
 def test_shared_timing_runs_the_rows_together(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """``--shared``: one process per size times every row in turn; its medians fill a column and the keys."""
-    package = tmp_path / "GeospatialFM" / "models"
-    package.mkdir(parents=True)
-    for init in (tmp_path / "GeospatialFM" / "__init__.py", package / "__init__.py"):
-        init.write_text("")
-    (package / "spatial_spectral_low_rank_vit.py").write_text(textwrap.dedent(STAND_IN))
+    _stand_in(tmp_path)
     bench_model.main(["--rows", "less,less-mkl,authors-src", "--sizes", "13", "--depth", "1", "--repeats", "2",
                       "--min-time", "0", "--threads", "1", "--shared", "--authors-src", str(tmp_path)])
     out = capsys.readouterr().out
