@@ -391,6 +391,8 @@ def test_recomputing_mlp_under_autocast(frozen: bool) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y = pre_norm_mlp(block.norm2, block.mlp, xi) if fused else block.mlp(block.norm2(xi))
         assert type(y.grad_fn).__name__.startswith("_PreNormMLP") == fused
+        if fused and not frozen:  # the kept hidden pre-activation is in the dtype autocast gives fc1
+            assert y.grad_fn.saved_tensors[-1].dtype == torch.bfloat16  # type: ignore[union-attr]
         (y.float() * torch.linspace(-1, 1, 32)).sum().backward()
         grads = [p.grad for p in (block.norm2.weight, block.mlp.fc1.weight, block.mlp.fc2.weight) if p.grad is not None]
         assert xi.grad is not None

@@ -715,7 +715,7 @@ def _use_onednn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> boo
     return (
         _ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32
         and (b is None or b.dtype == torch.float32) and bool(torch.backends.mkldnn.enabled)
-        and not torch.is_grad_enabled()
+        and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")  # autocast: F.linear casts
     )
 
 
@@ -728,7 +728,7 @@ def _rows_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None
     sgemm behind ``F.linear``, to the same fp32 rounding. Weight gradients (a contraction over the
     rows) stay with MKL, which was faster there.
     ``torch.backends.mkldnn.enabled = False`` turns it off, as it does PyTorch's other oneDNN
-    paths. Elsewhere (CUDA, autocast dtypes, gradients recorded) it is ``F.linear``. With ``out`` (a
+    paths. Elsewhere (CUDA, under autocast, gradients recorded) it is ``F.linear``. With ``out`` (a
     slice of a larger tensor) the result is written there.
     """
     if _use_onednn(x, w, b):
