@@ -375,7 +375,7 @@ def main(argv: list[str] | None = None) -> None:
             for row, model, sdpa, kwargs in chosen:
                 results[(row, c)] = _merge(results.get((row, c)), run_one(args, model, sdpa, kwargs, c))
             if args.shared:
-                together = run_shared(args, [list(r) for r in chosen], c)  # type: ignore[misc]
+                together = run_shared(args, chosen, c)
                 shared_status[c] = together.pop("status")
                 for row, median in together.items():
                     shared[(row, c)] = min(shared.get((row, c), math.inf), median)
