@@ -95,6 +95,26 @@ def evaluate(model: Any, data: TaskData, indices: np.ndarray, batch_size: int, *
     info = gdist.info()
     mine = np.asarray(indices)[info.rank :: info.world_size]
     targets, preds = predict(model, data, mine, batch_size, autocast)
+    return score(data, mine, targets, preds, dropped_classes=dropped_classes, maps=maps)
+
+
+def score(data: TaskData, mine: np.ndarray, targets: np.ndarray, preds: list[np.ndarray], *,
+          dropped_classes: Sequence[int] = (), maps: bool = True) -> Evaluation:
+    """Figures and per-scene maps of predictions of samples ``mine``, counts summed over ranks.
+
+    Every rank calls it with its own share of the split; whatever made the predictions (a network through
+    :func:`predict`, or a classic baseline of :mod:`gfm.finetune.classic`), they are scored the same way.
+
+    Args:
+        data: the task data.
+        mine: the sample indices this rank predicted.
+        targets: as :func:`predict` returns them: ``[n]`` classes, ``[n, K]`` multi-hot, or (segmentation)
+            every pixel's class of the ``mine`` tiles concatenated (-1 = unlabelled).
+        preds: as :func:`predict` returns them: ``[[n]]`` or ``[[n, K]]``, or (segmentation) one ``[H, W]``
+            map per sample.
+        dropped_classes: left out of the per-class averages.
+        maps: also build the per-scene prediction maps.
+    """
     k = data.num_classes
     names = data.class_names
     if data.multilabel:
