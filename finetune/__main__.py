@@ -3,6 +3,10 @@
     gfm finetune --config finetune/configs/indian_pines_lora.yaml encoder.weights=runs/hsi method.name=full
     torchrun --nproc_per_node 2 -m finetune --config finetune/configs/sen1floods11_water.yaml
     gfm finetune --config finetune/configs/indian_pines_lora.yaml --merge seeds=[0,1,2]
+    gfm finetune --config finetune/configs/indian_pines_lora.yaml method.name=random_forest
+
+``method.name``: lora, linear_probe, full, scratch, or a classic baseline (random_forest, svm, knn: scikit-learn,
+``pip install 'gfm[baselines]'``; fitted in one process, no model file saved, for comparison only).
 
 Positional ``key=value`` arguments override the YAML (dotted keys, values read as YAML). ``--run-dir``,
 ``--resume``, ``--weights`` and ``--merge`` are shorthands for ``run_dir=``, ``checkpoint.resume=``,

@@ -16,7 +16,8 @@ PROGRAMS: dict[str, tuple[str, str]] = {
     "shards": ("shards.cli", "build, index, verify and inspect WebDataset shards"),
     "sensors": ("shards.cli_sensors", "list sensor presets and their band tables"),
     "pretrain": ("pretrain.__main__", "pretrain a LESS ViT HyperMAE (DeepSpeed)"),
-    "finetune": ("finetune.__main__", "fine-tune an encoder on labelled shards: LoRA, linear probe, full, scratch"),
+    "finetune": ("finetune.__main__", "fine-tune an encoder on labelled shards: LoRA, linear probe, full, scratch; "
+                 "or a random forest / SVM / kNN baseline"),
     "export": ("export.__main__", "export a run or checkpoint as a Hugging Face model directory"),
     "embed": ("export.embed", "embed the tiles of shards or a scene into GeoParquet"),
     "predict": ("export.predict", "predict a whole scene into a Cloud-Optimized GeoTIFF"),

@@ -1,4 +1,4 @@
-"""Fine-tuning: LoRA (peft), linear probe, full fine-tuning and scratch on labelled shards, with honest splits.
+"""Fine-tuning: LoRA (peft), linear probe, full fine-tuning, scratch and classic baselines, with honest splits.
 
 ``gfm.finetune.run(cfg)`` is what ``gfm finetune`` and ``torchrun -m finetune`` call::
 
@@ -9,8 +9,9 @@
 
 Modules: :mod:`~gfm.finetune.config` (the run config), :mod:`~gfm.finetune.data` (task samples from
 shards), :mod:`~gfm.finetune.splits` (spatially disjoint splits), :mod:`~gfm.finetune.weights` (the
-encoder from a run, checkpoint or safetensors), :mod:`~gfm.finetune.methods` (lora / linear_probe / full /
-scratch, layer-wise lr decay), :mod:`~gfm.finetune.model` (heads and losses), :mod:`~gfm.finetune.run`
+encoder from a run, checkpoint or safetensors), :mod:`~gfm.finetune.methods` (the method registry: lora /
+linear_probe / full / scratch, layer-wise lr decay, and the classic baselines random_forest / svm / knn of
+:mod:`~gfm.finetune.classic`), :mod:`~gfm.finetune.model` (heads and losses), :mod:`~gfm.finetune.run`
 (the composition root), :mod:`~gfm.finetune.evaluate` and :mod:`~gfm.finetune.metrics`,
 :mod:`~gfm.finetune.artifacts` (adapters, heads, merged models: save and reload),
 :mod:`~gfm.finetune.pictures`. Names below are imported on first use.

@@ -11,6 +11,9 @@ lora               ``adapter/adapter_config.json`` + ``adapter/adapter_model.saf
                    ``merged/model.safetensors``: the adapters folded into the encoder, plus the head
 linear_probe       ``head.safetensors``
 full, scratch      ``model.safetensors`` (encoder + head)
+random_forest,     nothing: classic baselines are for comparison only. Their fitted scikit-learn
+svm, knn           model would be a pickle (executable code), which gfm never writes or reads;
+                   ``finetune.json`` records the settings and says so, and loading refuses the run
 =================  ==============================================================================
 
 A LoRA adapter or a probe needs its base encoder: the weights it was trained on are read again from
@@ -31,7 +34,7 @@ import torch
 from torch import nn
 
 from gfm.fileio import atomic_write
-from gfm.finetune.methods import HEAD_NAME, LoraConfig, MethodConfig, apply_method
+from gfm.finetune.methods import HEAD_NAME, LoraConfig, Method, MethodConfig, apply_method, get_method
 from gfm.finetune.model import HeadConfig, TaskModel
 from gfm.finetune.weights import (
     EncoderLoadError,
@@ -56,24 +59,72 @@ def _config_of(obj: Any) -> dict[str, Any]:
     return out
 
 
+def _task_part(task: str, class_names: list[str], label_values: list[int], window: int) -> dict[str, Any]:
+    """What every ``finetune.json`` starts with: its format and the task."""
+    return {"format": MANIFEST_FORMAT, "task": task, "class_names": class_names, "label_values": label_values,
+            "num_classes": len(class_names), "window": window}
+
+
 def manifest(*, task: str, class_names: list[str], label_values: list[int], window: int, head: HeadConfig,
              method: MethodConfig, arch: dict[str, Any], source: str, fp: str, description: str,
              counts: dict[str, int]) -> dict[str, Any]:
     """The ``finetune.json`` document."""
     return {
-        "format": MANIFEST_FORMAT,
-        "task": task,
-        "class_names": class_names,
-        "label_values": label_values,
-        "num_classes": len(class_names),
-        "window": window,
+        **_task_part(task, class_names, label_values, window),
         "head": _config_of(head),
         "method": method.name,
-        "lora": _config_of(method.lora) if method.name == "lora" else None,
+        "lora": get_method(method.name).settings(method),
         "encoder": {"arch": arch, "source": source, "fingerprint": fp, "description": description},
         "base_file": None,
         "parameters": counts,
     }
+
+
+#: why a classic baseline's run has no model file (``finetune.json`` and the loading refusal say it)
+CLASSIC_NOTE = ("classic baselines are for comparison only: the fitted scikit-learn model is not saved (it would "
+                "be a pickle, which is executable code; gfm never writes or reads pickles)")
+
+
+def classic_manifest(*, task: str, class_names: list[str], label_values: list[int], window: int,
+                     method: MethodConfig, estimator: str, fitted: dict[str, Any]) -> dict[str, Any]:
+    """The ``finetune.json`` document of a classic baseline's run (no model file, no encoder).
+
+    Args:
+        task: the task.
+        class_names: class names in class order.
+        label_values: the label value of each class.
+        window: the pixel task's window (0 for tile tasks).
+        method: the method config (its registered settings are recorded).
+        estimator: the fitted scikit-learn estimator as scikit-learn prints it.
+        fitted: training samples, features per sample and what the fitted model holds.
+    """
+    return {
+        **_task_part(task, class_names, label_values, window),
+        "method": method.name,
+        "classic": get_method(method.name).settings(method),
+        "estimator": estimator,
+        "fitted": fitted,
+        "model_saved": False,
+        "note": CLASSIC_NOTE,
+        "encoder": None,
+        "files": {},
+    }
+
+
+def _registered(doc: dict[str, Any], where: Path) -> Method:
+    try:
+        return get_method(str(doc.get("method")))
+    except ValueError as e:
+        raise AdapterError(f"{where}: {e}") from None
+
+
+def model_manifest(run_dir: str | Path) -> dict[str, Any]:
+    """``finetune.json`` of a run that left a model; a classic baseline's run is refused in one line."""
+    doc = read_manifest(run_dir)
+    method = _registered(doc, Path(run_dir))
+    if method.classic:
+        raise AdapterError(f"{run_dir}: a {method.name} run has no model to load; {CLASSIC_NOTE}")
+    return doc
 
 
 def _head_config(doc: dict[str, Any]) -> HeadConfig:
@@ -107,9 +158,9 @@ def save_outputs(run_dir: Path, doc: dict[str, Any], trained: dict[str, torch.Te
     """
     from safetensors.torch import save_file
 
-    method = doc["method"]
+    method = get_method(doc["method"])
     files: dict[str, str] = {}
-    if method in ("lora", "linear_probe") and not doc["encoder"]["source"]:
+    if method.frozen_base and not doc["encoder"]["source"]:
         base = run_dir / "base_encoder.safetensors"  # a random base cannot be read again: keep it
         save_file({k: v.contiguous() for k, v in base_state.items()}, str(base))
         doc["base_file"] = base.name
@@ -120,11 +171,11 @@ def save_outputs(run_dir: Path, doc: dict[str, Any], trained: dict[str, torch.Te
     params = dict(model.named_parameters())
     missing = sorted(set(trained) - set(params))
     if missing:
-        raise AdapterError(f"cannot save: trained tensors {missing[:4]} have no place in a fresh {method} model")
+        raise AdapterError(f"cannot save: trained tensors {missing[:4]} have no place in a fresh {method.name} model")
     with torch.no_grad():
         for name, t in trained.items():
             params[name].copy_(t)
-    if method == "lora":
+    if method.saves == "adapter":
         model.peft_config["default"].base_model_name_or_path = doc["encoder"]["source"] or "random-init"
         # save_embedding_layers=False: peft would otherwise look the base model up on the Hub
         model.save_pretrained(str(run_dir / "adapter"), save_embedding_layers=False)
@@ -135,7 +186,7 @@ def save_outputs(run_dir: Path, doc: dict[str, Any], trained: dict[str, torch.Te
             path = run_dir / "merged" / "model.safetensors"
             save_file({k: v.contiguous() for k, v in merged.state_dict().items()}, str(path), metadata={"format": "pt"})
             files["merged"] = str(path)
-    elif method == "linear_probe":
+    elif method.saves == "head":
         head = {k: v for k, v in model.state_dict().items() if k.startswith(f"{HEAD_NAME}.")}
         save_file({k: v.contiguous() for k, v in head.items()}, str(run_dir / "head.safetensors"))
         files["head"] = str(run_dir / "head.safetensors")
@@ -186,14 +237,14 @@ def load_finetuned(run_dir: str | Path, base_weights: str | None = None, merged:
         merged: load ``merged/model.safetensors`` (LoRA folded in) instead of base + adapter.
 
     Raises:
-        AdapterError: missing files, keys that do not match, or a base encoder whose fingerprint is not
-            the one the adapter (or probe) was made for.
+        AdapterError: missing files, keys that do not match, a base encoder whose fingerprint is not
+            the one the adapter (or probe) was made for, or a classic baseline's run (it saves no model).
     """
     run_dir = Path(run_dir)
-    doc = read_manifest(run_dir)
+    doc = model_manifest(run_dir)
     encoder = build_arch(doc["encoder"]["arch"])
-    method = doc["method"]
-    if method in ("full", "scratch") or merged:
+    method = _registered(doc, run_dir)
+    if not method.frozen_base or merged:
         path = run_dir / ("merged/model.safetensors" if merged else "model.safetensors")
         model = task_model(doc, encoder)
         _strict(model, _load_safetensors(path), path)
@@ -216,12 +267,12 @@ def load_finetuned(run_dir: str | Path, base_weights: str | None = None, merged:
     fp = fingerprint(encoder)
     if fp != doc["encoder"]["fingerprint"]:
         raise AdapterError(
-            f"{run_dir}: this {method} was made for another base model: base {where} has fingerprint {fp}, the "
-            f"{'adapter' if method == 'lora' else 'head'} was trained on {doc['encoder']['fingerprint']} "
+            f"{run_dir}: this {method.name} was made for another base model: base {where} has fingerprint {fp}, the "
+            f"{method.saves} was trained on {doc['encoder']['fingerprint']} "
             f"({doc['encoder']['source'] or 'a random init'})"
         )
     model = task_model(doc, encoder)
-    if method == "linear_probe":
+    if method.saves == "head":
         path = run_dir / "head.safetensors"
         head = {k[len(HEAD_NAME) + 1:]: v for k, v in _load_safetensors(path).items()}
         _strict(model.task_head, head, path)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from gfm.config import ConfigError
 from gfm.finetune.data import TaskDataConfig
-from gfm.finetune.methods import FinetuneOptimConfig, MethodConfig
+from gfm.finetune.methods import FinetuneOptimConfig, MethodConfig, get_method
 from gfm.finetune.model import HeadConfig
 from gfm.finetune.splits import SplitConfig
 from gfm.finetune.weights import EncoderConfig
@@ -52,7 +52,9 @@ class FinetuneConfig:
         merge: LoRA: also write the adapters folded into the encoder (``merged/model.safetensors``).
         data: the labelled data and the task (:class:`~gfm.finetune.data.TaskDataConfig`).
         encoder: architecture and initial weights (:class:`~gfm.finetune.weights.EncoderConfig`).
-        method: lora / linear_probe / full / scratch (:class:`~gfm.finetune.methods.MethodConfig`).
+        method: lora / linear_probe / full / scratch, or a classic baseline random_forest / svm / knn, which
+            ignores ``encoder``, ``head``, ``optim``, ``schedule``, ``engine``, ``checkpoint`` and ``guard``
+            (:class:`~gfm.finetune.methods.MethodConfig`).
         head: the task head (:class:`~gfm.finetune.model.HeadConfig`).
         split: train/val/test split (:class:`~gfm.finetune.splits.SplitConfig`).
         optim: AdamW with layer-wise lr decay (:class:`~gfm.finetune.methods.FinetuneOptimConfig`).
@@ -86,14 +88,18 @@ class FinetuneConfig:
             raise ConfigError(f"schedule.warmup_steps: {self.schedule.warmup_steps} exceeds steps={self.steps}")
         if self.checkpoint.export:
             raise ConfigError("checkpoint.export: must be false: a fine-tuning run writes its own adapters/head/model")
-        if self.engine.zero_stage == 3 and self.method.name in ("lora", "linear_probe"):
+        method = get_method(self.method.name)
+        if self.engine.zero_stage == 3 and method.frozen_base:
             raise ConfigError(
                 f"engine.zero_stage: 3 with method {self.method.name} (a frozen, partitioned base) is unsupported; "
                 "use ZeRO 0-2 (the frozen encoder is not partitioned there) or method full"
             )
         if self.checkpoint.resume and self.checkpoint.every == 0:
             raise ConfigError("checkpoint.resume: needs checkpoint.every > 0 (without it a run writes no checkpoint)")
-        if self.merge and self.method.name != "lora":
+        if self.merge and not method.mergeable:
             raise ConfigError(f"merge: only LoRA adapters can be merged (method is {self.method.name})")
+        if method.classic and self.data.task == "segmentation" and self.method.classic.features == "window":
+            raise ConfigError("method.classic.features: 'window' is not defined for task segmentation (each "
+                              "labelled pixel is a sample: its values); use centre")
         if len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"seeds: repeated seeds in {self.seeds}")

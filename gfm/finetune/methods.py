@@ -1,7 +1,9 @@
-"""How the encoder adapts: ``lora`` (peft), ``linear_probe``, ``full`` (layer-wise lr decay), ``scratch``.
+"""The methods of ``gfm finetune``, registered once in :data:`METHODS` under their ``method.name``.
 
-One program runs all four, so comparisons are like for like: same data, split, head, schedule and
-evaluation; only which parameters train (and from which initial weights) differs.
+How the encoder adapts: ``lora`` (peft), ``linear_probe``, ``full`` (layer-wise lr decay), ``scratch``;
+and the classic baselines that replace it: ``random_forest``, ``svm``, ``knn`` (scikit-learn,
+:mod:`gfm.finetune.classic`). One program runs them all, so comparisons are like for like: same data,
+split, evaluation (and for the networks the same head and schedule); only what is fitted differs.
 
 - ``lora``: peft LoRA adapters on the modules named by :attr:`LoraConfig.targets`, the base frozen,
   the task head trained in full (peft's ``modules_to_save``, so it is saved with the adapter).
@@ -10,6 +12,11 @@ evaluation; only which parameters train (and from which initial weights) differs
   the embeddings ``layer_decay^(L + 1)``, the final norm and head the full lr (as in MAE fine-tuning).
 - ``scratch``: ``full`` from random weights (the encoder's architecture still comes from
   ``encoder.weights`` when given, so the comparison is with the same model).
+- ``random_forest``, ``svm``, ``knn``: no encoder; a scikit-learn model on the samples' pixel values.
+
+Each is a :class:`Method` (:class:`LoraMethod`, :class:`ClassicMethod`) that knows what it trains, what
+its run saves and how it prepares the model; code elsewhere asks the registry (:func:`get_method`) and
+never compares a method's name.
 
 LoRA targets are regexes that peft matches against each module's *full* name with ``re.fullmatch``.
 They are written here per group over the encoder's module names (``encoder.blocks.3.attn.proj``...),
@@ -19,17 +26,17 @@ anchored on ``encoder.`` so the head is never wrapped (peft's ``"all-linear"`` w
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from gfm.config import ConfigError
+from gfm.config import ConfigError, to_dict
+from gfm.finetune import classic
+from gfm.finetune.classic import ClassicConfig
 from gfm.train.optim import NonFiniteSkippingAdamW, OptimConfig
-
-METHODS = ("lora", "linear_probe", "full", "scratch")
 
 #: LoRA target groups: a regex per group over the encoder's module names (relative to the encoder).
 TARGET_GROUPS: dict[str, str] = {
@@ -114,39 +121,175 @@ class LoraConfig:
 
 @dataclass
 class MethodConfig:
-    """Which parameters train.
+    """What a run fits.
 
     Attributes:
-        name: ``lora``, ``linear_probe``, ``full`` or ``scratch``.
+        name: a registered method (:data:`METHODS`): ``lora``, ``linear_probe``, ``full``, ``scratch``, or the
+            classic baselines ``random_forest``, ``svm``, ``knn``.
         lora: LoRA settings (method ``lora``).
+        classic: settings of the classic baselines (:class:`~gfm.finetune.classic.ClassicConfig`).
     """
 
-    name: Literal["lora", "linear_probe", "full", "scratch"] = "lora"
+    # the registry's names, spelled out for the type checker (a test keeps the two the same)
+    name: Literal["lora", "linear_probe", "full", "scratch", "random_forest", "svm", "knn"] = "lora"
     lora: LoraConfig = field(default_factory=LoraConfig)
+    classic: ClassicConfig = field(default_factory=ClassicConfig)
+
+
+# ------------------------------------------------------------------------------------------------
+# The registry
+
+#: the model file a run leaves: peft adapter, the probe's head (the base is read again), encoder + head, none
+Saves = Literal["adapter", "head", "model", "nothing"]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A method of ``gfm finetune`` on the network (the encoder + task head); registered once.
+
+    Attributes:
+        name: its ``method.name``.
+        summary: what it trains, in a few words (docs, ``--help``).
+        trains_encoder: every encoder weight trains.
+        random_init: the encoder starts from random weights, whatever ``encoder.weights`` holds (the
+            architecture still comes from them).
+        saves: the model file its run leaves (:data:`Saves`).
+        classic: a scikit-learn baseline (:class:`ClassicMethod`): no encoder, no training loop.
+    """
+
+    name: str
+    summary: str
+    trains_encoder: bool = False
+    random_init: bool = False
+    saves: Saves = "model"
+    classic: bool = False
 
     @property
-    def trains_encoder(self) -> bool:
-        """Whether every encoder weight trains (full, scratch)."""
-        return self.name in ("full", "scratch")
+    def frozen_base(self) -> bool:
+        """An adapter or a probe on a frozen base, which is read again on loading and its fingerprint checked."""
+        return self.saves in ("adapter", "head")
+
+    @property
+    def mergeable(self) -> bool:
+        """Its outputs can be folded into the encoder (``merge``)."""
+        return self.saves == "adapter"
+
+    def apply(self, model: nn.Module, cfg: MethodConfig) -> nn.Module:
+        """Freeze or wrap ``model`` (with ``encoder`` and ``task_head`` children); returns the model to train."""
+        for p in getattr(model, ENCODER_PREFIX).parameters():
+            p.requires_grad_(self.trains_encoder)
+        return model
+
+    def settings(self, cfg: MethodConfig) -> dict[str, Any] | None:
+        """Its own section of ``cfg``, as recorded in ``finetune.json`` (None: it has none)."""
+        return None
+
+    def describe(self, cfg: MethodConfig, model: nn.Module | None, layer_decay: float) -> str:
+        """Its settings in a few words for the run's log ('' when there is nothing to add)."""
+        return f"layer-wise lr decay {layer_decay:g}" if self.trains_encoder and layer_decay < 1 else ""
 
 
-def apply_method(model: nn.Module, cfg: MethodConfig) -> nn.Module:
-    """Freeze/wrap ``model`` (with ``encoder`` and ``task_head`` children) for ``cfg.name``.
+@dataclass(frozen=True)
+class LoraMethod(Method):
+    """peft LoRA adapters on the encoder, the head trained in full (peft's ``modules_to_save``)."""
 
-    Returns the model to train: a ``peft.PeftModel`` for ``lora``, ``model`` itself otherwise.
-    """
-    if cfg.name == "lora":
+    saves: Saves = "adapter"
+
+    def apply(self, model: nn.Module, cfg: MethodConfig) -> nn.Module:
+        """``model`` wrapped by ``peft.get_peft_model`` (a one-line error when the targets match nothing)."""
         import peft
 
         wrapped = peft.get_peft_model(model, cfg.lora.peft_config())
-        matched = lora_modules(wrapped)
-        if not matched:
+        if not lora_modules(wrapped):
             raise ConfigError(f"method.lora: the targets match no module of the encoder (regex {cfg.lora.regex()})")
         return wrapped
-    encoder = getattr(model, ENCODER_PREFIX)
-    for p in encoder.parameters():
-        p.requires_grad_(cfg.trains_encoder)
-    return model
+
+    def settings(self, cfg: MethodConfig) -> dict[str, Any] | None:
+        """``cfg.lora``."""
+        out: dict[str, Any] = to_dict(cfg.lora)
+        return out
+
+    def describe(self, cfg: MethodConfig, model: nn.Module | None, layer_decay: float) -> str:
+        """Rank, alpha, variants and how many modules carry an adapter."""
+        lc = cfg.lora
+        where = f"on {len(lora_modules(model))} modules " if model is not None else ""
+        return (f"LoRA r={lc.rank} alpha={lc.alpha:g}{' rsLoRA' if lc.rslora else ''}{' DoRA' if lc.dora else ''} "
+                f"{where}({lc.target_regex or ', '.join(lc.targets)})")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClassicMethod(Method):
+    """A scikit-learn baseline on the samples' pixel values (:mod:`gfm.finetune.classic`); saves no model.
+
+    Attributes:
+        estimator: the scikit-learn class, for the log.
+        build: ``(settings, seed, multilabel, training samples) -> estimator`` (unfitted).
+        keys: the fields of :class:`~gfm.finetune.classic.ClassicConfig` it reads.
+        max_segmentation_pixels: training pixels it accepts on a segmentation task (0 = any number).
+        limit_reason: why that limit, for the error.
+    """
+
+    saves: Saves = "nothing"
+    classic: bool = True
+    estimator: str
+    build: Callable[[ClassicConfig, int, bool, int], Any]
+    keys: tuple[str, ...]
+    max_segmentation_pixels: int = 0
+    limit_reason: str = ""
+
+    def apply(self, model: nn.Module, cfg: MethodConfig) -> nn.Module:
+        """Never called: a classic baseline has no encoder to adapt."""
+        raise TypeError(f"method {self.name} is a classic baseline: it has no encoder to adapt")
+
+    def settings(self, cfg: MethodConfig) -> dict[str, Any] | None:
+        """The :class:`~gfm.finetune.classic.ClassicConfig` fields it reads."""
+        return {k: getattr(cfg.classic, k) for k in ("features", "max_train_pixels", *self.keys)}
+
+    def describe(self, cfg: MethodConfig, model: nn.Module | None, layer_decay: float) -> str:
+        """The scikit-learn class and the settings it reads."""
+        settings = ", ".join(f"{k}={v}" for k, v in (self.settings(cfg) or {}).items())
+        return f"scikit-learn {self.estimator} ({settings})"
+
+
+#: every method by ``method.name``, in the order of the docs
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Add ``method`` to :data:`METHODS` (once per name)."""
+    if method.name in METHODS:
+        raise ValueError(f"method {method.name!r} is registered twice")
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    """The registered method called ``name``; raises :class:`ConfigError` listing the known ones."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ConfigError(f"method.name: unknown method {name!r} (known: {', '.join(METHODS)})") from None
+
+
+register(LoraMethod("lora", "LoRA adapters (peft) + the head"))
+register(Method("linear_probe", "the head", saves="head"))
+register(Method("full", "everything", trains_encoder=True))
+register(Method("scratch", "everything, from random weights", trains_encoder=True, random_init=True))
+register(ClassicMethod("random_forest", "a random forest (no encoder)", estimator="RandomForestClassifier",
+                       build=classic.random_forest, keys=("trees", "max_depth", "n_jobs")))
+register(ClassicMethod("svm", "an RBF SVM on standardised features (no encoder)", estimator="SVC",
+                       build=classic.svm, keys=("svm_c", "svm_gamma"), max_segmentation_pixels=50_000,
+                       limit_reason="an SVM's fit grows with the square of the samples"))
+register(ClassicMethod("knn", "k nearest neighbours on standardised features (no encoder)",
+                       estimator="KNeighborsClassifier", build=classic.knn, keys=("knn_k", "n_jobs")))
+
+
+def apply_method(model: nn.Module, cfg: MethodConfig) -> nn.Module:
+    """Freeze/wrap ``model`` (with ``encoder`` and ``task_head`` children) for method ``cfg.name``.
+
+    Returns the model to train: a ``peft.PeftModel`` for ``lora``, ``model`` itself otherwise.
+    """
+    return get_method(cfg.name).apply(model, cfg)
 
 
 def lora_modules(model: nn.Module) -> list[str]:

@@ -5,7 +5,9 @@ pretraining engine's own pieces (``gfm.train``'s ``TrainModule`` for the DeepSpe
 the loop, its metrics and checkpoint callbacks). After the last step the trained tensors are gathered
 in fp32 and written as adapters / head / model (:mod:`gfm.finetune.artifacts`); the model is then
 *loaded back from those files* on every rank and evaluated on the test split, so the reported figures
-are those of the files a user gets.
+are those of the files a user gets. A classic baseline (``random_forest``, ``svm``, ``knn``) takes its own
+short branch after the split: no encoder, engine or loop; a scikit-learn model fitted in one process on
+the same samples (:mod:`gfm.finetune.classic`), scored and pictured as the networks are, no model file.
 """
 
 from __future__ import annotations
@@ -22,11 +24,11 @@ from torch import nn
 from gfm import distributed as gdist
 from gfm.config import save_yaml
 from gfm.fileio import atomic_write
-from gfm.finetune import artifacts
+from gfm.finetune import artifacts, classic
 from gfm.finetune.config import FinetuneConfig
 from gfm.finetune.data import TaskData, TaskLoader
-from gfm.finetune.evaluate import Evaluation, evaluate
-from gfm.finetune.methods import apply_method, lora_modules, parameter_counts, trainable_names
+from gfm.finetune.evaluate import Evaluation, evaluate, score
+from gfm.finetune.methods import ClassicMethod, Method, apply_method, get_method, parameter_counts, trainable_names
 from gfm.finetune.metrics import summarize
 from gfm.finetune.model import TaskModel
 from gfm.finetune.splits import Split, load_split, make_split
@@ -45,13 +47,15 @@ def _input_errors() -> tuple[type[Exception], ...]:
     from gfm.config import ConfigError
     from gfm.data.sources import LoaderError
     from gfm.finetune.artifacts import AdapterError
+    from gfm.finetune.classic import ClassicError
     from gfm.finetune.data import TaskDataError
     from gfm.finetune.splits import SplitError
     from gfm.finetune.weights import EncoderLoadError
     from gfm.hub import HubError
     from gfm.schema import SchemaError
 
-    return (TaskDataError, SplitError, EncoderLoadError, AdapterError, ConfigError, LoaderError, SchemaError, HubError)
+    return (TaskDataError, SplitError, EncoderLoadError, AdapterError, ConfigError, LoaderError, SchemaError, HubError,
+            ClassicError)
 
 
 #: exceptions that mean bad input (shards, labels, split, weights, adapter), not a bug: programs print one line
@@ -131,26 +135,21 @@ def _split(cfg: FinetuneConfig, data: TaskData, run_dir: Path) -> Split:
     return split
 
 
-def _encoder(cfg: FinetuneConfig) -> LoadedEncoder:
+def _encoder(cfg: FinetuneConfig, method: Method) -> LoadedEncoder:
     enc = cfg.encoder
-    if cfg.method.name == "scratch" and not enc.random_init:
+    if method.random_init and not enc.random_init:
         enc = replace(enc, random_init=True)
     loaded = load_encoder(enc)
     gdist.print0(f"encoder: {loaded.description}")
     return loaded
 
 
-def _describe_method(cfg: FinetuneConfig, model: nn.Module, counts: dict[str, int]) -> str:
+def _describe_method(cfg: FinetuneConfig, method: Method, model: nn.Module, counts: dict[str, int]) -> str:
     share = 100.0 * counts["trainable"] / max(1, counts["total"])
     line = (f"method {cfg.method.name}: {counts['trainable']:,} trainable of {counts['total']:,} parameters "
             f"({share:.2f} %)")
-    if cfg.method.name == "lora":
-        lc = cfg.method.lora
-        line += (f"; LoRA r={lc.rank} alpha={lc.alpha:g}{' rsLoRA' if lc.rslora else ''}{' DoRA' if lc.dora else ''} "
-                 f"on {len(lora_modules(model))} modules ({lc.target_regex or ', '.join(lc.targets)})")
-    elif cfg.method.trains_encoder and cfg.optim.layer_decay < 1:
-        line += f"; layer-wise lr decay {cfg.optim.layer_decay:g}"
-    return line
+    detail = method.describe(cfg.method, model, cfg.optim.layer_decay)
+    return f"{line}; {detail}" if detail else line
 
 
 def _maps_and_pictures(run_dir: Path, data: TaskData, split: Split, ev: Evaluation, title: str) -> list[str]:
@@ -194,12 +193,15 @@ def run_one(cfg: FinetuneConfig, data: TaskData | None = None) -> FinetuneResult
     gdist.print0(f"finetune: task {data.task}, {data.num_classes} classes ({', '.join(data.class_names)}), "
                  f"{len(data)} labelled samples in {len(data.scenes)} scene(s) from {data.source}")
     split = _split(cfg, data, run_dir)
+    method = get_method(cfg.method.name)
+    if isinstance(method, ClassicMethod):
+        return _run_classic(cfg, method, data, split, t0)
 
-    loaded = _encoder(cfg)
+    loaded = _encoder(cfg, method)
     base_state = {k: v.detach().cpu().clone() for k, v in loaded.model.state_dict().items()}
     model = apply_method(TaskModel(loaded.model, data.task, data.num_classes, cfg.head, data.window), cfg.method)
     counts = parameter_counts(model)
-    gdist.print0(_describe_method(cfg, model, counts))
+    gdist.print0(_describe_method(cfg, method, model, counts))
     trainable = set(trainable_names(model))
 
     # the engine is typed on the pretraining config; FinetuneConfig carries the same engine sections
@@ -247,24 +249,75 @@ def run_one(cfg: FinetuneConfig, data: TaskData | None = None) -> FinetuneResult
     # evaluate the model as loaded back from the files
     reloaded = artifacts.load_finetuned(run_dir).to(info.device)
     ev = evaluate(reloaded, data, split.test, eval_bs, dropped_classes=split.dropped_classes, maps=cfg.eval.maps)
-    doc_metrics: dict[str, Any] = {
-        "task": data.task, "method": cfg.method.name, "seed": cfg.seed, "steps": cfg.steps,
-        "encoder": loaded.description, "parameters": counts,
+    doc_metrics = _metrics_doc(cfg, data, split, ev, loaded.description, counts, cfg.steps, train_s, t0)
+    if info.is_main:
+        _write_metrics(cfg, data, split, ev, doc_metrics)
+    gdist.barrier("metrics written")
+    return FinetuneResult(run_dir, doc_metrics, split, module.model, data)
+
+
+def _metrics_doc(cfg: FinetuneConfig, data: TaskData, split: Split, ev: Evaluation, encoder: str,
+                 counts: dict[str, Any], steps: int | None, train_s: float, t0: float) -> dict[str, Any]:
+    """The ``metrics.json`` document, the same keys for every method."""
+    return {
+        "task": data.task, "method": cfg.method.name, "seed": cfg.seed, "steps": steps,
+        "encoder": encoder, "parameters": counts,
         "trainable_fraction": counts["trainable"] / max(1, counts["total"]),
         "class_names": data.class_names, "split": {k: v for k, v in split.report.items() if k != "per_class_samples"},
         "test": ev.metrics, "train_seconds": train_s, "seconds": time.time() - t0,
     }
-    if info.is_main:
-        atomic_write(run_dir / "metrics.json", json.dumps(doc_metrics, indent=1) + "\n")
-        title = f"{data.task} · {cfg.method.name} · seed {cfg.seed}"
-        pictures = _maps_and_pictures(run_dir, data, split, ev, title) if cfg.eval.maps else []
-        m = ev.metrics
-        figures = " ".join(f"{k} {m[k]:.4f}" for k in ("oa", "aa", "kappa", "macro_f1", "miou", "micro_f1")
-                           if isinstance(m.get(k), float))
-        gdist.print0(f"test ({m['samples']} samples): {figures}")
-        gdist.print0(f"wrote {run_dir / 'metrics.json'}" + (f", {', '.join(pictures)}" if pictures else ""))
-    gdist.barrier("metrics written")
-    return FinetuneResult(run_dir, doc_metrics, split, module.model, data)
+
+
+def _write_metrics(cfg: FinetuneConfig, data: TaskData, split: Split, ev: Evaluation, doc: dict[str, Any]) -> None:
+    """``metrics.json``, the pictures and the test figures' line (rank 0)."""
+    run_dir = Path(cfg.run_dir)
+    atomic_write(run_dir / "metrics.json", json.dumps(doc, indent=1) + "\n")
+    title = f"{data.task} · {cfg.method.name} · seed {cfg.seed}"
+    pictures = _maps_and_pictures(run_dir, data, split, ev, title) if cfg.eval.maps else []
+    m = ev.metrics
+    figures = " ".join(f"{k} {m[k]:.4f}" for k in ("oa", "aa", "kappa", "macro_f1", "miou", "micro_f1")
+                       if isinstance(m.get(k), float))
+    gdist.print0(f"test ({m['samples']} samples): {figures}")
+    gdist.print0(f"wrote {run_dir / 'metrics.json'}" + (f", {', '.join(pictures)}" if pictures else ""))
+
+
+def _run_classic(cfg: FinetuneConfig, method: ClassicMethod, data: TaskData, split: Split,
+                 t0: float) -> FinetuneResult:
+    """A classic baseline on the run's samples and split: fit, predict the test split, score, write (no model).
+
+    One process only: the fit is scikit-learn's (``method.classic.n_jobs`` workers), not the ranks'.
+    """
+    info = gdist.info()
+    if info.world_size > 1:
+        raise classic.ClassicError(f"method {method.name} is a classic baseline fitted in one process; run it "
+                                   f"without torchrun (world size is {info.world_size})")
+    run_dir = Path(cfg.run_dir)
+    settings = cfg.method.classic
+    gdist.print0(f"method {method.name}: a classic baseline on the samples' pixel values; encoder, head, optim, "
+                 "schedule, engine, checkpoint, guard, steps and augmentation settings are ignored")
+    gdist.print0(f"method {method.name}: {method.describe(cfg.method, None, cfg.optim.layer_decay)}")
+    batch_size = cfg.eval.batch_size or cfg.data.eval_batch_size
+    fitted = classic.fit(method, settings, data, split.train, cfg.seed, batch_size)
+    train_s = time.time() - t0
+    size = fitted.size()
+    gdist.print0(f"fitted {method.name} on {fitted.samples:,} training samples of {fitted.features:,} values in "
+                 f"{train_s:.1f} s: {', '.join(f'{k} {v:,}' for k, v in size.items()) or 'constant targets'}")
+    targets, preds = classic.predict(fitted, data, split.test, settings.features, batch_size)
+    ev = score(data, split.test, targets, preds, dropped_classes=split.dropped_classes, maps=cfg.eval.maps)
+    counts: dict[str, Any] = {"trainable": 0, "total": 0, "fitted": size}  # no network parameter
+    encoder = (f"none: classic baseline {method.name} on {settings.features} features "
+               f"({fitted.features} values per sample)")
+    doc_metrics = _metrics_doc(cfg, data, split, ev, encoder, counts, None, train_s, t0)
+    estimator = " ".join(str(fitted.model).split())
+    doc = artifacts.classic_manifest(
+        task=data.task, class_names=data.class_names, label_values=data.label_values, window=data.window,
+        method=cfg.method, estimator=estimator,
+        fitted={"samples": fitted.samples, "features": fitted.features, **size},
+    )
+    atomic_write(run_dir / artifacts.MANIFEST, json.dumps(doc, indent=1) + "\n")
+    gdist.print0(f"wrote {run_dir / artifacts.MANIFEST} (no model file: {artifacts.CLASSIC_NOTE})")
+    _write_metrics(cfg, data, split, ev, doc_metrics)
+    return FinetuneResult(run_dir, doc_metrics, split, None, data)
 
 
 def run(cfg: FinetuneConfig) -> FinetuneResult:

@@ -29,12 +29,15 @@ def finetune_dir(path: str | Path) -> Path:
 
 
 def read_finetune(path: str | Path) -> tuple[Path, dict[str, Any]]:
-    """``(directory, manifest)`` of a fine-tuning run or adapter directory."""
-    from gfm.finetune.artifacts import AdapterError, read_manifest
+    """``(directory, manifest)`` of a fine-tuning run or adapter directory that left a model.
+
+    A classic baseline's run (``random_forest``, ``svm``, ``knn``) is refused in one line: it saves no model.
+    """
+    from gfm.finetune.artifacts import AdapterError, model_manifest
 
     where = finetune_dir(path)
     try:
-        return where, read_manifest(where)
+        return where, model_manifest(where)
     except AdapterError as e:
         raise HubError(str(e)) from None
 
@@ -62,25 +65,25 @@ def task_model_from(encoder: nn.Module, adapter: str | Path, merge: bool = False
     from safetensors.torch import load_file
 
     from gfm.finetune.artifacts import task_model
-    from gfm.finetune.methods import HEAD_NAME
+    from gfm.finetune.methods import HEAD_NAME, get_method
     from gfm.finetune.weights import fingerprint
 
     where, doc = read_finetune(adapter)
-    method = doc["method"]
+    method = get_method(doc["method"])
     files = doc.get("files") or {}
-    if method in ("lora", "linear_probe"):
+    if method.frozen_base:
         fp = fingerprint(encoder)
         if fp != doc["encoder"]["fingerprint"]:
-            raise HubError(f"{where}: the {method} was trained on another base model (its fingerprint "
+            raise HubError(f"{where}: the {method.name} was trained on another base model (its fingerprint "
                            f"{doc['encoder']['fingerprint']}, this model's encoder {fp}, from "
                            f"{doc['encoder'].get('source') or 'a random init'})")
     model = task_model(doc, encoder)
-    if method == "lora":
+    if method.saves == "adapter":
         import peft
 
         wrapped = peft.PeftModel.from_pretrained(model, str(_peft_dir(where, doc)))
         return (wrapped.merge_and_unload() if merge else wrapped).eval(), doc
-    if method == "linear_probe":
+    if method.saves == "head":
         path = where / files.get("head", "head.safetensors")
         if not path.is_file():
             raise HubError(f"{path}: the probe's head is missing")
@@ -89,7 +92,7 @@ def task_model_from(encoder: nn.Module, adapter: str | Path, merge: bool = False
         model.task_head.load_state_dict(head, strict=True)
         return model.eval(), doc
     if not merge:
-        raise HubError(f"{where}: a {method} fine-tune keeps no adapter (its model.safetensors is the whole "
+        raise HubError(f"{where}: a {method.name} fine-tune keeps no adapter (its model.safetensors is the whole "
                        "model); export it merged (merge=True)")
     path = where / files.get("model", WEIGHTS_NAME)
     state = load_file(str(path))
@@ -140,9 +143,11 @@ def evaluation_of(where: Path) -> dict[str, Any] | None:
 
 def copy_adapter(where: Path, doc: Mapping[str, Any], dest: Path) -> None:
     """Put an adapter (peft files, or a probe's head) and its manifest into ``dest`` (an export's ``adapter/``)."""
+    from gfm.finetune.methods import get_method
+
     dest.mkdir(parents=True, exist_ok=True)
     files: dict[str, str] = {}
-    if doc["method"] == "lora":
+    if get_method(doc["method"]).saves == "adapter":
         src = _peft_dir(where, doc)
         for name in ("adapter_config.json", "adapter_model.safetensors"):
             shutil.copy2(src / name, dest / name)
