@@ -17,6 +17,7 @@ from gfm.sensors import SensorError, load_sensors_yaml
 from gfm.shards import (
     EDGES,
     RESAMPLING,
+    SPLITS,
     BuildOptions,
     DateSpec,
     FileSpec,
@@ -43,6 +44,7 @@ _BUILD_EPILOG = """examples:
   gfm shards build LE7*_b[1-5].tif LE7*_fmask.tif LT5*_b[1-5].tif LT5*_fmask.tif --out shards/l57
   gfm shards build a_B4.tif b_B4.tif --date 2008-04-19 --date 2008-04-27 --out shards/ab
   gfm shards build LT5*_b[345].tif --label fields.gpkg --label-field crop --edge pad --out shards/fields
+  gfm shards build --manifest scenes.yaml --holdout 0.1 --split heldout --name heldout --out shards/heldout
 """
 
 
@@ -97,6 +99,12 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--workers", type=int, default=1, help="parallel worker processes (default 1)")
     b.add_argument("--part", default="0/1", help="i/n: build only part i of n (SLURM arrays, several machines)")
     b.add_argument("--name", default="gfm", help="shard file name prefix (default gfm)")
+    b.add_argument("--holdout", type=float, default=0.0,
+                   help="fraction of each scene's tiles held out, by a stable hash of scene id and tile position "
+                   "(default 0: none)")
+    b.add_argument("--split", default="train", choices=list(SPLITS),
+                   help="with --holdout: write the training tiles (default; every tile but the held-out ones and "
+                   "those overlapping them on the ground) or the held-out tiles")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.add_argument("--force", action="store_true",
                    help="write into a non-empty directory that is not a gfm dataset (its files are never overwritten)")
@@ -118,7 +126,7 @@ _FLAGS = {
     "workers": "--workers", "part": "--part", "resampling": "--resampling", "sensor": "--sensor",
     "bands": "--bands", "cube_key": "--key", "wavelengths": "--wavelengths FILE", "label_key": "--label-key",
     "date": "--date", "edge": "--edge", "force": "--force", "name": "--name", "crs": "--crs", "gsd": "--gsd",
-    "label_field": "--label-field",
+    "label_field": "--label-field", "holdout": "--holdout", "split": "--split",
 }
 
 
@@ -232,7 +240,7 @@ def _cmd_build(a: argparse.Namespace) -> int:
     opts = BuildOptions(
         out=a.out, tile=a.tile, stride=a.stride, min_valid=a.min_valid, shard_size=parse_size(a.shard_size),
         workers=a.workers, part=(pi, pn), name=a.name, resampling=a.resampling, progress=not a.no_progress,
-        edge=a.edge, force=a.force,
+        edge=a.edge, force=a.force, holdout=a.holdout, split=a.split,
     )
     r = build(specs, opts, log=lambda m: print(m, file=sys.stderr))
     print(

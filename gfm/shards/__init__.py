@@ -24,8 +24,9 @@ Modules, one concern each: ``spec`` (what to build), ``options``, ``errors``, ``
 of a scene), ``readers`` (aligned window reads of rasters and cubes), ``scene`` (opening a scene:
 sensor and band recognition, quality layers, labels), ``plan`` (tiles → shards, ``build.json``),
 ``tiles`` (cutting tiles, validity), ``stats`` (mergeable band statistics), ``write`` (one shard: tar +
-sidecar), ``sidecar`` (the per-shard summary), ``merge`` (sidecars → ``index.json``), ``build`` (the
-whole build), ``verify``, ``info``, ``manifest`` (YAML scene lists).
+sidecar), ``sidecar`` (the per-shard summary), ``merge`` (sidecars → ``index.json``), ``holdout``
+(held-out tiles kept off the training tiles' ground), ``build`` (the whole build), ``verify``,
+``info``, ``manifest`` (YAML scene lists).
 """
 
 from gfm.shards.build import BuildReport, build
@@ -33,13 +34,14 @@ from gfm.shards.errors import DatasetError, InputError, OptionError, ShardError
 from gfm.shards.info import BandRow, DatasetInfo, info, info_text, plot_band_stats
 from gfm.shards.manifest import load_manifest
 from gfm.shards.merge import write_index
-from gfm.shards.options import EDGES, RESAMPLING, BuildOptions
+from gfm.shards.options import EDGES, RESAMPLING, SPLITS, BuildOptions
 from gfm.shards.spec import DateSpec, FileSpec, SceneSpec, dates_from_names
 from gfm.shards.verify import Problem, VerifyReport, iter_samples, verify
 
 __all__ = [
     "EDGES",
     "RESAMPLING",
+    "SPLITS",
     "BandRow",
     "BuildOptions",
     "BuildReport",

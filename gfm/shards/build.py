@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from gfm.index import Index
 from gfm.shards.errors import DatasetError, OptionError, ShardError
+from gfm.shards.holdout import select_tiles
 from gfm.shards.labels import class_table
 from gfm.shards.merge import write_index
 from gfm.shards.options import BuildOptions
@@ -140,7 +141,10 @@ def build(
             if lost > 0:
                 emit(f"notice: scene {s.spec.id!r}: {lost:.0%} of its {s.grid.width}x{s.grid.height} pixels lie past "
                      "the last whole tile and are not written (edge 'pad' writes them as partial tiles)")
-        plans = make_plan(opened, opts)
+        selection = select_tiles(opened, opts)
+        if opts.holdout > 0:
+            emit(selection.notice(opts))
+        plans = make_plan(opened, opts, selection.tiles)
         digests = [scene_digest(s, classes) for s in opened]
     finally:
         for s in opened:

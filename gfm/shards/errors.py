@@ -24,6 +24,8 @@ FIELDS: dict[str, str] = {
     "edge": "BuildOptions.edge",
     "force": "BuildOptions.force",
     "name": "BuildOptions.name",
+    "holdout": "BuildOptions.holdout",
+    "split": "BuildOptions.split",
     "crs": "SceneSpec.crs",
     "gsd": "SceneSpec.gsd",
     "label_field": "SceneSpec.label_field",

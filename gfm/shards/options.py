@@ -13,6 +13,9 @@ RESAMPLING: tuple[str, ...] = ("nearest", "bilinear", "cubic", "average", "lancz
 #: What to do with the partial tiles at a scene's right and bottom edges (see :class:`BuildOptions`).
 EDGES: tuple[str, ...] = ("full", "pad")
 
+#: Which side of the hold-out rule a build writes (see :mod:`gfm.shards.holdout`).
+SPLITS: tuple[str, ...] = ("train", "heldout")
+
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+\-]*")
 
 
@@ -37,6 +40,10 @@ class BuildOptions:
             written full-size with the part outside the scene marked invalid (it counts against
             ``min_valid``).
         force: write into an existing directory that is not a gfm dataset (its files are never overwritten).
+        holdout: fraction of each scene's tiles held out (0: none), chosen by a stable hash of the tile's
+            scene id and position (:mod:`gfm.shards.holdout`).
+        split: with ``holdout``, the side this build writes: ``"train"`` (every tile but the held-out ones
+            and the tiles overlapping them on the ground) or ``"heldout"`` (the held-out tiles only).
 
     Raises:
         OptionError: a value out of range, naming the field and what was expected.
@@ -54,6 +61,8 @@ class BuildOptions:
     progress: bool = True
     edge: str = "full"
     force: bool = False
+    holdout: float = 0.0
+    split: str = "train"
 
     def __post_init__(self) -> None:
         if self.tile < 1:
@@ -71,6 +80,13 @@ class BuildOptions:
             raise OptionError(f"{{resampling}}: expected one of {', '.join(RESAMPLING)}", resampling=self.resampling)
         if self.edge not in EDGES:
             raise OptionError(f"{{edge}}: expected one of {', '.join(EDGES)}", edge=self.edge)
+        if not 0.0 <= self.holdout < 1.0:
+            raise OptionError("{holdout}: expected a fraction in [0, 1)", holdout=self.holdout)
+        if self.split not in SPLITS:
+            raise OptionError(f"{{split}}: expected one of {', '.join(SPLITS)}", split=self.split)
+        if self.split == "heldout" and self.holdout == 0:
+            raise OptionError("{split}: nothing is held out; set {holdout} to a fraction > 0",
+                              split=self.split, holdout=None)
         if not _NAME.fullmatch(self.name):
             raise OptionError("{name}: expected a plain file name prefix (letters, digits, '_', '-', '.', '+')",
                               name=self.name)

@@ -36,7 +36,9 @@ PLAN_FILE = "build.json"
 #: ``format`` of the ``build.json`` written here (files without one come from before input fingerprints).
 PLAN_FORMAT = 2
 # build.json keys that must match for a directory to hold the same build
-_SAME_BUILD = ("name", "tile", "stride", "min_valid", "shard_size", "resampling", "edge", "scenes")
+_SAME_BUILD = ("name", "tile", "stride", "min_valid", "shard_size", "resampling", "edge", "holdout", "split", "scenes")
+# their values in a build.json written before the key existed
+_BEFORE_KEY = {"edge": "full", "holdout": 0.0, "split": "train"}
 
 
 @dataclass
@@ -81,8 +83,14 @@ def uncovered_fraction(height: int, width: int, tile: int, step: int, edge: str 
     return 1.0 - covered / (height * width)
 
 
-def make_plan(scenes: Sequence[Scene], opts: BuildOptions) -> list[ShardPlan]:
-    """Pack every candidate tile into shards of about ``opts.shard_size`` bytes (estimated)."""
+def make_plan(
+    scenes: Sequence[Scene], opts: BuildOptions, tiles: Sequence[Sequence[tuple[int, int]]] | None = None
+) -> list[ShardPlan]:
+    """Pack the tiles into shards of about ``opts.shard_size`` bytes (estimated).
+
+    ``tiles`` gives each scene's tile origins to write (:func:`gfm.shards.holdout.select_tiles`);
+    None: every candidate tile.
+    """
     plans: list[ShardPlan] = []
     current = ShardPlan(0, shard_name(opts.name, 0))
     used = 0
@@ -90,7 +98,11 @@ def make_plan(scenes: Sequence[Scene], opts: BuildOptions) -> list[ShardPlan]:
         c = len(scene.observations)
         # pixels + valid mask + label, plus tar headers and meta.json
         per_tile = opts.tile * opts.tile * (c * scene.dtype().itemsize + c + 4) + 2048
-        for r, col in tile_origins(scene.grid.height, scene.grid.width, opts.tile, opts.step, opts.edge):
+        if tiles is not None:
+            origins = tiles[si]
+        else:
+            origins = tile_origins(scene.grid.height, scene.grid.width, opts.tile, opts.step, opts.edge)
+        for r, col in origins:
             if current.tiles and used + per_tile > opts.shard_size:
                 plans.append(current)
                 current = ShardPlan(len(plans), shard_name(opts.name, len(plans)))
@@ -151,6 +163,8 @@ def plan_doc(
         "shard_size": opts.shard_size,
         "resampling": opts.resampling,
         "edge": opts.edge,
+        "holdout": opts.holdout,
+        "split": opts.split,
         "scenes": [asdict(s) for s in specs],
         "classes": {name: value for name, value in classes.items()} if classes is not None else None,
         "inputs": {p: fp.to_dict() for p, fp in fingerprints.items()},
@@ -263,7 +277,7 @@ def reconcile_plan(out: Path, specs: Sequence[SceneSpec], doc: dict[str, Any]) -
         atomic_write(path, json.dumps(doc, indent=1).encode())
         return []
     shard_list = [(s.get("name"), s.get("tiles")) for s in old["shards"]]
-    same = all(_same_scenes(old.get(k, "full" if k == "edge" else None), doc[k]) for k in _SAME_BUILD)
+    same = all(_same_scenes(old.get(k, _BEFORE_KEY.get(k)), doc[k]) for k in _SAME_BUILD)
     if same and old.get("format") != PLAN_FORMAT:  # written before fingerprints: the plan itself must match
         same = shard_list == [(s["name"], s["tiles"]) for s in doc["shards"]]
     if not same:
