@@ -275,8 +275,12 @@ def hyperspectral(
 ) -> Sensor:
     """A generic hyperspectral sensor from its centre wavelengths (nm).
 
-    Band names are ``B001``.. in file order. Without ``fwhm_nm`` each band's width is the spacing to
-    its nearest neighbour in wavelength. The list need not be sorted (Indian Pines is not).
+    Band names are ``B001``.. in file order. Without ``fwhm_nm`` each band's width is the band spacing
+    of its own spectrometer: the smaller step to its neighbours in file order that runs the way most
+    steps run (a list of several spectrometers steps back where the next one starts, as Indian Pines'
+    AVIRIS list does at 696.5 → 686.91 nm; the band there is ~10 nm wide, not the 0.05 nm to the other
+    spectrometer's nearest band). A band with no such neighbour takes the spacing to its nearest
+    neighbour in wavelength (10 nm for a single band). The list need not be sorted.
 
     Raises:
         SensorError: empty list, non-finite values, or values that look like micrometres.
@@ -291,11 +295,7 @@ def hyperspectral(
             f"sensor {name!r}: wavelengths {min(wl):g}..{max(wl):g} look like micrometres; give nanometres"
         )
     if fwhm_nm is None:
-        widths = []
-        order = sorted(wl)
-        for w in wl:
-            gaps = [abs(o - w) for o in order if abs(o - w) > 1e-6]
-            widths.append(min(gaps) if gaps else 10.0)
+        widths = _spectrometer_spacing(wl)
     else:
         widths = [float(f) for f in fwhm_nm]
         if len(widths) != len(wl):
@@ -306,6 +306,21 @@ def hyperspectral(
         for i, (c, w) in enumerate(zip(wl, widths))
     )
     return Sensor(name=name, bands=bands, description=description or f"hyperspectral, {len(bands)} bands")
+
+
+def _spectrometer_spacing(wl: Sequence[float]) -> list[float]:
+    """Default band widths: the spacing within each band's spectrometer (see :func:`hyperspectral`)."""
+    steps = [b - a for a, b in zip(wl, wl[1:])]
+    ups = sum(1 for d in steps if d > 1e-6)
+    downs = sum(1 for d in steps if d < -1e-6)
+    sign = 1.0 if ups >= downs else -1.0
+    widths = []
+    for i, w in enumerate(wl):
+        near = [sign * d for d in steps[max(0, i - 1) : i + 1] if sign * d > 1e-6]  # the steps into and out of i
+        if not near:
+            near = [abs(o - w) for o in wl if abs(o - w) > 1e-6]
+        widths.append(min(near) if near else 10.0)
+    return widths
 
 
 def read_wavelengths(path: str | Path, expected: int | None = None) -> list[float]:

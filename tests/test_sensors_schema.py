@@ -119,6 +119,17 @@ def test_hyperspectral_and_wavelength_file(tmp_path):
     assert [b.fwhm_nm for b in s.bands] == [10, 10, 10]
 
 
+def test_default_band_width_is_the_spacing_within_each_spectrometer():
+    """Two spectrometers overlapping in wavelength (AVIRIS, as Indian Pines lists it): the list steps back
+    where the second starts, and the bands there are as wide as their own spectrometer's spacing, not the
+    few tenths of a nm to the other spectrometer's nearest band."""
+    wl = [400.0, 410.0, 420.0, 415.3, 425.0, 434.7]
+    assert [round(b.fwhm_nm, 6) for b in hyperspectral("h", wl).bands] == [10, 10, 10, 9.7, 9.7, 9.7]
+    assert [b.fwhm_nm for b in hyperspectral("h", wl[::-1]).bands] == pytest.approx([9.7, 9.7, 9.7, 10, 10, 10])
+    assert [b.fwhm_nm for b in hyperspectral("h", [700.0]).bands] == [10.0]
+    assert [b.fwhm_nm for b in hyperspectral("h", [500.0, 500.0, 520.0]).bands] == [20.0, 20.0, 20.0]
+
+
 def _tile(**kw):
     px = np.arange(2 * 4 * 4, dtype=np.uint16).reshape(2, 4, 4)
     meta = {
