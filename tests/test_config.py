@@ -197,6 +197,8 @@ def test_resolved_config_holds_every_loader_default(tmp_path: Path) -> None:
          "data.loader.shards: '/no/such/dir' does not exist"),
         (["data.source=shards", "data.loader.shards=/no/d/s-{0..3}.tar"],
          "data.loader.shards: '/no/d/s-0.tar' does not exist (from '/no/d/s-{0..3}.tar')"),
+        (["data.source=shards", "data.loader.shards=s3://bucket/held/", "data.loader.norm_index=/no/train/index.json"],
+         "data.loader.norm_index: '/no/train/index.json' does not exist"),
     ],
 )
 def test_run_config_errors_name_the_key(overrides: list[str], message: str) -> None:

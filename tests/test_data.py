@@ -270,6 +270,35 @@ def test_band_without_stats_is_an_error(tmp_path: Path) -> None:
         next(iter(cfg(str(tmp_path), num_workers=0).build(0, 1)))
 
 
+def test_norm_index_normalises_with_another_datasets_statistics(tmp_path: Path) -> None:
+    """Held-out shards read through their own index (shards, counts) but normalised with the training set's."""
+    train, held = str(tmp_path / "train"), str(tmp_path / "heldout")
+    write_dataset(train, [8, 8], seed=0)
+    keys = write_dataset(held, [6, 4], seed=1, name="heldout")
+    stats = {name: json.loads(Path(root, "index.json").read_text())["stats"] for name, root in
+             (("train", train), ("held", held))}
+    plain = dict(num_workers=0, crop_size=None, shuffle_buffer=0, hflip=False, vflip=False, rot90=False)
+    own = {k: b for b in cfg(held, **plain).build(0, 1) for k in b.keys}
+    theirs = list(cfg(held, norm_index=os.path.join(train, "index.json"), **plain).build(0, 1))
+    assert sorted(k for b in theirs for k in b.keys) == sorted(keys)  # every held-out sample, once
+    for b in theirs:
+        for i, key in enumerate(b.keys):
+            ref = own[key]
+            j = ref.keys.index(key)
+            valid = b.valid[i].numpy()
+            np.testing.assert_array_equal(valid, ref.valid[j].numpy())
+            for c, band in enumerate(L8):
+                k = f"{band['sensor']}/{band['name']}"
+                raw = ref.pixels[j, c].double().numpy() * stats["held"][k]["std"] + stats["held"][k]["mean"]
+                expect = (raw - stats["train"][k]["mean"]) / stats["train"][k]["std"]
+                np.testing.assert_allclose(b.pixels[i, c].numpy()[valid[c]], expect[valid[c]], rtol=1e-4, atol=1e-4)
+    assert stats["train"]["landsat8/B2"]["mean"] != stats["held"]["landsat8/B2"]["mean"]
+    mixed = str(tmp_path / "mixed")
+    write_dataset(mixed, [3, 3, 3], mixed=True, name="heldout")
+    with pytest.raises(LoaderError, match=r"band 'sentinel1/VV' has no statistics in .*train/index.json"):
+        cfg(mixed, norm_index=os.path.join(train, "index.json")).build(0, 1)
+
+
 def test_too_little_data_for_the_slots_is_a_startup_error(tmp_path: Path) -> None:
     write_dataset(str(tmp_path), [3, 4])
     with pytest.raises(LoaderError, match=r"7 samples in 2 shards over 4 ranks × 2 workers"):

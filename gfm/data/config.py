@@ -57,6 +57,9 @@ class LoaderConfig:
         shards: dataset directory, brace pattern, ``::`` list, list file (``.txt``) or URL (``s3://``,
             ``pipe:``...) — see :mod:`gfm.data.sources`.
         index: ``index.json`` location; default: in the dataset root / next to the first shard.
+        norm_index: ``index.json`` whose per-band statistics normalise the samples; default: the dataset's
+            own (``index``). Held-out shards are evaluated with the training set's statistics this way
+            (``norm_index: <train>/index.json``) while their own index still lists their shards and counts.
         mode: ``"resampled"`` (shards drawn with replacement per worker; pretraining at scale) or
             ``"epoch"`` (every sample at most once per epoch, split by rank and worker).
         batch_size: samples per batch per rank.
@@ -88,6 +91,7 @@ class LoaderConfig:
 
     shards: str = ""
     index: str | None = None
+    norm_index: str | None = None
     mode: Literal["resampled", "epoch"] = "resampled"
     batch_size: int = 32
     num_workers: int = 2
@@ -148,7 +152,7 @@ class LoaderConfig:
                 batch (the message gives samples, shards, ranks and workers); crops larger than tiles.
         """
         from gfm.data.pipeline import Plan, ShardLoader
-        from gfm.data.sources import LoaderError, resolve_shards
+        from gfm.data.sources import LoaderError, load_index, resolve_shards
         from gfm.data.transforms import Augment
 
         try:
@@ -170,9 +174,10 @@ class LoaderConfig:
             raise LoaderError(f"loader.crop_size={self.crop_size} exceeds the tiles ({tile} px) of {idx.url}")
         if idx.raw.get("missing_shards"):
             log.warning("%s lists missing shards: %s", idx.url, idx.raw["missing_shards"])
+        norm = load_index(self.norm_index, allow_pipe=self.allow_pipe) if self.norm_index else idx
         for key in idx.raw.get("bands", {}):  # fail at start-up, not at the first batch
             sensor, _, band = key.partition("/")
-            idx.norm(sensor, band)
+            norm.norm(sensor, band)
         exact = self.mode == "epoch"
         if exact:
             unknown = [u for u, c in zip(shards.urls, shards.counts) if c is None]
@@ -205,6 +210,7 @@ class LoaderConfig:
             log.info("shuffle buffer: ~%.0f MB per worker", self.shuffle_buffer * idx.mean_sample_bytes / 1e6)
         plan = Plan(
             shards=shards,
+            norm=norm,
             rank=rank,
             world_size=world_size,
             workers=workers,

@@ -40,7 +40,16 @@ from gfm.batch import Batch
 from gfm.data.decode import TileDecoder
 from gfm.data.handoff import BufferLedger, BufferPool, HandoffState, Lease
 from gfm.data.reader import SampleRef, TableCache, sample_refs
-from gfm.data.sources import LoaderError, Segment, ShardSet, epoch_order, local_path, open_url, slot_segments
+from gfm.data.sources import (
+    DatasetIndex,
+    LoaderError,
+    Segment,
+    ShardSet,
+    epoch_order,
+    local_path,
+    open_url,
+    slot_segments,
+)
 from gfm.data.transforms import Augment, BandTable, Geometry, Layout, check_tile, collate, draw_keep
 from gfm.schema import SchemaError, Tile
 
@@ -102,6 +111,7 @@ class Plan:
     """
 
     shards: ShardSet
+    norm: DatasetIndex  # whose statistics normalise: the dataset's own index, or LoaderConfig.norm_index
     rank: int
     world_size: int
     workers: int  # slots per rank: max(1, num_workers)
@@ -221,7 +231,7 @@ class SlotStream(IterableDataset):  # type: ignore[type-arg]
         sig = self._decode.signature(tile.meta["bands"])
         table = self._tables.get(sig)
         if table is None:
-            table = self._tables[sig] = BandTable.from_bands(tile.meta["bands"], self.plan.shards.index)
+            table = self._tables[sig] = BandTable.from_bands(tile.meta["bands"], self.plan.norm)
         return table
 
     # --- samples → pending batches -------------------------------------------------------------

@@ -50,6 +50,9 @@ class DataConfig:
         if missing is not None:
             where = "" if missing == spec else f" (from {spec!r})"
             raise ConfigError(f"loader.shards: {missing!r} does not exist{where}")
+        norm = self.loader.norm_index
+        if norm and missing_local_shards(norm) is not None:
+            raise ConfigError(f"loader.norm_index: {norm!r} does not exist")
 
     @property
     def batch_size(self) -> int:
