@@ -5,10 +5,11 @@
     gfm export runs/demo exported/demo --push user/gfm-demo      # needs `hf auth login`
     gfm export runs/demo exported/pines --adapter runs/finetune/indian_pines_lora          # adapter beside
     gfm export runs/demo exported/pines_merged --adapter runs/finetune/indian_pines_lora --merge
+    gfm export runs/demo exported/small --dtype bf16              # weights in bf16: half the size
 
 The directory holds config.json (architecture, every hyper-parameter, bands and statistics, inputs,
-training summary), model.safetensors (fp32) and a model card README.md; load it with
-``gfm.from_pretrained(DIR)``. See docs/export.md.
+training summary), model.safetensors (fp32, or bf16 with --dtype bf16) and a model card README.md; load it
+with ``gfm.from_pretrained(DIR)``. See docs/export.md.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--index", help="index.json with the band statistics, when the run's own cannot be found")
     p.add_argument("--license", default="other", help="licence id for the model card metadata (default: other)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="how model.safetensors stores the weights: fp32 (default, exact) or bf16 (half the size, "
+                        "each weight rounded; loaders upcast to fp32); recorded in config.json as weights_dtype")
     p.add_argument("--push", metavar="REPO_ID",
                    help="also upload OUT_DIR to the Hugging Face Hub as REPO_ID (needs a token: `hf auth login`)")
     return p.parse_args(list(sys.argv[1:] if argv is None else argv))
@@ -47,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.merge and not args.adapter:
             raise HubError("--merge needs --adapter DIR")
         report = export(args.source, args.out, adapter=args.adapter, merge=args.merge, index=args.index,
-                        license=args.license, overwrite=args.overwrite, push=args.push)
+                        license=args.license, overwrite=args.overwrite, push=args.push, dtype=args.dtype)
     except OutputExistsError as e:
         print(f"gfm export: {e.path}: already exists (pass --overwrite to replace it)", file=sys.stderr)
         return 2
@@ -56,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     src = report.source
     print(f"exported {src.kind} {src.weights} (step {src.step}) to {report.out_dir}: {report.tensors} tensors, "
-          f"{report.parameters / 1e6:.2f} M parameters, {report.bands} band(s) with statistics")
+          f"{report.parameters / 1e6:.2f} M parameters ({args.dtype}), {report.bands} band(s) with statistics")
     if report.adapter:
         print(f"adapter: {report.adapter}")
     if report.bands == 0:

@@ -115,7 +115,7 @@ def read_weights(weights: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] 
     directories go through ``gfm.hub``; a ``.safetensors`` file without a run config (a fine-tuned model of
     ``gfm finetune``) is read as is, and the encoder must then be named (``encoder.name``).
     """
-    from gfm.hub import HubError, load_state_dict, resolve_source
+    from gfm.hub import HubError, load_state_dict, resolve_source, upcast
 
     path = Path(weights)
     if path.is_file() and path.suffix != ".safetensors":
@@ -127,7 +127,7 @@ def read_weights(weights: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] 
         if path.is_file():  # safetensors without a run config
             from safetensors.torch import load_file
 
-            return load_file(str(path)), None, str(path)
+            return upcast(load_file(str(path))), None, str(path)
         raise EncoderLoadError(f"encoder.weights: {e}") from None
     try:
         state = load_state_dict(src)
@@ -135,7 +135,7 @@ def read_weights(weights: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] 
         raise EncoderLoadError(f"encoder.weights: {e}") from None
     step = f", step {src.step}" if src.step is not None else ""
     where = f"{src.path} ({src.kind}{step}" + (f": {src.weights.name}" if src.weights != src.path else "") + ")"
-    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, {"model": src.model_config}, where
+    return upcast(state), {"model": src.model_config}, where
 
 
 # ------------------------------------------------------------------------------------------------

@@ -7,7 +7,9 @@ An exported model is a directory (or a Hub repository) holding
   architecture, the bands and sensors seen in pretraining with their physical description, scale/offset,
   nodata and normalisation statistics, what each input tensor means and what to pass when a value is
   unknown, a training summary and the gfm version; for a fine-tuned export, the task and test figures;
-- ``model.safetensors``: the fp32 weights, names exactly as in the training-time module;
+- ``model.safetensors``: the weights, names exactly as in the training-time module, in fp32, or in bfloat16
+  with ``export(..., dtype="bf16")`` (recorded as ``weights_dtype`` in ``config.json``), which every reader
+  here upcasts into the model's fp32 parameters;
 - ``README.md``: a generated model card;
 - ``adapter/`` (optional): a fine-tuning run's LoRA adapter in peft's format (``adapter_config.json`` +
   ``adapter_model.safetensors``, the task head inside as ``modules_to_save``) or a probe's head, with its
@@ -44,6 +46,9 @@ from gfm.hub.base import (
     Pooling,
     UnknownBandsError,
     check_keys,
+    stored_dtype,
+    upcast,
+    weights_dtype,
 )
 from gfm.hub.card import model_card
 from gfm.hub.config import (
@@ -109,7 +114,10 @@ __all__ = [
     "read_stats",
     "resolve_source",
     "stats_of",
+    "stored_dtype",
     "task_model_from",
     "task_section",
     "training_summary",
+    "upcast",
+    "weights_dtype",
 ]

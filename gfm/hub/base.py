@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -18,6 +18,12 @@ ADAPTER_DIR = "adapter"
 COMPLETE = "COMPLETE"  # the checkpoint marker written last by gfm.train.checkpoint
 PAPER_URL = "https://arxiv.org/abs/2503.12843"
 FINETUNE_MANIFEST = "finetune.json"
+#: how ``model.safetensors`` stores floating-point weights (``config.json``: ``weights_dtype``, absent = float32).
+#: Readers upcast to the model's fp32 parameters; an old reader does too (``load_state_dict`` copies into the
+#: parameters' dtype), so bf16 storage needs no new ``FORMAT_VERSION``.
+WEIGHTS_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+#: the ``gfm export --dtype`` spellings
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16"}
 
 Pooling = Literal["mean", "cls"]
 
@@ -52,6 +58,25 @@ class UnknownBandsError(HubError):
             f"(it has: {shown or 'none'}); pass stats={{'<sensor>/<band>': {{'mean': m, 'std': s}}}} or an "
             "index.json with them, or unknown='drop' to leave these bands out"
         )
+
+
+def weights_dtype(name: str) -> str:
+    """The ``config.json`` name of a storage dtype given as ``fp32``/``bf16`` or ``float32``/``bfloat16``."""
+    canonical = DTYPE_ALIASES.get(name, name)
+    if canonical not in WEIGHTS_DTYPES:
+        raise HubError(f"weights dtype {name!r}: expected one of {', '.join([*DTYPE_ALIASES, *WEIGHTS_DTYPES])}")
+    return canonical
+
+
+def stored_dtype(config: Mapping[str, Any]) -> torch.dtype:
+    """The dtype an exported ``config.json`` says its ``model.safetensors`` holds (float32 when it says nothing)."""
+    return WEIGHTS_DTYPES[weights_dtype(str(config.get("weights_dtype") or "float32"))]
+
+
+def upcast(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with floating tensors in fp32 (bf16 storage → the model's fp32 parameters; others untouched)."""
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
 
 def check_keys(net: nn.Module, state: Mapping[str, torch.Tensor], where: str) -> None:
     """Raise :class:`HubError` listing missing/unexpected keys and shape mismatches of ``state`` for ``net``."""

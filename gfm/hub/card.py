@@ -46,6 +46,9 @@ def model_card(config: Mapping[str, Any], license: str = "other") -> str:
         f" ({_fmt(train.get('samples_seen'))} samples seen, effective batch {_fmt(train.get('effective_batch'))})"),
         (f"- engine: {_fmt(train.get('world_size'))} rank(s), ZeRO {_fmt(train.get('zero_stage'))}, "
         f"{_fmt(train.get('precision'))}"),
+        (f"- stored weights: {config.get('weights_dtype') or 'float32'}"
+         + (" (each weight rounded to bfloat16 at export; loaded into fp32 parameters)"
+            if config.get("weights_dtype") == "bfloat16" else "")),
         (f"- data: {_fmt(data.get('source'))}; {_fmt(data.get('samples'))} tiles in {_fmt(data.get('shards'))} "
         f"shard(s), sensors {', '.join(data.get('sensors') or []) or '—'}, dates "
         f"{' .. '.join(data.get('dates') or []) or '—'}, tile {_fmt(data.get('tile_size'))} px"),

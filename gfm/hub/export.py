@@ -20,7 +20,7 @@ from gfm.hub.adapters import (
     task_model_from,
     task_section,
 )
-from gfm.hub.base import ADAPTER_DIR, HubError, OutputExistsError, check_keys
+from gfm.hub.base import ADAPTER_DIR, HubError, OutputExistsError, check_keys, weights_dtype
 from gfm.hub.config import (
     _index_for_run,
     band_table,
@@ -57,6 +57,7 @@ def export(
     license: str = "other",
     overwrite: bool = False,
     push: str | None = None,
+    dtype: str = "fp32",
 ) -> ExportReport:
     """Write an exported model directory from a run, checkpoint, safetensors file or export.
 
@@ -74,12 +75,17 @@ def export(
         license: the licence identifier written into the model card metadata.
         overwrite: replace an existing ``out_dir``.
         push: a Hub repository id to upload the directory to (needs a token; never run in tests).
+        dtype: how ``model.safetensors`` stores the floating-point weights: ``fp32`` (default, exact) or
+            ``bf16`` (half the size, each weight rounded to bfloat16; what the models shipped in
+            ``gfm/pretrained/`` use). Recorded in ``config.json`` as ``weights_dtype``; every reader loads
+            the weights into fp32 parameters.
     """
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise OutputExistsError(out)
     if merge and adapter is None:
         raise HubError("merge=True needs an adapter to merge")
+    stored = weights_dtype(dtype)
     src = resolve_source(source)
     net = build_net(src.exported if src.kind == "export" else {"model": src.model_config})
     state = load_state_dict(src)
@@ -112,6 +118,7 @@ def export(
         config["task"] = task_section(doc, where, merged=merge)
         config["evaluation"] = evaluation_of(where)
     config["license"] = license
+    config["weights_dtype"] = stored
     model = GFMModel.__new__(GFMModel)
     nn.Module.__init__(model)
     model.config, model.net = config, net

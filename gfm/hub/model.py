@@ -23,6 +23,8 @@ from gfm.hub.base import (
     HubError,
     Pooling,
     check_keys,
+    stored_dtype,
+    upcast,
 )
 from gfm.hub.card import model_card
 from gfm.hub.config import build_net, stats_of
@@ -95,7 +97,9 @@ class GFMModel(
     def _save_pretrained(self, save_directory: Path) -> None:
         from safetensors.torch import save_file
 
-        state = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
+        dtype = stored_dtype(self.config)  # config.json's weights_dtype (gfm export --dtype)
+        state = {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous()
+                 for k, v in self.net.state_dict().items()}
         save_file(state, str(save_directory / WEIGHTS_NAME), metadata={"format": "pt", "gfm_format": FORMAT})
         (save_directory / CONFIG_NAME).write_text(json.dumps(self.config, indent=2, default=str) + "\n")
 
@@ -145,17 +149,18 @@ def _int_attr(module: nn.Module, name: str) -> int:
 
 
 def load_strict(net: nn.Module, weights: str | Path) -> None:
-    """Load ``weights`` (safetensors) into ``net``; any missing, unexpected or mis-shaped key is an error."""
+    """Load ``weights`` (safetensors) into ``net``; any missing, unexpected or mis-shaped key is an error.
+
+    Weights stored in bf16 are upcast to fp32 first (the parameters stay fp32).
+    """
     from safetensors.torch import load_file
 
     path = Path(weights)
     if not path.is_file():
         raise HubError(f"{path}: no weights file")
-    state = load_file(str(path))
+    state = upcast(load_file(str(path)))
     check_keys(net, state, str(path))
     net.load_state_dict(state, strict=True)
-
-
 
 
 def from_pretrained(path: str | Path, *, map_location: str = "cpu", adapter: str | Path | None = None) -> GFMModel:

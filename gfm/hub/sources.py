@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import yaml
 
-from gfm.hub.base import COMPLETE, CONFIG_NAME, FORMAT, WEIGHTS_NAME, HubError
+from gfm.hub.base import COMPLETE, CONFIG_NAME, FORMAT, WEIGHTS_NAME, HubError, upcast
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -231,9 +231,9 @@ def load_checkpoint_state_dict(path: Path, meta: Mapping[str, Any] | None = None
 
 
 def load_state_dict(source: WeightsSource) -> dict[str, torch.Tensor]:
-    """The fp32 weights of a resolved source."""
+    """The fp32 weights of a resolved source (an export stored in bf16 is upcast)."""
     if source.weights.is_dir():
         return load_checkpoint_state_dict(source.weights, source.meta)
     from safetensors.torch import load_file
 
-    return load_file(str(source.weights))
+    return upcast(load_file(str(source.weights)))
