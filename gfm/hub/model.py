@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -163,16 +164,56 @@ def load_strict(net: nn.Module, weights: str | Path) -> None:
     net.load_state_dict(state, strict=True)
 
 
-def from_pretrained(path: str | Path, *, map_location: str = "cpu", adapter: str | Path | None = None) -> GFMModel:
-    """Load an exported model (a directory or a Hub repository id) with strict keys, in eval mode.
+#: a Hugging Face Hub repository id, ``user/name``
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+def model_location(path: str | os.PathLike[str]) -> tuple[str, bool]:
+    """``(where, on_hub)`` of a model argument: a local directory, or a Hub repository id.
+
+    An existing local path wins; ``user/name`` that exists nowhere here is a Hub id; anything else goes
+    through :func:`gfm.pretrained.resolve` (a shipped model's short name, or an error naming the path or
+    listing the shipped names).
+    """
+    from gfm.pretrained import resolve
+
+    given = os.fspath(path)
+    if not isinstance(path, os.PathLike) and not os.path.exists(given) and _HUB_ID.fullmatch(given):
+        return given, True
+    local = resolve(path).path
+    if not local.is_dir():
+        raise HubError(f"{local}: expected an exported model directory ({CONFIG_NAME} + {WEIGHTS_NAME}), "
+                       "a shipped model's short name or a Hub repository id")
+    return str(local), False
+
+
+def from_pretrained(
+    path: str | os.PathLike[str], *, map_location: str = "cpu", adapter: str | Path | None = None
+) -> GFMModel:
+    """Load an exported model with strict keys, in eval mode.
 
     Args:
-        path: the export directory (or ``user/repo`` on the Hub).
+        path: the export directory, a model shipped with gfm by its short name (``gfm models`` lists
+            them; :mod:`gfm.pretrained`), or ``user/repo`` on the Hub (when no such local path exists).
         map_location: device for the weights.
         adapter: a fine-tuning run (or an export's ``adapter/``) to apply: ``net`` becomes the task model
             (a ``peft.PeftModel`` for LoRA). The export's own ``adapter/`` is applied only when named.
+
+    Raises:
+        HubError: no such directory or shipped model (``gfm.pretrained.PretrainedError``), a Hub id that
+            cannot be fetched, or weights that do not match the config.
     """
-    model = GFMModel.from_pretrained(str(path), map_location=map_location)
+    where, on_hub = model_location(path)
+    try:
+        model = GFMModel.from_pretrained(where, map_location=map_location)
+    except HubError:
+        raise
+    except (OSError, ValueError) as e:  # huggingface_hub's not-found, offline and invalid-id errors
+        if not on_hub:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise HubError(f"{where}: no such local directory, and the Hub gives no model there "
+                       f"({type(e).__name__}: {first})") from None
     if adapter is not None:
         net, doc = task_model_from(copy.deepcopy(model.encoder), adapter)
         model.net = net.to(map_location)

@@ -34,6 +34,8 @@ class WeightsSource:
         meta: the checkpoint's ``trainer.json`` (ZeRO stage, precision, world size...), when there is one.
         run_dir: the run directory, when known (metrics, index).
         exported: an exported directory's ``config.json`` (kind ``export`` only).
+        name: the shipped model's short name when the user named one (``gfm.pretrained``); ``path`` is then
+            its folder.
     """
 
     kind: str
@@ -45,6 +47,11 @@ class WeightsSource:
     meta: dict[str, Any] = field(default_factory=dict)
     run_dir: Path | None = None
     exported: dict[str, Any] = field(default_factory=dict)
+    name: str | None = None
+
+    def describe(self) -> str:
+        """What the user named, for messages: ``name = folder`` for a shipped model, else the path."""
+        return f"{self.name} = {self.path}" if self.name else str(self.path)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -135,16 +142,25 @@ def resolve_source(path: str | Path) -> WeightsSource:
     ``path`` may be a run directory (its ``model.safetensors`` when that is at least as recent as the
     latest complete checkpoint, else that checkpoint), a ``checkpoints/`` directory (its latest complete
     checkpoint), one checkpoint directory ``step_XXXXXXXX`` (which must hold the ``COMPLETE`` marker), a
-    ``.safetensors`` file whose metadata (or a ``config.yaml`` beside it) holds the run config, or an
-    exported directory (``config.json`` with ``"format": "gfm"``).
+    ``.safetensors`` file whose metadata (or a ``config.yaml`` beside it) holds the run config, an
+    exported directory (``config.json`` with ``"format": "gfm"``), or the short name of a model shipped
+    with gfm. :func:`gfm.pretrained.resolve` decides which: an existing path wins over a short name, and a
+    missing path-like string is an error naming it, never looked up as a name.
 
     Raises:
-        HubError: nothing usable at ``path``, or an incomplete checkpoint.
+        HubError: nothing usable at ``path``, or an incomplete checkpoint (``gfm.pretrained.PretrainedError``,
+            a ``HubError``, for a missing path or an unknown short name).
     """
-    given = Path(path)
+    from gfm.pretrained import resolve  # gfm.pretrained imports gfm.hub.base: imported here, not at the top
+
+    ref = resolve(path)
+    src = _resolve_path(ref.path)
+    src.name = ref.name
+    return src
+
+
+def _resolve_path(given: Path) -> WeightsSource:
     p = given
-    if not p.exists():
-        raise HubError(f"{p}: no such file or directory")
     if p.is_file():
         if p.suffix != ".safetensors":
             raise HubError(f"{p}: expected a run directory, a checkpoint directory or a .safetensors file")
