@@ -729,3 +729,122 @@ def test_heads():
     assert PixelClassificationHead(32, 6, patch_size=4)(maps).shape == (2, 6, 16, 16)
     nlc = enc.forward_intermediates(batch, indices=[-1], reduce="mean", output_fmt="NLC", intermediates_only=True)
     assert isinstance(nlc, list) and nlc[0].shape == (2, 16, 32)
+
+
+# ------------------------------------------------------------------------------------------------
+# Spectral patch embedding and the dense pixel head
+
+
+def test_spectral_patch_embedding_weighs_a_band_by_its_wavelength_not_its_slot():
+    from gfm.model.embed import SpectralPatchEmbed
+
+    torch.manual_seed(0)
+    embed = SpectralPatchEmbed(patch_size=2, embed_dim=8, spectral_patch=4)
+    g = torch.Generator().manual_seed(1)
+    pixels = torch.randn(1, 4, 4, 4, generator=g)
+    wl = torch.tensor([[450.0, 560.0, 665.0, 842.0]])
+    bw = torch.tensor([[65.0, 35.0, 30.0, 115.0]])
+    filled = torch.ones(1, 4, dtype=torch.bool)
+    tokens = embed(pixels, wl, bw, filled)
+    assert tokens.shape == (1, 1, 4, 8)
+    order = torch.tensor([3, 0, 2, 1])  # the same bands in other slots: the same token
+    assert torch.allclose(embed(pixels[:, order], wl[:, order], bw[:, order], filled), tokens, atol=1e-6)
+    # an empty slot adds nothing (the mean runs over filled slots only)
+    padded = torch.cat([pixels[:, :3], torch.randn(1, 1, 4, 4, generator=g)], dim=1)
+    empty = torch.tensor([[True, True, True, False]])
+    reference = SpectralPatchEmbed(patch_size=2, embed_dim=8, spectral_patch=3)
+    reference.load_state_dict(embed.state_dict())
+    assert torch.allclose(embed(padded, wl, bw, empty), reference(pixels[:, :3], wl[:, :3], bw[:, :3], empty[:, :3]),
+                          atol=1e-6)
+    # a different wavelength in the same slot is a different token; an unknown one takes the learned weight
+    assert not torch.allclose(embed(pixels, wl + 300.0, bw, filled), tokens)
+    unknown = embed(pixels, torch.full_like(wl, math.nan), bw, filled)
+    expected = torch.einsum("gk,kd->gd", rearrange_patches(pixels, 2),
+                            embed.unknown_weight.view(4, 8).repeat(4, 1)) / 4 + embed.bias
+    assert torch.allclose(unknown[0, 0], expected, atol=1e-5)
+
+
+def rearrange_patches(pixels: torch.Tensor, p: int) -> torch.Tensor:
+    """``[1, S, H, W]`` → the patch vectors ``[N, S·p²]`` of one group (as ``patchify`` orders them)."""
+    from gfm.model.embed import patchify
+
+    return patchify(pixels, p, pixels.shape[1])[0, 0]
+
+
+def test_spectral_patch_embedding_trains_in_every_model_and_counts_its_flops():
+    enc = tiny_encoder(patch_embed="spectral", spectral_patch=3)
+    batch = make_batch(C=0, H=8, W=8, sensors=mixed_sensors())
+    batch.wavelength[:, 5] = math.nan  # the unknown weight and the unknown bandwidth features train too
+    batch.bandwidth[:, 3] = math.nan
+    enc(batch).square().sum().backward()
+    mae = tiny_mae(patch_embed="spectral", spectral_patch=3, metadata_dropout=NO_META_DROPOUT)
+    mae(batch).loss.backward()
+    for model in (enc, mae):
+        for name, p in model.named_parameters():
+            if "patch_embed" in name:
+                assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    plain = make_batch(B=2, C=7, H=24, W=24)
+    for model in (tiny_encoder(patch_embed="spectral", spectral_patch=3).eval(),
+                  tiny_mae(patch_embed="spectral", spectral_patch=3).eval()):
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(plain)
+        measured = counter.get_total_flops()
+        assert abs(model.flops(2, 7, 24) - measured) / measured < 1e-3
+    with pytest.raises(ValueError, match="patch_embed"):
+        tiny_encoder(patch_embed="conv")
+
+
+def test_dense_pixel_head_and_smoothing():
+    from gfm.model.heads import DensePixelHead, smooth_probabilities
+
+    enc = tiny_encoder(patch_size=4)
+    batch = make_batch(C=3, H=10, W=10)
+    x = enc.forward_features(batch)
+    head = DensePixelHead(32, num_rows=3, num_bands=3, num_classes=5, patch_size=4, hidden=16)
+    logits = head(x, batch.pixels, (3, 3))
+    assert logits.shape == (2, 5, 10, 10)
+    # the pixel path reaches each pixel alone: changing one pixel's bands changes only its own logits
+    # when the tokens are held fixed
+    other = batch.pixels.clone()
+    other[:, :, 4, 6] += 3.0
+    diff = (head(x, other, (3, 3)) - logits).abs().sum(dim=(0, 1))
+    assert diff[4, 6] > 0 and diff.sum() == diff[4, 6]
+    with pytest.raises(ValueError, match="3 bands"):
+        head(x, batch.pixels[:, :2], (3, 3))
+    with pytest.raises(ValueError, match="3 token rows"):
+        head(x[:, :3], batch.pixels, (3, 3))
+    # the rows of a position are concatenated, not averaged: swapping two rows' tokens changes the logits
+    swapped = x.clone()
+    swapped[:, [1, 2]] = x[:, [2, 1]]
+    assert not torch.allclose(head(swapped, batch.pixels, (3, 3)), logits)
+    # smoothing: a box average of probabilities over valid pixels; size 1 = softmax
+    prob = smooth_probabilities(logits, 1)
+    assert torch.allclose(prob, logits.softmax(1))
+    valid = torch.ones(2, 10, 10, dtype=torch.bool)
+    valid[:, 0, :] = False
+    smoothed = smooth_probabilities(logits, 3, valid)
+    by_hand = logits.softmax(1)[0, :, 1:3, 2:5].mean(dim=(1, 2))  # pixel (1, 3): rows 0..2, row 0 invalid
+    assert torch.allclose(smoothed[0, :, 1, 3], by_hand, atol=1e-6)
+    assert torch.allclose(smoothed.sum(1), torch.ones(2, 10, 10), atol=1e-5)
+    with pytest.raises(ValueError, match="odd"):
+        smooth_probabilities(logits, 4)
+
+
+def test_tile_mean_baseline_scores_the_per_band_tile_mean_with_the_same_masks():
+    mae = tiny_mae(norm_pix_loss=False, loss_balance="pixel", spectral_patch=2, metadata_dropout=NO_META_DROPOUT)
+    batch = make_batch(B=2, C=4, H=8, W=8)
+    batch.valid[0, 1, :4, :4] = False  # invalid pixels neither count in the mean nor in the loss
+    out = mae(batch, torch.Generator().manual_seed(0))
+    base = mae.tile_mean_loss(out)
+    x, v = batch.pixels, batch.valid.float()
+    band_mean = (x * v).sum((2, 3), keepdim=True) / v.sum((2, 3), keepdim=True)
+    err = (x - band_mean).square() * v  # [B, C, H, W]
+    hidden = out.masked_pixels().float()  # hidden by position or by row
+    by_position = out.unpatchify(out.pos_mask[:, None, :, None].expand_as(out.pred).float())
+    expected_pos = (err * by_position).sum() / (v * by_position).sum()
+    assert torch.allclose(base["loss_pos"], expected_pos, atol=1e-5)
+    assert (hidden >= by_position).all()
+    flat = make_batch(B=2, C=4, H=8, W=8)
+    flat.pixels[:] = torch.arange(4.0)[None, :, None, None]  # every band constant over its tile
+    out = mae(flat, torch.Generator().manual_seed(0))
+    assert float(mae.tile_mean_loss(out)["loss_pos"]) == 0.0 and float(out.loss.detach()) > 0

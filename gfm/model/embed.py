@@ -195,6 +195,77 @@ class PatchEmbed(nn.Module):
         return 2 * num_tokens * self.proj.in_features * self.proj.out_features
 
 
+class SpectralPatchEmbed(nn.Module):
+    """Patches → tokens with per-band weights made from each band's wavelength and bandwidth (gfm).
+
+    A token of a group of up to ``s`` observations at one position is
+
+        t = b + (1 / n) · Σ_k  W(λ_k, Δλ_k) · x_k,    W(λ, Δλ) ∈ R^{D × p²}
+
+    where ``x_k`` is observation ``k``'s ``p × p`` patch, ``n`` the group's filled slots and ``W`` comes
+    from a small MLP of the same sin-cos features of ln λ and ln Δλ that :class:`ChannelEmbed` uses (an
+    unknown bandwidth has a learned feature vector; an unknown wavelength a learned weight). So a band
+    is weighted by what it measures, not by the slot it happens to fill: 25 neighbouring AVIRIS bands
+    fold into one token without losing their spectral shape, and a Sentinel-2 band lands near the
+    Landsat band of the same wavelength even in a model that never saw Sentinel-2. A linear patch
+    embedding (:class:`PatchEmbed`) instead gives slot ``k`` the same weights whatever band fills it.
+    Related: DOFA's wavelength-conditioned dynamic patch embedding (Xiong et al., 2024).
+
+    Args:
+        patch_size: ``p``.
+        embed_dim: ``D``.
+        spectral_patch: ``s``, observations folded into one token.
+        hidden_dim: width of the weight generator.
+        num_spectral: sin-cos periods per spectral feature (as :class:`ChannelEmbed`).
+    """
+
+    def __init__(
+        self, patch_size: int, embed_dim: int, spectral_patch: int = 1, hidden_dim: int = 128, num_spectral: int = 16
+    ) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.spectral_patch = spectral_patch
+        self.embed_dim = embed_dim
+        self.register_buffer("log_periods", geometric_periods(num_spectral, 0.01, 50.0), persistent=False)
+        self.generator = nn.Sequential(
+            nn.Linear(4 * num_spectral, hidden_dim), nn.GELU(),
+            nn.Linear(hidden_dim, patch_size * patch_size * embed_dim),
+        )
+        self.unknown_bandwidth = nn.Parameter(torch.zeros(2 * num_spectral))
+        self.unknown_weight = nn.Parameter(torch.zeros(patch_size * patch_size * embed_dim))
+        self.bias = nn.Parameter(torch.zeros(embed_dim))
+
+    def weights(self, wavelength: torch.Tensor, bandwidth: torch.Tensor) -> torch.Tensor:
+        """Per-slot weights ``[..., p²·D]`` from ``wavelength, bandwidth: [...]`` nm (NaN or ≤ 0 = unknown)."""
+        periods: torch.Tensor = self.log_periods  # type: ignore[assignment]
+        wl_ok, bw_ok = known(wavelength), known(bandwidth)
+        f_wl = sincos(torch.where(wl_ok, wavelength, torch.ones_like(wavelength)).log(), periods)
+        f_bw = sincos(torch.where(bw_ok, bandwidth, torch.ones_like(bandwidth)).log(), periods)
+        f_bw = torch.where(bw_ok[..., None], f_bw, self.unknown_bandwidth.to(f_bw.dtype))
+        w = self.generator(torch.cat([f_wl, f_bw], dim=-1).to(self.bias.dtype))
+        return torch.where(wl_ok[..., None], w, self.unknown_weight.to(w.dtype))
+
+    def forward(
+        self, pixels: torch.Tensor, wavelength: torch.Tensor, bandwidth: torch.Tensor, filled: torch.Tensor
+    ) -> torch.Tensor:
+        """Slots ``pixels: [B, G·s, H, W]`` (padded, grouped, invalid zeroed) → tokens ``[B, G, N, D]``.
+
+        ``wavelength``, ``bandwidth``, ``filled: [B, G·s]`` describe each slot (empty slots: ``filled`` False).
+        """
+        s, q = self.spectral_patch, self.patch_size * self.patch_size
+        w = self.weights(wavelength, bandwidth) * filled[..., None]  # empty slots weigh nothing
+        w = rearrange(w, "b (g s) (q d) -> b g (s q) d", s=s, q=q)
+        x = patchify(pixels, self.patch_size, s)  # [B, G, N, s·p²]
+        count = rearrange(filled, "b (g s) -> b g s", s=s).sum(-1).clamp(min=1)  # [B, G]
+        tokens = torch.einsum("bgnk,bgkd->bgnd", x.to(w.dtype), w) / count[..., None, None].to(w.dtype)
+        return tokens + self.bias
+
+    def flops(self, num_tokens: int, num_slots: int = 0) -> int:
+        """Forward matmul FLOPs: ``num_tokens`` tokens of one sample, ``num_slots`` generated weight rows."""
+        gen = sum(2 * m.in_features * m.out_features for m in self.generator if isinstance(m, nn.Linear))
+        return 2 * num_tokens * self.spectral_patch * self.patch_size**2 * self.embed_dim + num_slots * gen
+
+
 @dataclass
 class Descriptors:
     """The physical description of each token row, ``[B, G]`` each (after spectral grouping).

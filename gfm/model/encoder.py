@@ -26,6 +26,7 @@ from gfm.model.embed import (
     PatchEmbed,
     PosChanEmbed,
     SpectralGroups,
+    SpectralPatchEmbed,
     TileMeta,
     add_summary_tokens,
     grid_coords,
@@ -120,6 +121,9 @@ class LESSViT(nn.Module):
         patch_size: ``p``.
         spectral_patch: ``s``: up to ``s`` consecutive observations of one sensor, date and kind per
             token (1 = one token per band).
+        patch_embed: ``"linear"`` (one linear map of the ``s·p²`` slot values, :class:`PatchEmbed`) or
+            ``"spectral"`` (per-band weights made from wavelength and bandwidth,
+            :class:`~gfm.model.embed.SpectralPatchEmbed`: a band counts by what it measures, not by its slot).
         attention: ``"less"`` or ``"dense"``.
         perception_radius_m: spatial attention radius in metres (0 = global attention).
         finest_gsd_m: the finest GSD the model is meant for; the shortest position period is two patch
@@ -146,6 +150,7 @@ class LESSViT(nn.Module):
         mlp_ratio: float = 4.0,
         patch_size: int = 8,
         spectral_patch: int = 1,
+        patch_embed: str = "linear",
         attention: str = "less",
         perception_radius_m: float = 640.0,
         finest_gsd_m: float = 10.0,
@@ -181,7 +186,13 @@ class LESSViT(nn.Module):
         self.norm_layer = norm_layer
         self.act_layer = act_layer
 
-        self.patch_embed = PatchEmbed(patch_size, embed_dim, spectral_patch)
+        if patch_embed not in ("linear", "spectral"):
+            raise ValueError(f"patch_embed must be 'linear' or 'spectral', got {patch_embed!r}")
+        self.patch_embed_kind = patch_embed
+        self.patch_embed: PatchEmbed | SpectralPatchEmbed = (
+            SpectralPatchEmbed(patch_size, embed_dim, spectral_patch) if patch_embed == "spectral"
+            else PatchEmbed(patch_size, embed_dim, spectral_patch)
+        )
         self.pos_chan_embed = PosChanEmbed(embed_dim, self.shortest_period_m, act_layer=act_layer)
         self.cls_token = nn.Parameter(torch.zeros(embed_dim))
         self.row_token = nn.Parameter(torch.zeros(embed_dim))  # summary row: one per position
@@ -238,10 +249,20 @@ class LESSViT(nn.Module):
         tile = TileMeta(lonlat.float(), gsd)
         coords = grid_coords(grid_hw, pitch)
         token_valid = patchify(valid, p, s).any(dim=-1)  # [B, G, N]
-        x = add_summary_tokens(self.patch_embed(pixels), self.cls_token, self.row_token, self.col_token)
+        if isinstance(self.patch_embed, SpectralPatchEmbed):
+            patches = self.patch_embed(pixels, groups.group(batch.wavelength, math.nan),
+                                       groups.group(batch.bandwidth, math.nan), groups.filled)
+        else:
+            patches = self.patch_embed(pixels)
+        x = add_summary_tokens(patches, self.cls_token, self.row_token, self.col_token)
         x = x + self.pos_chan_embed(coords, pitch, desc, tile).to(x.dtype)
         return Tokens(x, coords, pitch, desc, tile, groups, pixels, valid, token_valid, grid_hw, image_hw,
                       int(batch.pixels.shape[1]))
+
+    def num_rows(self, inputs: Inputs) -> int:
+        """``G``, the token rows this encoder makes of a batch's observations (after spectral grouping)."""
+        batch = as_batch(inputs)
+        return spectral_groups(batch.kind, batch.time, batch.sensor, self.spectral_patch).num_groups
 
     def grid_mask(
         self, token_valid: torch.Tensor, pitch: torch.Tensor, grid_hw: tuple[int, int],
@@ -347,8 +368,16 @@ class LESSViT(nn.Module):
         """Forward matmul FLOPs of one sample with ``rows`` token rows and ``positions`` positions."""
         flops = sum(block.flops(rows + 1, positions + 1) for block in self.blocks)  # type: ignore[operator]
         if with_embed:
-            flops += self.patch_embed.flops(rows * positions) + self.pos_chan_embed.flops(rows)
+            flops += self.embed_flops(rows, positions)
         return flops
+
+    def embed_flops(self, rows: int, positions: int) -> int:
+        """Forward matmul FLOPs of the patch and positional-channel embeddings of one sample."""
+        if isinstance(self.patch_embed, SpectralPatchEmbed):
+            patches = self.patch_embed.flops(rows * positions, rows * self.spectral_patch)
+        else:
+            patches = self.patch_embed.flops(rows * positions)
+        return patches + self.pos_chan_embed.flops(rows)
 
     def flops(self, batch_size: int, num_obs: int, img_size: int | tuple[int, int]) -> int:
         """Analytic forward FLOPs (matmuls and attention, 2 per multiply-add) of a batch.

@@ -110,6 +110,7 @@ class MAEOutput:
         obs_mask: ``[B, G]`` bool, True = token row hidden from the encoder.
         patch_mean, patch_std: ``[B, G, N, 1]`` per-token statistics that undo the target
             normalisation (0 and 1 without ``norm_pix_loss``).
+        row_group: ``[B, G]`` loss group index of each token row.
         groups: which observation fills which slot of which row.
         patch_size, spectral_patch, grid_hw, image_hw, num_obs: to turn tokens back into images.
     """
@@ -128,6 +129,7 @@ class MAEOutput:
     obs_mask: torch.Tensor
     patch_mean: torch.Tensor
     patch_std: torch.Tensor
+    row_group: torch.Tensor
     groups: SpectralGroups
     patch_size: int
     spectral_patch: int
@@ -450,6 +452,7 @@ class HyperMAE(nn.Module):
             obs_mask=obs_mask,
             patch_mean=mean,
             patch_std=std,
+            row_group=self.row_groups(tokens.desc.kind),
             groups=tokens.groups,
             patch_size=self.encoder.patch_size,
             spectral_patch=self.encoder.spectral_patch,
@@ -457,6 +460,24 @@ class HyperMAE(nn.Module):
             image_hw=tokens.image_hw,
             num_obs=tokens.num_obs,
         )
+
+    def tile_mean_loss(self, out: MAEOutput) -> dict[str, torch.Tensor]:
+        """The loss terms of predicting every hidden pixel as its band's mean over the tile, same masks.
+
+        The reference a reconstruction has to beat: each band's mean over the tile's valid pixels, hidden
+        and visible alike (so it knows more than the encoder is shown), scored exactly as ``out``'s
+        prediction was (:meth:`forward_loss`). Returns the same keys as :meth:`forward_loss`.
+        """
+        p2 = self.encoder.patch_size**2
+        s = self.encoder.spectral_patch
+        B, G, N, _ = out.target.shape
+        target = out.target * out.patch_std + out.patch_mean  # in input units, whatever norm_pix_loss
+        value = target.reshape(B, G, N, s, p2)
+        w = out.weight.reshape(B, G, N, s, p2)
+        band_mean = (value * w).sum((2, 4), keepdim=True) / w.sum((2, 4), keepdim=True).clamp_min(1.0)
+        pred = band_mean.expand_as(value).reshape(out.target.shape)
+        pred = (pred - out.patch_mean) / out.patch_std  # back in target units
+        return self.forward_loss(pred, out.target, out.weight, out.obs_mask, out.pos_mask, out.row_group)
 
     # --------------------------------------------------------------------------------------------
 
@@ -469,7 +490,7 @@ class HyperMAE(nn.Module):
         enc = self.encoder
         rows, positions = enc.grid_size(num_obs, img_size)
         keep_rows, keep_pos = self.keep_counts(rows, positions)
-        flops = enc.patch_embed.flops(rows * positions) + enc.pos_chan_embed.flops(rows)
+        flops = enc.embed_flops(rows, positions)
         flops += enc.flops_tokens(keep_rows, keep_pos, with_embed=False)
         dim_in, dim_dec = self.decoder_embed.in_features, self.decoder_embed.out_features
         flops += 2 * (keep_rows + 1) * (keep_pos + 1) * dim_in * dim_dec

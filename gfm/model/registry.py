@@ -250,6 +250,7 @@ class ModelConfig:
         depth: encoder blocks (None = the variant's; fewer for a quick CPU run).
         patch_size: ``p``, pixels per patch side.
         spectral_patch: ``s``, observations of one sensor, date and kind folded into one token.
+        patch_embed: ``linear`` or ``spectral`` (per-band weights from wavelength and bandwidth).
         num_heads: encoder heads ``h``.
         rank: encoder LESS rank ``r`` (Kronecker terms per head).
         spectral_head_dim: encoder ``d_c``.
@@ -280,6 +281,7 @@ class ModelConfig:
     depth: int | None = None
     patch_size: int | None = None
     spectral_patch: int | None = None
+    patch_embed: str | None = None
     num_heads: int | None = None
     rank: int | None = None
     spectral_head_dim: int | None = None
@@ -317,6 +319,8 @@ class ModelConfig:
             value = getattr(self, key)
             if value is not None and not 0.0 <= value < 1.0:
                 raise ValueError(f"{key}: must lie in [0, 1), got {value}")
+        if self.patch_embed not in (None, "linear", "spectral"):
+            raise ValueError(f"patch_embed: expected 'linear' or 'spectral', got {self.patch_embed!r}")
         if self.loss_balance not in (None, "group", "pixel"):
             raise ValueError(f"loss_balance: expected 'group' or 'pixel', got {self.loss_balance!r}")
         unknown = sorted(set(self.loss_group_weights or {}) - set(LOSS_GROUPS))
