@@ -67,7 +67,7 @@ def child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     encoder = create_model("less_vit_tiny", depth=2, patch_size=8)
-    model = TaskModel(encoder, "segmentation", 8, HeadConfig()).eval()
+    model = TaskModel(encoder, "segmentation", 8, HeadConfig(), num_bands=3, num_rows=3).eval()
     info = TaskInfo("segmentation", 8, [f"class{i}" for i in range(8)], source="bench")
     predictor = SegmentationPredictor(model, info)
     scene = open_scene(scene_spec(SceneFiles([args.scene], sensor="landsat8", bands=["B2", "B3", "B4"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -158,7 +159,7 @@ def test_split_json_round_trip_and_refusal_for_other_data(fields: np.ndarray, tm
 def _task_model(depth: int = 2, **kw: object) -> TaskModel:
     torch.manual_seed(0)
     enc = create_model("less_vit_tiny", depth=depth, patch_size=4, **kw)
-    return TaskModel(enc, "pixel", 3, HeadConfig(), window=9)
+    return TaskModel(enc, "pixel", 3, HeadConfig(), window=9, num_bands=5, num_rows=5)
 
 
 def _expected(model: TaskModel, groups: list[str]) -> set[str]:
@@ -208,7 +209,9 @@ def test_peft_all_linear_would_also_wrap_the_head() -> None:
 
 
 def test_lora_trains_under_five_percent_of_the_tiny_model() -> None:
-    model = TaskModel(create_model("less_vit_tiny"), "pixel", 16, HeadConfig(), window=9)
+    # Indian Pines as configured: 200 bands in 8 spectral groups of 25, 16 classes
+    encoder = create_model("less_vit_tiny", spectral_patch=25)
+    model = TaskModel(encoder, "pixel", 16, HeadConfig(), window=9, num_bands=200, num_rows=8)
     total_before = sum(p.numel() for p in model.parameters())
     wrapped = apply_method(model, MethodConfig("lora"))
     counts = parameter_counts(wrapped)
@@ -231,7 +234,7 @@ def test_layer_wise_lr_decay_groups_and_scaled_steps() -> None:
     assert scale[id(named["encoder.blocks.2.mlp.fc1.weight"])] == 0.5
     assert scale[id(named["encoder.patch_embed.proj.weight"])] == 0.5**4
     assert scale[id(named["encoder.norm.weight"])] == 1.0
-    assert scale[id(named["task_head.fc.weight"])] == 2.0
+    assert scale[id(named["task_head.classifier.2.weight"])] == 2.0
     # the optimizer steps each group at lr x lr_scale (SGD-like check on the first Adam step: |dw| = lr)
     w1, w2 = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3))
     opt = LayerScaledAdamW([{"params": [w1], "lr_scale": 1.0}, {"params": [w2], "lr_scale": 0.25}], lr=0.1,
@@ -383,3 +386,28 @@ def test_grad_checkpointing_recomputes_blocks_with_the_same_gradients() -> None:
     assert grads[0].keys() == grads[1].keys() and any("lora_B" in n for n in grads[0])
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)
+
+
+def test_dense_per_pixel_evaluation_equals_window_by_window(pixel_shards: Path) -> None:
+    """The scene-at-once path of a per-pixel dense head gives what the windows give, smoothing included."""
+    from gfm.finetune.evaluate import predict
+
+    data = TaskDataConfig(shards=str(pixel_shards), task="pixel", window=7,
+                          labels=LabelConfig(ignore=[0], names=CLASS_NAMES)).build()
+    torch.manual_seed(0)
+    encoder = create_model("less_vit_tiny", depth=1, patch_size=1, spectral_patch=3, patch_embed="spectral")
+    model = TaskModel(encoder, "pixel", 3, HeadConfig(smooth=5), window=7, num_bands=data.num_bands,
+                      num_rows=encoder.num_rows(data.tiles[0])).eval()
+    assert model.per_pixel and model.smooth == 5
+    idx = np.random.default_rng(0).choice(len(data), 60, replace=False)
+    idx = np.concatenate([idx, [0, len(data) - 1]])  # windows at the scene's edges, padded with invalid pixels
+    targets, (dense,) = predict(model, data, idx, batch_size=64)
+    with torch.no_grad():
+        windowed = torch.cat([model(data.batch(idx[i:i + 16])).logits for i in range(0, len(idx), 16)]).argmax(1)
+    assert np.array_equal(targets, data.targets[idx])
+    assert np.array_equal(dense, windowed.numpy())
+    # and training reads the centre pixel alone: its logits do not change when the neighbours do
+    model.train()
+    batch = data.batch(idx[:4])
+    noisy = replace(batch, pixels=batch.pixels + torch.randn_like(batch.pixels) * (torch.arange(7) != 3)[:, None])
+    assert torch.equal(model(batch).logits, model(noisy).logits)

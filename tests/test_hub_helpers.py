@@ -101,7 +101,8 @@ def make_finetune_run(
     mcfg = MethodConfig(name=method, lora=LoraConfig(targets=["attention", "mlp"], rank=2, alpha=4))  # type: ignore[arg-type]
     doc = manifest(
         task=task, class_names=[f"class{i}" for i in range(classes)], label_values=list(range(1, classes + 1)),
-        window=window, head=HeadConfig(), method=mcfg, arch={"model_config": base.config["model"]},
+        window=window, num_bands=3, num_rows=3,  # reference_batch's three observations, one token row each
+        head=HeadConfig(), method=mcfg, arch={"model_config": base.config["model"]},
         source=str(base_export), fp=fingerprint(encoder), description="test", counts={"total": 0, "trainable": 0},
     )
     g = torch.Generator().manual_seed(seed)

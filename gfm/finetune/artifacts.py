@@ -60,18 +60,22 @@ def _config_of(obj: Any) -> dict[str, Any]:
     return out
 
 
-def _task_part(task: str, class_names: list[str], label_values: list[int], window: int) -> dict[str, Any]:
-    """What every ``finetune.json`` starts with: its format and the task."""
+def _task_part(task: str, class_names: list[str], label_values: list[int], window: int,
+               num_bands: int, num_rows: int = 0) -> dict[str, Any]:
+    """What every ``finetune.json`` starts with: its format and the task.
+
+    ``num_bands``: the task's bands; ``num_rows``: the token rows the encoder makes of them.
+    """
     return {"format": MANIFEST_FORMAT, "task": task, "class_names": class_names, "label_values": label_values,
-            "num_classes": len(class_names), "window": window}
+            "num_classes": len(class_names), "window": window, "num_bands": num_bands, "num_rows": num_rows}
 
 
-def manifest(*, task: str, class_names: list[str], label_values: list[int], window: int, head: HeadConfig,
-             method: MethodConfig, arch: dict[str, Any], source: str, fp: str, description: str,
-             counts: dict[str, int], pretrained: str = "") -> dict[str, Any]:
+def manifest(*, task: str, class_names: list[str], label_values: list[int], window: int, num_bands: int,
+             num_rows: int, head: HeadConfig, method: MethodConfig, arch: dict[str, Any], source: str, fp: str,
+             description: str, counts: dict[str, int], pretrained: str = "") -> dict[str, Any]:
     """The ``finetune.json`` document (``pretrained``: the shipped model's short name ``source`` came from)."""
     return {
-        **_task_part(task, class_names, label_values, window),
+        **_task_part(task, class_names, label_values, window, num_bands, num_rows),
         "head": _config_of(head),
         "method": method.name,
         "lora": get_method(method.name).settings(method),
@@ -88,7 +92,7 @@ CLASSIC_NOTE = ("classic baselines are for comparison only: the fitted scikit-le
 
 
 def classic_manifest(*, task: str, class_names: list[str], label_values: list[int], window: int,
-                     method: MethodConfig, estimator: str, fitted: dict[str, Any]) -> dict[str, Any]:
+                     num_bands: int, method: MethodConfig, estimator: str, fitted: dict[str, Any]) -> dict[str, Any]:
     """The ``finetune.json`` document of a classic baseline's run (no model file, no encoder).
 
     Args:
@@ -96,12 +100,13 @@ def classic_manifest(*, task: str, class_names: list[str], label_values: list[in
         class_names: class names in class order.
         label_values: the label value of each class.
         window: the pixel task's window (0 for tile tasks).
+        num_bands: the task's input bands.
         method: the method config (its registered settings are recorded).
         estimator: the fitted scikit-learn estimator as scikit-learn prints it.
         fitted: training samples, features per sample and what the fitted model holds.
     """
     return {
-        **_task_part(task, class_names, label_values, window),
+        **_task_part(task, class_names, label_values, window, num_bands),
         "method": method.name,
         "classic": get_method(method.name).settings(method),
         "estimator": estimator,
@@ -137,7 +142,8 @@ def _head_config(doc: dict[str, Any]) -> HeadConfig:
 
 def task_model(doc: dict[str, Any], encoder: nn.Module) -> TaskModel:
     """The task model ``doc`` describes around ``encoder`` (weights of the head still random)."""
-    return TaskModel(encoder, doc["task"], int(doc["num_classes"]), _head_config(doc), int(doc["window"]))
+    return TaskModel(encoder, doc["task"], int(doc["num_classes"]), _head_config(doc), int(doc["window"]),
+                     int(doc.get("num_bands") or 0), int(doc.get("num_rows") or 0))
 
 
 def _method(doc: dict[str, Any]) -> MethodConfig:

@@ -265,6 +265,11 @@ class TaskData:
         return len(self.class_names)
 
     @property
+    def num_bands(self) -> int:
+        """``C``, the bands (observations) of every sample."""
+        return int(self.tiles[0].pixels.shape[1]) if self.tiles else 0
+
+    @property
     def multilabel(self) -> bool:
         """Whether targets are multi-hot."""
         return self.task == "multilabel"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -24,6 +24,7 @@ from gfm.finetune.metrics import (
     multilabel_counts,
     multilabel_metrics,
 )
+from gfm.model.heads import smooth_probabilities
 
 #: the largest classes × pixels of a scene's prediction votes reduced over ranks (else no map)
 MAX_MAP_CELLS = 64_000_000
@@ -62,6 +63,11 @@ def predict(model: Any, data: TaskData, indices: Sequence[int] | np.ndarray, bat
     was_training = model.training
     model.eval()
     device = _device_of(model)
+    task_model = unwrap(model)
+    if data.task == "pixel" and getattr(task_model, "per_pixel", False):
+        pred = _pixel_dense(task_model, data, np.asarray(indices), batch_size, device, autocast)
+        model.train(was_training)
+        return np.asarray(data.targets)[np.asarray(indices, dtype=np.int64)].astype(np.int64), [pred]
     preds: list[np.ndarray] = []
     targets: list[np.ndarray] = []
     for start in range(0, len(indices), batch_size):
@@ -83,6 +89,60 @@ def predict(model: Any, data: TaskData, indices: Sequence[int] | np.ndarray, bat
     k = data.num_classes
     empty_t = np.zeros((0, k)) if data.multilabel else np.zeros(0, np.int64)
     return (np.concatenate(targets) if targets else empty_t), ([np.concatenate(preds)] if preds else [empty_t])
+
+
+def unwrap(model: Any) -> Any:
+    """The task model inside peft's and DeepSpeed's wrappers.
+
+    peft injects its layers in place, so the unwrapped model still runs the adapters.
+    """
+    while True:
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        elif hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+            model = model.module
+        else:
+            return model
+
+
+@torch.no_grad()
+def _pixel_dense(model: Any, data: TaskData, indices: np.ndarray, batch_size: int, device: torch.device,
+                 autocast: torch.dtype | None) -> np.ndarray:
+    """Pixel task, encoder per pixel: each scene's class probabilities computed once, densely, then read.
+
+    A per-pixel encoder's logits for a pixel depend on that pixel alone, and smoothing reads the
+    ``smooth × smooth`` pixels around it, all inside its window: so one dense pass over each scene's
+    mosaic gives exactly what window-by-window evaluation gives, for each pixel once instead of once per
+    window it lies in. Only the scenes (and, of them, the rows) that hold samples are computed.
+    """
+    out = np.zeros(len(indices), dtype=np.int64)
+    w = data.windows
+    pad = data.window // 2
+    halo = model.smooth // 2
+    tile = data.tiles[0]
+    ctx: Any = torch.autocast(device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
+    for s in np.unique(w.scene[indices]) if len(indices) else []:
+        mine = np.flatnonzero(w.scene[indices] == s)
+        # window centres in the mosaic, which is padded by ``pad`` on every side: top + pad (centre) + pad
+        rows, cols = w.top[indices[mine]] + 2 * pad, w.left[indices[mine]] + 2 * pad
+        pixels, valid = data.mosaics[int(s)]
+        r0, r1 = max(0, int(rows.min()) - halo), min(pixels.shape[-2], int(rows.max()) + halo + 1)
+        part = replace(tile, pixels=pixels[None, :, r0:r1], valid=valid[None, :, r0:r1], label=None, keys=[]).to(device)
+        logits = torch.cat([_chunk_logits(model, part, i, batch_size, ctx)
+                            for i in range(0, part.pixels.shape[-2], max(1, batch_size // part.pixels.shape[-1]))],
+                           dim=2)  # [1, K, rows, W]
+        prob = smooth_probabilities(logits, model.smooth, part.valid.any(dim=1))
+        out[mine] = prob[0, :, torch.as_tensor(rows - r0), torch.as_tensor(cols)].argmax(0).cpu().numpy()
+    return out
+
+
+def _chunk_logits(model: Any, part: Any, start: int, batch_size: int, ctx: Any) -> torch.Tensor:
+    """Per-pixel logits of rows ``start..`` of ``part`` (as many rows as make about ``batch_size`` pixels)."""
+    step = max(1, batch_size // part.pixels.shape[-1])
+    rows = slice(start, start + step)
+    chunk = replace(part, pixels=part.pixels[..., rows, :], valid=part.valid[..., rows, :])
+    with ctx:
+        return model.dense_logits(chunk).float()
 
 
 def evaluate(model: Any, data: TaskData, indices: np.ndarray, batch_size: int, *,

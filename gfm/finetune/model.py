@@ -4,11 +4,21 @@
 task               head (module ``task_head``)
 =================  ===================================================================================
 scene, multilabel  pooled token grid (mean of observation tokens, or CLS) → linear
-pixel              the token of the patch holding the window's centre pixel: its summary token and the
-                   mean of its observation tokens, normalised → linear
-segmentation       per-position maps of the last blocks (``forward_intermediates``) → ``linear`` (1×1
-                   conv, bilinear upsampling), ``progressive`` or ``uper`` decoder → logits per pixel
+pixel              ``dense`` (default): :class:`~gfm.model.heads.DensePixelHead` gives logits for every
+                   pixel of the window (its position's tokens plus its own bands); the window's centre
+                   pixel is the sample. With ``context: pixel`` (default) the encoder sees each pixel
+                   alone (its spectrum as token rows); with ``window``, the whole window. Trained on the
+                   centre pixel's logits; evaluated on its class probabilities averaged over the
+                   ``smooth × smooth`` valid pixels around it.
+                   ``centre``: the token of the patch holding the centre pixel (summary token and mean
+                   of observation tokens) → linear (runs made before the dense head read as this)
+segmentation       ``dense`` (default): :class:`~gfm.model.heads.DensePixelHead` on the final token grid;
+                   or the per-position maps of the last blocks (``forward_intermediates``) →
+                   ``linear`` (1×1 conv, bilinear upsampling), ``progressive`` or ``uper`` decoder
 =================  ===================================================================================
+
+:meth:`TaskModel.dense_probabilities` gives class probabilities for every pixel of a tile in one forward
+(``dense`` heads), which is how whole scenes are predicted.
 
 The encoder is used only through its public API (``forward_features``, ``forward_intermediates``,
 ``patch_size``, ``embed_dim``), so peft can wrap the whole task model and the head stays a separate,
@@ -17,7 +27,7 @@ fully trained module.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -26,7 +36,7 @@ from torch import nn
 
 from gfm.batch import Batch
 from gfm.config import ConfigError
-from gfm.model.heads import ClassificationHead, SegmentationHead, UPerHead
+from gfm.model.heads import ClassificationHead, DensePixelHead, SegmentationHead, UPerHead, smooth_probabilities
 
 IGNORE_INDEX = -1
 
@@ -36,17 +46,28 @@ class HeadConfig:
     """The task head.
 
     Attributes:
-        kind: segmentation decoder: ``linear`` (1×1 conv on the last block's map, bilinear upsampling),
-            ``progressive`` (transposed-conv upsampling of fused maps) or ``uper`` (UPerNet-style).
+        kind: per-pixel and segmentation heads: ``dense`` (every pixel from its position's tokens and its
+            own bands, :class:`~gfm.model.heads.DensePixelHead`); segmentation also ``linear`` (1×1 conv on
+            the last block's map, bilinear upsampling), ``progressive`` (transposed-conv upsampling of fused
+            maps) or ``uper`` (UPerNet-style); pixel also ``centre`` (the centre patch's tokens → linear;
+            ``linear`` reads as ``centre`` for pixel runs made before the dense head).
         pool: scene tasks: ``mean`` (of the observation tokens) or ``cls``.
-        dropout: dropout before the classifier (scene and pixel tasks).
-        channels: width of the segmentation decoders.
+        dropout: dropout before the classifier.
+        channels: width of the segmentation decoders and the hidden width of the dense head.
+        smooth: ``dense`` heads: evaluate and predict with class probabilities averaged over the
+            ``smooth × smooth`` valid pixels around each pixel (odd; 1 = off; 0 = the task's default: 5 for
+            pixel, 1 for segmentation).
+        context: ``dense`` heads: what the encoder sees for each pixel: ``pixel`` (that pixel alone: its
+            bands as token rows, no spatial attention) or ``window`` (the whole window or tile); ``auto`` =
+            ``pixel`` for the pixel task, ``window`` for segmentation.
     """
 
-    kind: Literal["linear", "progressive", "uper"] = "linear"
+    kind: Literal["dense", "linear", "progressive", "uper", "centre"] = "dense"
     pool: Literal["mean", "cls"] = "mean"
     dropout: float = 0.0
-    channels: int = 128
+    channels: int = 64
+    smooth: int = 0
+    context: Literal["auto", "pixel", "window"] = "auto"
 
     def validate(self) -> None:
         """Check values; raises :class:`ConfigError` naming the field."""
@@ -54,6 +75,16 @@ class HeadConfig:
             raise ConfigError(f"dropout: must be in [0, 1), got {self.dropout}")
         if self.channels < 1:
             raise ConfigError(f"channels: must be >= 1, got {self.channels}")
+        if self.smooth < 0 or (self.smooth and self.smooth % 2 == 0):
+            raise ConfigError(f"smooth: must be 0 (the task's default) or an odd size >= 1, got {self.smooth}")
+
+    def smoothing(self, task: str) -> int:
+        """The neighbourhood size used for ``task`` (``smooth``, or the task's default when 0)."""
+        return self.smooth or (5 if task == "pixel" else 1)
+
+    def per_pixel(self, task: str) -> bool:
+        """Whether the encoder sees each pixel alone for ``task``."""
+        return self.context == "pixel" or (self.context == "auto" and task == "pixel")
 
 
 class CentreHead(nn.Module):
@@ -95,6 +126,30 @@ class LinearSegHead(nn.Module):
         return F.interpolate(x, scale_factor=self.patch_size, mode="bilinear", align_corners=False)
 
 
+def _crop(batch: Batch, rows: slice, cols: slice) -> Batch:
+    """The batch's pixels and valid mask cut to ``rows × cols`` (every other field kept)."""
+    return replace(batch, pixels=batch.pixels[..., rows, cols], valid=batch.valid[..., rows, cols], label=None)
+
+
+def pixels_as_samples(batch: Batch) -> Batch:
+    """Every pixel of ``batch`` as a one-pixel sample: ``[B, C, H, W]`` → ``[B·H·W, C, 1, 1]``.
+
+    Per-observation and per-tile fields are repeated for each pixel of their tile (row-major order).
+    """
+    B, C, H, W = batch.pixels.shape
+
+    def each(t: torch.Tensor) -> torch.Tensor:
+        return t.repeat_interleave(H * W, dim=0)
+
+    def flat(t: torch.Tensor) -> torch.Tensor:
+        return t.permute(0, 2, 3, 1).reshape(B * H * W, C, 1, 1)
+
+    return Batch(pixels=flat(batch.pixels), wavelength=each(batch.wavelength), bandwidth=each(batch.bandwidth),
+                 kind=each(batch.kind), time=each(batch.time), valid=flat(batch.valid), gsd=each(batch.gsd),
+                 lonlat=None if batch.lonlat is None else each(batch.lonlat),
+                 sensor=None if batch.sensor is None else each(batch.sensor))
+
+
 @dataclass
 class TaskOutput:
     """What the task model returns: ``logits`` and, when the batch has labels, the scalar ``loss``."""
@@ -111,26 +166,40 @@ class TaskModel(nn.Module):
         task: ``scene``, ``multilabel``, ``segmentation`` or ``pixel``.
         num_classes: ``K``.
         head: head settings.
-        window: pixel task: the window side (locates the centre patch).
+        window: pixel task: the window side (locates the centre pixel).
+        num_bands: input bands of the task (the ``dense`` head's pixel path; 0 = tokens only).
+        num_rows: token rows the encoder makes of the task's bands (the ``dense`` head's readout).
     """
 
-    def __init__(self, encoder: nn.Module, task: str, num_classes: int, head: HeadConfig, window: int = 0) -> None:
+    def __init__(
+        self, encoder: nn.Module, task: str, num_classes: int, head: HeadConfig, window: int = 0, num_bands: int = 0,
+        num_rows: int = 0,
+    ) -> None:
         super().__init__()
         self.encoder = encoder
         self.task = task
         self.num_classes = num_classes
+        self.window = window
         enc: Any = encoder
         dim, p = int(enc.embed_dim), int(enc.patch_size)
         self.indices = 1
+        self.dense = head.kind == "dense" and task in ("pixel", "segmentation")
+        self.smooth = head.smoothing(task)
+        self.per_pixel = self.dense and head.per_pixel(task)
+        if self.dense and num_rows < 1:
+            raise ValueError("a dense head needs num_rows, the token rows the encoder makes of the task's bands")
         self.task_head: nn.Module
         if task in ("scene", "multilabel"):
             self.task_head = ClassificationHead(dim, num_classes, pool=head.pool, dropout=head.dropout)
+        elif self.dense:
+            self.task_head = DensePixelHead(dim, num_rows, num_bands, num_classes, 1 if self.per_pixel else p,
+                                            hidden=head.channels, dropout=head.dropout)
         elif task == "pixel":
             centre = window // 2
             grid_w = -(-window // p)
             self.task_head = CentreHead(dim, num_classes, (centre // p) * grid_w + centre // p, head.dropout)
         elif task == "segmentation":
-            if head.kind == "linear":
+            if head.kind in ("linear", "centre"):
                 self.task_head = LinearSegHead(dim, num_classes, p)
             elif head.kind == "progressive":
                 self.indices = 4
@@ -141,9 +210,55 @@ class TaskModel(nn.Module):
         else:
             raise ValueError(f"unknown task {task!r}")
 
-    def logits(self, batch: Batch) -> torch.Tensor:
-        """``[B, K]`` (scene, multilabel, pixel) or ``[B, K, H, W]`` (segmentation)."""
+    def dense_logits(self, batch: Batch) -> torch.Tensor:
+        """``dense`` heads: logits for every pixel of the batch's tiles or windows, ``[B, K, H, W]``."""
+        B, _, H, W = batch.pixels.shape
+        if self.per_pixel:  # every pixel a sample of its own: [B·H·W, C, 1, 1]
+            logits = self._dense(pixels_as_samples(batch))
+            return logits.reshape(B, H, W, -1).permute(0, 3, 1, 2)
+        return self._dense(batch)
+
+    def _dense(self, batch: Batch) -> torch.Tensor:
         encoder: Any = self.encoder
+        x = encoder.forward_features(batch)
+        p = int(encoder.patch_size)
+        H, W = batch.pixels.shape[-2:]
+        pixels = torch.where(batch.valid & torch.isfinite(batch.pixels), batch.pixels, torch.zeros_like(batch.pixels))
+        logits: torch.Tensor = self.task_head(x, pixels, (-(-H // p), -(-W // p)))
+        return logits
+
+    def centre_logits(self, batch: Batch) -> torch.Tensor:
+        """Pixel task, ``dense`` head: logits ``[B, K]`` of each window's centre pixel (what training reads)."""
+        H, W = batch.pixels.shape[-2:]
+        if self.per_pixel:  # only the centre pixel is computed
+            r, c = H // 2, W // 2
+            centre = _crop(batch, slice(r, r + 1), slice(c, c + 1))
+            return self._dense(centre)[:, :, 0, 0]
+        return self._dense(batch)[:, :, H // 2, W // 2]
+
+    def dense_probabilities(self, batch: Batch) -> torch.Tensor:
+        """``dense`` heads: class probabilities ``[B, K, H, W]`` of every pixel, smoothed as the head says.
+
+        Pixels with no valid band neither vote nor get a class (probabilities 0).
+        """
+        valid = batch.valid.any(dim=1)
+        return smooth_probabilities(self.dense_logits(batch), self.smooth, valid) * valid[:, None]
+
+    def logits(self, batch: Batch) -> torch.Tensor:
+        """``[B, K]`` (scene, multilabel, pixel) or ``[B, K, H, W]`` (segmentation).
+
+        ``dense`` heads in eval mode with smoothing return log class probabilities (smoothed); in
+        training, the plain logits (pixel task: of the window's centre pixel).
+        """
+        encoder: Any = self.encoder
+        if self.dense:
+            H, W = batch.pixels.shape[-2:]
+            if self.task == "pixel" and (self.training or self.smooth <= 1):
+                return self.centre_logits(batch)
+            if self.training or self.smooth <= 1:
+                return self.dense_logits(batch)
+            logits = self.dense_probabilities(batch).clamp(min=1e-12).log()
+            return logits[:, :, H // 2, W // 2] if self.task == "pixel" else logits
         if self.task != "segmentation":
             out: torch.Tensor = self.task_head(encoder.forward_features(batch))
             return out

@@ -199,7 +199,10 @@ def run_one(cfg: FinetuneConfig, data: TaskData | None = None) -> FinetuneResult
 
     loaded = _encoder(cfg, method)
     base_state = {k: v.detach().cpu().clone() for k, v in loaded.model.state_dict().items()}
-    model = apply_method(TaskModel(loaded.model, data.task, data.num_classes, cfg.head, data.window), cfg.method)
+    encoder: Any = loaded.model
+    num_rows = int(encoder.num_rows(data.tiles[0]))
+    task_model = TaskModel(loaded.model, data.task, data.num_classes, cfg.head, data.window, data.num_bands, num_rows)
+    model = apply_method(task_model, cfg.method)
     counts = parameter_counts(model)
     gdist.print0(_describe_method(cfg, method, model, counts))
     trainable = set(trainable_names(model))
@@ -238,7 +241,8 @@ def run_one(cfg: FinetuneConfig, data: TaskData | None = None) -> FinetuneResult
     trained = {n: t for n, t in module.named_fp32_parameters() if n in trainable}
     doc = artifacts.manifest(
         task=data.task, class_names=data.class_names, label_values=data.label_values, window=data.window,
-        head=cfg.head, method=cfg.method, arch=loaded.arch, source=loaded.source, fp=loaded.fingerprint,
+        num_bands=data.num_bands, num_rows=num_rows, head=cfg.head, method=cfg.method, arch=loaded.arch,
+        source=loaded.source, fp=loaded.fingerprint,
         description=loaded.description, counts=counts, pretrained=loaded.name,
     )
     if info.is_main:
@@ -311,6 +315,7 @@ def _run_classic(cfg: FinetuneConfig, method: ClassicMethod, data: TaskData, spl
     estimator = " ".join(str(fitted.model).split())
     doc = artifacts.classic_manifest(
         task=data.task, class_names=data.class_names, label_values=data.label_values, window=data.window,
+        num_bands=data.num_bands,
         method=cfg.method, estimator=estimator,
         fitted={"samples": fitted.samples, "features": fitted.features, **size},
     )
