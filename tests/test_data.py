@@ -17,6 +17,7 @@ import pytest
 import torch
 import webdataset as wds
 
+from gfm.config import ConfigError
 from gfm.data import Batch, LoaderConfig, LoaderError, ShardLoader
 from gfm.data.sources import epoch_order, slot_segments
 from gfm.schema import encode
@@ -402,3 +403,33 @@ def test_valid_mask_nodata_forms() -> None:
         assert (mask[0] == np.array(expect, dtype=bool)).all(), nodata
     mixed = valid_masks([Tile("a", px, {"nodata": 0}), Tile("b", px, {})], [g, g], np.stack([px, px]))
     assert not mixed[0].all() and mixed[1].all()
+
+
+def test_oversample_repeats_a_sensors_tiles_with_their_own_crops(tmp_path: Path) -> None:
+    write_dataset(str(tmp_path), [6, 7, 8, 5, 6, 7], mixed=True)  # 13 two-band "sentinel1" tiles of 39
+
+    def stream(**kw: object) -> tuple[float, int]:
+        """The share of two-band (Sentinel-1) samples in 100 resampled samples, and repeated keys in batches."""
+        loader = cfg(str(tmp_path), mode="resampled", num_workers=0, samples_per_epoch=100, batch_size=2, **kw)
+        s1 = total = repeated = 0
+        for b in loader.build(0, 1):
+            total += b.size
+            s1 += b.size if b.pixels.shape[1] == 2 else 0
+            repeated += b.size - len(set(b.keys))
+        return s1 / total, repeated
+
+    base, base_repeated = stream()
+    more, repeated = stream(oversample={"sentinel1": 6})
+    assert 0.15 < base < 0.55 and more > 0.7  # 1/3 of the tiles; x6 makes it 3/4
+    assert repeated > base_repeated  # copies of one tile share a bucket, ...
+    copies = next(b for b in cfg(str(tmp_path), mode="resampled", num_workers=0, samples_per_epoch=60, batch_size=6,
+                                 crop_size=4, oversample={"sentinel1": 6}).build(0, 1)
+                  if b.pixels.shape[1] == 2 and len(set(b.keys)) < b.size)
+    first = copies.keys[0]
+    same = [i for i, k in enumerate(copies.keys) if k == first]
+    # ... each cut on its own
+    assert len(same) > 1 and not all(torch.equal(copies.pixels[same[0]], copies.pixels[i]) for i in same[1:])
+    with pytest.raises(ConfigError, match="oversample: only in mode 'resampled'"):
+        cfg(str(tmp_path), oversample={"sentinel1": 2}).build(0, 1)
+    with pytest.raises(ConfigError, match="oversample: factors"):
+        cfg(str(tmp_path), mode="resampled", oversample={"sentinel1": 0}).build(0, 1)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from gfm.config import ConfigError
@@ -70,6 +70,10 @@ class LoaderConfig:
             13-band 128² uint16 tiles = 400 MB; 0 or 1 disables shuffling.
         seed: base seed; the stream is a function of (seed, rank, worker, epoch, restart count).
         hflip, vflip, rot90: random flips and quarter turns.
+        oversample: resampled mode: ``{sensor: k}`` emits each tile holding that sensor ``k`` times, each with
+            its own crop and flips (a small sensor in a large corpus, e.g. one hyperspectral scene beside
+            thousands of Landsat tiles, is seen ``k`` times as often); a tile of several sensors takes the
+            largest factor.
         obs_dropout: probability of dropping each observation (spectral dropout), same for a batch.
         time_dropout: probability of dropping all observations of one date (temporal dropout).
         min_obs: observations always kept by the dropouts.
@@ -101,6 +105,7 @@ class LoaderConfig:
     hflip: bool = True
     vflip: bool = True
     rot90: bool = True
+    oversample: dict[str, int] = field(default_factory=dict)
     obs_dropout: float = 0.0
     time_dropout: float = 0.0
     min_obs: int = 1
@@ -133,6 +138,10 @@ class LoaderConfig:
                 f"samples_per_epoch: must be >= 1, got {self.samples_per_epoch}",
             ),
             (self.prefetch_factor >= 1, f"prefetch_factor: must be >= 1, got {self.prefetch_factor}"),
+            (all(isinstance(k, int) and k >= 1 for k in self.oversample.values()),
+             f"oversample: factors must be integers >= 1, got {self.oversample}"),
+            (not self.oversample or self.mode == "resampled",
+             "oversample: only in mode 'resampled' (exact epochs count each tile once)"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -226,6 +235,7 @@ class LoaderConfig:
             time_dropout=self.time_dropout,
             min_obs=self.min_obs,
             error_budget=self.error_budget,
+            oversample=dict(self.oversample),
             member_tables=self.member_tables,
             pool=self.prefetch_factor + 3,  # queued + being made + the trainer's current and previous batch
         )

@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
@@ -128,6 +128,7 @@ class Plan:
     min_obs: int
     error_budget: int
     member_tables: bool = True  # read local shards through their member tables when they have one
+    oversample: dict[str, int] = field(default_factory=dict)  # resampled mode: sensor -> times each tile is emitted
     pool: int = 5  # shared buffers each worker reuses for its batches
 
 
@@ -327,15 +328,17 @@ class SlotStream(IterableDataset):  # type: ignore[type-arg]
                 faults.sample(url, key, e)
                 continue
             h, w = tile.pixels.shape[-2:]
-            g = p.augment.draw(geo_rng, h, w)
-            label_kind = type(tile.label).__name__
-            out_hw = (g.w, g.h) if g.k % 2 else (g.h, g.w)  # a quarter turn swaps the sides
-            bkey = (self._decode.signature(tile.meta["bands"]), *out_hw, label_kind)
-            bucket = buckets.setdefault(bkey, [])
-            bucket.append((tile, g))
-            if len(bucket) == p.batch_size:
-                del buckets[bkey]
-                yield bucket
+            repeats = max((p.oversample.get(b.get("sensor", ""), 1) for b in tile.meta["bands"]), default=1)
+            for _ in range(repeats):  # each copy its own crop and flips
+                g = p.augment.draw(geo_rng, h, w)
+                label_kind = type(tile.label).__name__
+                out_hw = (g.w, g.h) if g.k % 2 else (g.h, g.w)  # a quarter turn swaps the sides
+                bkey = (self._decode.signature(tile.meta["bands"]), *out_hw, label_kind)
+                bucket = buckets.setdefault(bkey, [])
+                bucket.append((tile, g))
+                if len(bucket) == p.batch_size:
+                    del buckets[bkey]
+                    yield bucket
         if flush:
             for bucket in sorted(buckets.values(), key=len, reverse=True):
                 yield bucket
