@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.train
 	$(BIN)/python -m bench.finetune
 	$(BIN)/python -m bench.predict
+	$(BIN)/python -m bench.predict_pixel
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache .mypy_cache .ruff_cache

@@ -7,8 +7,13 @@ r"""``gfm predict``: a fine-tuned model over whole scenes → a tiled, compresse
 The scene is opened as ``gfm shards build`` opens it (same sensor and band recognition, grid and
 alignment) and read window by window; tiles overlap and blend with a raised-cosine window; the output is
 written block by block (memory flat in the scene's size), under a temporary name renamed at the end.
-Input nodata becomes output nodata (255). Class names and a colour map are in the file. See
-docs/export.md.
+Input nodata becomes output nodata (255). Class names and a colour map are in the file.
+
+Per-pixel models (pixel task, dense head, the encoder sees each pixel alone: the default) predict every
+pixel of a tile in one dense pass, each pixel computed once (--pixel-batch pixels per forward); pixel
+models whose encoder sees the whole window, and older ones, run one window per pixel (--window-batch),
+about window^2 times the work. A dense head serves the band count it was trained on: another one is
+refused, naming both. See docs/export.md.
 """
 
 from __future__ import annotations
@@ -31,12 +36,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--probabilities", metavar="TIF", help="also write class probabilities (uint8, p x 254) here")
     p.add_argument("--tile", type=int, help="tile side in pixels (default: the model's training tile, else 64)")
     p.add_argument("--overlap", type=int,
-                   help="pixels shared by neighbouring tiles (default: tile/4; 0 for pixel-window models)")
+                   help="pixels shared by neighbouring tiles (default: tile/4; 0 for pixel-task models)")
     p.add_argument("--block", type=int, default=512, help="output block side in pixels (default 512)")
     p.add_argument("--region", nargs=4, type=int, metavar=("ROW", "COL", "HEIGHT", "WIDTH"),
                    help="predict only this window of the scene grid (pixels); the output covers it")
+    p.add_argument("--pixel-batch", type=int, default=512,
+                   help="per-pixel models (one dense pass per tile): pixels per forward (default 512)")
     p.add_argument("--window-batch", type=int, default=256,
-                   help="pixel-window models: windows per forward (default 256)")
+                   help="pixel models that see the whole window: windows per forward (default 256)")
     add_model_arguments(p)
     add_scene_arguments(p)
     return p.parse_args(list(sys.argv[1:] if argv is None else argv))
@@ -54,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         loaded = load_task_model(a.model, a.adapter)
         loaded.model.to(a.device)
-        predictor = make_predictor(loaded.model, loaded.info, a.window_batch)
+        predictor = make_predictor(loaded.model, loaded.info, a.window_batch, a.pixel_batch)
         scene = open_scene_from(a)
         config = loaded.config  # the export's statistics and band table
         bands = input_bands(observation_bands(scene), config, stats_from(a),

@@ -84,6 +84,11 @@ def explain(prog: str, e: Exception) -> str:
                 "shards built from this sensor), or --drop-unknown-bands to leave them out")
     if isinstance(e, ShardError):
         return f"{prog}: " + e.render(_flag)
+    from gfm.infer.predictors import BandSetError
+
+    if isinstance(e, BandSetError):
+        return f"{prog}: " + e.render("choose those bands with --bands (and the files that hold them), or leave bands "
+                                      "without statistics out with --drop-unknown-bands (not --stats for them)")
     if isinstance(e, HubError):
         return f"{prog}: {e}".replace("adapter=DIR", "--adapter DIR").replace("overwrite=True", "--overwrite")
     return f"{prog}: {e}"

@@ -26,7 +26,7 @@ from torch import nn
 
 from gfm import hub
 from gfm.infer.predict import PROB_SCALE, PredictOptions, predict_scene
-from gfm.infer.predictors import PixelPredictor, SegmentationPredictor, TaskInfo
+from gfm.infer.predictors import DensePixelPredictor, PixelPredictor, SegmentationPredictor, TaskInfo, make_predictor
 from gfm.infer.scenes import SceneFiles, observation_bands, read_window, scene_spec
 from gfm.infer.tiling import Layout, blend_weights, tile_starts
 from gfm.shards.scene import open_scene
@@ -219,6 +219,39 @@ def test_pixel_model_gives_each_pixel_its_own_window(tmp_path: Path) -> None:
     assert (got[:20, :30] == 255).all()
 
 
+def test_dense_pixel_predictor_equals_window_by_window(tmp_path: Path) -> None:
+    """A per-pixel dense head: one pass per tile gives the map window-by-window prediction gives."""
+    from gfm.finetune.model import HeadConfig, TaskModel
+    from gfm.model import create_model
+
+    path = tmp_path / "small.tif"
+    data = write_scene(path, 40, 50)
+    scene = open_l8(path)
+    bands = hub.input_bands(observation_bands(scene), STATS)
+    torch.manual_seed(0)
+    encoder = create_model("less_vit_tiny", depth=1, patch_size=1, spectral_patch=2, patch_embed="spectral")
+    batch = bands.batch(data[None, :, :5, :5], (data != 0)[None, :, :5, :5], gsd=30.0)
+    model = TaskModel(encoder, "pixel", 4, HeadConfig(smooth=3), window=5, num_bands=3,
+                      num_rows=encoder.num_rows(batch)).eval()
+    info = TaskInfo("pixel", 4, ["a", "b", "c", "d"], window=5, source="test", num_bands=3)
+    dense = make_predictor(model, info, pixel_batch=300)
+    assert isinstance(dense, DensePixelPredictor) and dense.halo == 1
+    opts = PredictOptions(tile=16, block=256, progress=False)
+    predict_scene(scene, dense, bands, tmp_path / "dense.tif", opts)
+    predict_scene(scene, PixelPredictor(model, info, batch_size=512), bands, tmp_path / "windows.tif", opts)
+    with rasterio.open(tmp_path / "dense.tif") as a, rasterio.open(tmp_path / "windows.tif") as b:
+        got, want = a.read(1), b.read(1)
+    assert (got[:20, :30] == 255).all() and (got[25:] != 255).all()
+    assert np.array_equal(got, want)
+    # a scene with another band count is refused before anything is written
+    four = tmp_path / "four.tif"
+    write_scene(four, 20, 20, bands=4)
+    scene4 = open_l8(four, L8 + ["B5"])
+    with pytest.raises(hub.HubError, match="serves the 3 band"):
+        predict_scene(scene4, dense, hub.input_bands(observation_bands(scene4), STATS), tmp_path / "x.tif", opts)
+    assert not (tmp_path / "x.tif").exists()
+
+
 def test_read_window_outside_the_grid_is_invalid(scene_file: tuple[Path, np.ndarray]) -> None:
     path, data = scene_file
     scene = open_l8(path)
@@ -317,8 +350,10 @@ def test_cli_unknown_band_names_it_and_the_fixes(models: dict[str, Path], tmp_pa
     assert "leaving out band(s) without statistics: landsat8/B5" in proc.stderr
     stats = tmp_path / "stats.json"
     stats.write_text(json.dumps({"landsat8/B5": {"mean": 2500.0, "std": 1400.0}}))
-    gfm_cli(*args, "--out", str(tmp_path / "c.tif"), "--stats", str(stats))
-    assert (tmp_path / "c.tif").is_file()
+    # statistics for B5 make it a fourth band, which the dense head (trained on three) refuses in one line
+    proc = gfm_cli(*args, "--out", str(tmp_path / "c.tif"), "--stats", str(stats), expect=2)
+    assert proc.stderr.count("\n") == 1 and "serves the 3 band(s)" in proc.stderr and "gives 4" in proc.stderr
+    assert "--bands" in proc.stderr and not (tmp_path / "c.tif").exists()
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ from torch import nn
 
 from gfm import distributed as gdist
 from gfm.finetune.data import IGNORE, TaskData
+from gfm.finetune.methods import unwrap
 from gfm.finetune.metrics import (
     classification_metrics,
     confusion_matrix,
@@ -89,20 +90,6 @@ def predict(model: Any, data: TaskData, indices: Sequence[int] | np.ndarray, bat
     k = data.num_classes
     empty_t = np.zeros((0, k)) if data.multilabel else np.zeros(0, np.int64)
     return (np.concatenate(targets) if targets else empty_t), ([np.concatenate(preds)] if preds else [empty_t])
-
-
-def unwrap(model: Any) -> Any:
-    """The task model inside peft's and DeepSpeed's wrappers.
-
-    peft injects its layers in place, so the unwrapped model still runs the adapters.
-    """
-    while True:
-        if hasattr(model, "get_base_model"):
-            model = model.get_base_model()
-        elif hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-            model = model.module
-        else:
-            return model
 
 
 @torch.no_grad()

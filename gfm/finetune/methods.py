@@ -292,6 +292,20 @@ def apply_method(model: nn.Module, cfg: MethodConfig) -> nn.Module:
     return get_method(cfg.name).apply(model, cfg)
 
 
+def unwrap(model: Any) -> Any:
+    """The task model inside peft's and DeepSpeed's wrappers (what :func:`apply_method` and the engine wrap).
+
+    peft injects its layers in place, so the unwrapped model still runs the adapters.
+    """
+    while True:
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        elif hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+            model = model.module
+        else:
+            return model
+
+
 def lora_modules(model: nn.Module) -> list[str]:
     """Names (relative to the task model) of the modules that carry a LoRA adapter."""
     from peft.tuners.lora import LoraLayer

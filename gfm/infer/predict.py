@@ -27,7 +27,7 @@ import torch
 
 from gfm.hub import HubError, InputBands, OutputExistsError
 from gfm.infer.cog import BLOCK, CogWriter, gdal_env
-from gfm.infer.predictors import Predictor, class_table, classes_or_default, palette
+from gfm.infer.predictors import Predictor, check_band_set, class_table, classes_or_default, palette
 from gfm.infer.scenes import read_window, tile_lonlat
 from gfm.infer.tiling import Layout, blend_weights
 from gfm.shards.scene import Scene
@@ -41,7 +41,8 @@ class PredictOptions:
     """How to cut, batch and write.
 
     Attributes:
-        tile: tile side in pixels (a pixel-task model reads ``tile + window - 1`` per tile).
+        tile: tile side in pixels (a pixel-task model reads ``tile + 2·halo`` per tile: the predictor's
+            halo is ``window // 2`` window by window, ``smooth // 2`` for a per-pixel dense head).
         overlap: pixels shared by neighbouring tiles (blended); ``None``: a quarter of the tile for
             segmentation, 0 for pixel-task models (their prediction per pixel does not depend on the tile).
         batch_size: tiles per forward.
@@ -99,9 +100,12 @@ def predict_scene(
 
     Args:
         scene: an opened scene (:func:`gfm.shards.scene.open_scene`).
-        predictor: :class:`~gfm.infer.predictors.SegmentationPredictor` or
-            :class:`~gfm.infer.predictors.PixelPredictor`.
-        bands: the scene's observations matched to the model's statistics (:func:`gfm.hub.input_bands`).
+        predictor: :class:`~gfm.infer.predictors.SegmentationPredictor`,
+            :class:`~gfm.infer.predictors.DensePixelPredictor` or :class:`~gfm.infer.predictors.PixelPredictor`
+            (:func:`~gfm.infer.predictors.make_predictor` picks one).
+        bands: the scene's observations matched to the model's statistics (:func:`gfm.hub.input_bands`); a
+            dense head needs the band count it was trained on
+            (:class:`~gfm.infer.predictors.BandSetError` otherwise, before anything is written).
         out: the class map to write (``uint8``, 255 = nodata; ``uint16``/65535 beyond 255 classes).
         options: see :class:`PredictOptions`.
         on_tiles: called with the number of tiles predicted after each batch (progress hooks, tests).
@@ -113,9 +117,10 @@ def predict_scene(
     if prob_path is not None:
         _check_output(prob_path, opts.overwrite)
     info = predictor.info
+    check_band_set(info, bands, where=f"scene {scene.spec.id}: ")
     k = info.num_classes
     halo = predictor.halo
-    overlap = opts.overlap if opts.overlap is not None else (opts.tile // 4 if halo == 0 else 0)
+    overlap = opts.overlap if opts.overlap is not None else (opts.tile // 4 if info.task == "segmentation" else 0)
     block = -(-max(opts.block, BLOCK) // BLOCK) * BLOCK
     g = scene.grid
     r0, c0, height, width = opts.region or (0, 0, g.height, g.width)
