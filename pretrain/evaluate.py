@@ -42,7 +42,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from gfm.batch import sensor_code
     from gfm.config import ConfigError
     from gfm.data import LoaderConfig, LoaderError
-    from gfm.hub import HubError, load_state_dict, resolve_source
+    from gfm.hub.base import HubError  # the submodules, not the package: gfm.hub's adapters reach fine-tuning
+    from gfm.hub.sources import load_state_dict, resolve_source
     from gfm.index import read as read_index
     from gfm.model import ModelConfig
     from gfm.train.heldout import heldout_reconstruction, table, write_table
