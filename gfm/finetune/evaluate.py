@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gfm import distributed as gdist
@@ -95,12 +96,12 @@ def predict(model: Any, data: TaskData, indices: Sequence[int] | np.ndarray, bat
 @torch.no_grad()
 def _pixel_dense(model: Any, data: TaskData, indices: np.ndarray, batch_size: int, device: torch.device,
                  autocast: torch.dtype | None) -> np.ndarray:
-    """Pixel task, encoder per pixel: each scene's class probabilities computed once, densely, then read.
+    """Pixel task, encoder per pixel: the samples' class probabilities from one pass over the pixels they need.
 
     A per-pixel encoder's logits for a pixel depend on that pixel alone, and smoothing reads the
-    ``smooth × smooth`` pixels around it, all inside its window: so one dense pass over each scene's
-    mosaic gives exactly what window-by-window evaluation gives, for each pixel once instead of once per
-    window it lies in. Only the scenes (and, of them, the rows) that hold samples are computed.
+    ``smooth × smooth`` pixels around it, all inside its window: so computing each needed pixel of a
+    scene's mosaic once (the samples' centres and their smoothing neighbourhoods, no other) gives exactly
+    what window-by-window evaluation gives, each pixel once instead of once per window it lies in.
     """
     out = np.zeros(len(indices), dtype=np.int64)
     w = data.windows
@@ -115,21 +116,15 @@ def _pixel_dense(model: Any, data: TaskData, indices: np.ndarray, batch_size: in
         pixels, valid = data.mosaics[int(s)]
         r0, r1 = max(0, int(rows.min()) - halo), min(pixels.shape[-2], int(rows.max()) + halo + 1)
         part = replace(tile, pixels=pixels[None, :, r0:r1], valid=valid[None, :, r0:r1], label=None, keys=[]).to(device)
-        logits = torch.cat([_chunk_logits(model, part, i, batch_size, ctx)
-                            for i in range(0, part.pixels.shape[-2], max(1, batch_size // part.pixels.shape[-1]))],
-                           dim=2)  # [1, K, rows, W]
-        prob = smooth_probabilities(logits, model.smooth, part.valid.any(dim=1))
+        ok = part.valid.any(dim=1)  # [1, h, W]
+        centres = torch.zeros_like(ok)
+        centres[0, torch.as_tensor(rows - r0), torch.as_tensor(cols)] = True
+        needed = F.max_pool2d(centres[:, None].float(), 2 * halo + 1, stride=1, padding=halo)[:, 0] > 0
+        with ctx:
+            logits = model.dense_logits_where(part, needed & ok, batch_size)  # [1, K, h, W]
+        prob = smooth_probabilities(logits, model.smooth, ok)
         out[mine] = prob[0, :, torch.as_tensor(rows - r0), torch.as_tensor(cols)].argmax(0).cpu().numpy()
     return out
-
-
-def _chunk_logits(model: Any, part: Any, start: int, batch_size: int, ctx: Any) -> torch.Tensor:
-    """Per-pixel logits of rows ``start..`` of ``part`` (as many rows as make about ``batch_size`` pixels)."""
-    step = max(1, batch_size // part.pixels.shape[-1])
-    rows = slice(start, start + step)
-    chunk = replace(part, pixels=part.pixels[..., rows, :], valid=part.valid[..., rows, :])
-    with ctx:
-        return model.dense_logits(chunk).float()
 
 
 def evaluate(model: Any, data: TaskData, indices: np.ndarray, batch_size: int, *,

@@ -131,18 +131,23 @@ def _crop(batch: Batch, rows: slice, cols: slice) -> Batch:
     return replace(batch, pixels=batch.pixels[..., rows, cols], valid=batch.valid[..., rows, cols], label=None)
 
 
-def pixels_as_samples(batch: Batch) -> Batch:
+def pixels_as_samples(batch: Batch, where: torch.Tensor | None = None) -> Batch:
     """Every pixel of ``batch`` as a one-pixel sample: ``[B, C, H, W]`` → ``[B·H·W, C, 1, 1]``.
 
     Per-observation and per-tile fields are repeated for each pixel of their tile (row-major order).
+    ``where`` (flat indices into the ``B·H·W`` pixels) keeps only those pixels, in that order.
     """
     B, C, H, W = batch.pixels.shape
+    tile = torch.arange(B, device=batch.pixels.device).repeat_interleave(H * W)
+    if where is not None:
+        tile = tile[where]
 
     def each(t: torch.Tensor) -> torch.Tensor:
-        return t.repeat_interleave(H * W, dim=0)
+        return t[tile]
 
     def flat(t: torch.Tensor) -> torch.Tensor:
-        return t.permute(0, 2, 3, 1).reshape(B * H * W, C, 1, 1)
+        out = t.permute(0, 2, 3, 1).reshape(B * H * W, C, 1, 1)
+        return out if where is None else out[where]
 
     return Batch(pixels=flat(batch.pixels), wavelength=each(batch.wavelength), bandwidth=each(batch.bandwidth),
                  kind=each(batch.kind), time=each(batch.time), valid=flat(batch.valid), gsd=each(batch.gsd),
@@ -217,6 +222,22 @@ class TaskModel(nn.Module):
             logits = self._dense(pixels_as_samples(batch))
             return logits.reshape(B, H, W, -1).permute(0, 3, 1, 2)
         return self._dense(batch)
+
+    def dense_logits_where(self, batch: Batch, where: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """Per-pixel heads: logits ``[B, K, H, W]`` of the pixels where ``where`` (``[B, H, W]``) is set.
+
+        ``batch_size`` pixels per forward; the other pixels' logits are 0. The values are those
+        :meth:`dense_logits` gives there, for the cost of those pixels only.
+        """
+        if not self.per_pixel:
+            raise ValueError("dense_logits_where needs a per-pixel dense head (head.context: pixel)")
+        B, _, H, W = batch.pixels.shape
+        todo = torch.nonzero(where.reshape(-1)).flatten()
+        logits = torch.zeros(B * H * W, self.num_classes, device=batch.pixels.device)
+        for start in range(0, len(todo), batch_size):
+            idx = todo[start: start + batch_size]
+            logits[idx] = self._dense(pixels_as_samples(batch, idx))[:, :, 0, 0].float()
+        return logits.reshape(B, H, W, -1).permute(0, 3, 1, 2)
 
     def _dense(self, batch: Batch) -> torch.Tensor:
         encoder: Any = self.encoder

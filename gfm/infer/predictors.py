@@ -30,7 +30,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 
 from gfm.batch import Batch
@@ -162,31 +161,12 @@ class DensePixelPredictor:
     @torch.no_grad()
     def __call__(self, batch: Batch) -> torch.Tensor:
         """Probabilities ``[B, K, H - 2·halo, W - 2·halo]`` for tiles read with the halo."""
-        B, _, H, W = batch.pixels.shape
         r = self.halo
-        valid = batch.valid.any(dim=1)  # [B, H, W]: pixels with a band to read
-        todo = torch.nonzero(valid.flatten()).flatten()  # indices into the B·H·W pixels (row-major per tile)
-        pixels = rearrange(batch.pixels, "b c h w -> (b h w) c")
-        bands_ok = rearrange(batch.valid, "b c h w -> (b h w) c")
-        # logits of pixels without a valid band stay 0: finite, and smoothing gives them no weight
-        logits = torch.zeros(B * H * W, self.info.num_classes, device=batch.pixels.device)
-        for start in range(0, len(todo), self.batch_size):
-            idx = todo[start: start + self.batch_size]
-            samples = _pixel_samples(batch, idx // (H * W), pixels[idx], bands_ok[idx])
-            logits[idx] = self.task_model.dense_logits(samples)[:, :, 0, 0].float()  # [n, K, 1, 1] -> [n, K]
-        dense = rearrange(logits, "(b h w) k -> b k h w", b=B, h=H, w=W)
-        prob = smooth_probabilities(dense, self.smooth, valid) * valid[:, None]
+        H, W = batch.pixels.shape[-2:]
+        valid = batch.valid.any(dim=1)  # [B, H, W]: pixels with a band to read; the others get logits 0
+        logits = self.task_model.dense_logits_where(batch, valid, self.batch_size)
+        prob = smooth_probabilities(logits, self.smooth, valid) * valid[:, None]
         return prob[:, :, r: H - r, r: W - r]
-
-
-def _pixel_samples(batch: Batch, tile: torch.Tensor, pixels: torch.Tensor, valid: torch.Tensor) -> Batch:
-    """One-pixel samples ``[n, C, 1, 1]`` from ``pixels``/``valid`` ``[n, C]``, each with its tile's descriptors."""
-    per_sample: dict[str, Any] = {}
-    for name, t in batch.tensors().items():
-        if name not in ("pixels", "valid", "label"):
-            per_sample[name] = t[tile]
-    return replace(batch, pixels=pixels[:, :, None, None], valid=valid[:, :, None, None], keys=[], label=None,
-                   **per_sample)
 
 
 def _repeat(batch: Batch, b: int, n: int, pixels: torch.Tensor, valid: torch.Tensor) -> Batch:
