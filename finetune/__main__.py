@@ -59,10 +59,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(dump_yaml(cfg), end="")
         return 0
 
+    import torch.distributed
+
     from gfm import distributed as gdist
     from gfm.finetune.run import INPUT_ERRORS, run
     from gfm.train import NonFiniteError
 
+    joined = torch.distributed.is_initialized()  # a caller's process group (tests, notebooks) is the caller's to end
     try:
         run(cfg)
     except NonFiniteError as e:
@@ -72,7 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: {e}", file=sys.stderr, flush=True)
         return 2
     finally:
-        gdist.destroy()
+        if not joined:
+            gdist.destroy()
     return 0
 
 
