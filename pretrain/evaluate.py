@@ -25,8 +25,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("model", help="pretraining run directory, checkpoint, model.safetensors or export (a HyperMAE)")
     p.add_argument("--heldout", required=True, help="held-out shards (a dataset directory with index.json)")
     p.add_argument("--norm-index", help="index.json whose statistics normalise (the training set's)")
-    p.add_argument("--batches", type=int, default=40, help="batches to score (default 40)")
-    p.add_argument("--batch-size", type=int, default=16, help="tiles per batch (default 16)")
+    p.add_argument("--batches", type=int, default=0, help="batches to score (default 0: every held-out tile)")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="tiles per batch (default 1: a batch holds one sensor set, and a set whose tiles do not "
+                        "fill a batch would be left out, as a small hyperspectral scene's few tiles are)")
     p.add_argument("--crop", type=int, default=16, help="crop side in pixels, as in pretraining (0 = whole tiles)")
     p.add_argument("--seed", type=int, default=0, help="seed of crops and masks (default 0)")
     p.add_argument("--out", help="JSON report (default: RUN/heldout.json for a run directory)")

@@ -95,7 +95,7 @@ def heldout_reconstruction(
     Args:
         model: a :class:`~gfm.model.mae.HyperMAE` (put in eval mode: no metadata dropout).
         batches: normalised batches of held-out tiles (normalised with the *training* statistics).
-        max_batches: how many batches to score.
+        max_batches: how many batches to score (0 = every batch the loader gives).
         seed: seed of the masks (the same seed gives the same masks for the same batches).
         sensor_names: sensor id (:func:`gfm.batch.sensor_code`) → name, for the per-sensor rows.
         device: where the model runs.
@@ -105,7 +105,7 @@ def heldout_reconstruction(
     report = HeldoutReport()
     names = sensor_names or {}
     for i, batch in enumerate(batches):
-        if i >= max_batches:
+        if max_batches and i >= max_batches:
             break
         batch = batch.to(device)
         out = model(batch, generator)
