@@ -177,7 +177,8 @@ def test_sen1floods11_water_segmentation(tmp_path: Path) -> None:
     cfg = load(FinetuneConfig, REPO / "finetune" / "configs" / "sen1floods11_water.yaml", [
         f"data.shards={shards}", f"run_dir={tmp_path / 'run'}", "steps=3", "schedule.warmup_steps=1",
         "logging.progress=false",
-        "logging.peak_flops=1e9", "encoder.weights=", "encoder.name=less_vit_tiny", "encoder.kwargs={depth: 1}", "data.batch_size=2",
+        "logging.peak_flops=1e9", "encoder.weights=", "encoder.name=less_vit_tiny", "encoder.kwargs={depth: 1}",
+        "data.batch_size=2",
     ])
     res = run(cfg)
     assert res.metrics["class_names"] == ["dry", "water"]
@@ -200,7 +201,8 @@ def test_eolearn_land_cover_segmentation(tmp_path: Path) -> None:
     cfg = load(FinetuneConfig, REPO / "finetune" / "configs" / "eolearn_landcover.yaml", [
         f"data.shards={shards}", f"run_dir={tmp_path / 'run'}", "steps=3", "schedule.warmup_steps=1",
         "logging.progress=false",
-        "logging.peak_flops=1e9", "encoder.weights=", "encoder.name=less_vit_tiny", "encoder.kwargs={depth: 1}", "data.batch_size=2",
+        "logging.peak_flops=1e9", "encoder.weights=", "encoder.name=less_vit_tiny", "encoder.kwargs={depth: 1}",
+        "data.batch_size=2",
     ])
     res = run(cfg)
     assert res.metrics["class_names"] == ["cultivated", "forest", "grassland", "shrubland", "artificial"]
