@@ -65,7 +65,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pretrain.evaluate: {e}", file=sys.stderr)
         return 2
     names = {sensor_code(s): s for s in index.sensors}
-    torch.set_grad_enabled(False)
     report = heldout_reconstruction(model, loader, max_batches=a.batches, seed=a.seed, sensor_names=names)
     step = f" at step {source.step}" if source.step is not None else ""
     print(table(report, f"# held-out reconstruction of {a.model}{step}: {a.heldout}, masks seeded {a.seed}; "
@@ -83,8 +82,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             seen.add(batch.pixels.shape[1])
             sensors = "+".join(sorted({names.get(int(c), "?") for c in batch.sensor[0].tolist()})) \
                 if batch.sensor is not None else "unknown"
-            path = render(batch, model(batch, generator), Path(a.pictures) / f"heldout_{sensors}.png",
-                          source.step or 0)
+            with torch.no_grad():
+                out_batch = model(batch, generator)
+            path = render(batch, out_batch, Path(a.pictures) / f"heldout_{sensors}.png", source.step or 0)
             print(f"wrote {path}")
     return 0
 
