@@ -68,7 +68,9 @@ def read_row(scene: Scene, row: int, cols: list[int], tile: int) -> Iterator[tup
     label_strip: np.ndarray | None = None
     if scene.label is not None:
         ld, lv = scene.label.read(window)
-        label_strip = np.where(lv[0], ld[0], ignore)
+        # widen first: the ignore value (-1 by default) does not fit a uint8 label raster, where
+        # NumPy would wrap it to 255 and unlabelled pixels would become a class
+        label_strip = np.where(lv[0], ld[0].astype(np.int64), np.int64(ignore))
     elif scene.label_array is not None:
         label_strip = scene.label_array[row : row + h, c0 : c0 + w]
     if label_strip is not None and (h < tile or w < c1 - c0):
