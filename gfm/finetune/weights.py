@@ -4,9 +4,9 @@
 
 - a pretraining **run directory** (``config.yaml`` + ``model.safetensors``, or only checkpoints: the
   latest complete one is used);
-- a **DeepSpeed checkpoint** directory (``step_XXXXXXXX`` with ``COMPLETE``), consolidated to fp32 with
-  DeepSpeed's own ``zero_to_fp32`` (any ZeRO stage; DeepSpeed unpickles its checkpoint files, so load
-  only checkpoints you made: ``model.safetensors`` is the safe format);
+- a **DeepSpeed checkpoint** directory (``step_XXXXXXXX`` with ``COMPLETE``), consolidated to fp32 by
+  :mod:`gfm.hub.zero` (any ZeRO stage; every file is read with ``torch.load(weights_only=True)``, so a
+  crafted checkpoint's pickles cannot run code: they are refused with one line naming the file);
 - a **``model.safetensors``** file (a pretraining export, or a fine-tuned model of ``gfm finetune``);
 - an **exported Hugging Face directory** (``config.json`` + ``model.safetensors``, ``gfm export``);
 - the **short name of a model shipped with gfm** (``gfm models``; :mod:`gfm.pretrained`: an existing
@@ -126,6 +126,7 @@ def read_weights(weights: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] 
     ``gfm finetune``) is read as is, and the encoder must then be named (``encoder.name``).
     """
     from gfm.hub import HubError, load_state_dict, resolve_source, upcast
+    from gfm.hub.sources import read_safetensors
 
     path = Path(weights)
     if path.is_file() and path.suffix != ".safetensors":
@@ -135,9 +136,10 @@ def read_weights(weights: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] 
         src = resolve_source(weights)  # the string as given: './x' is a path, a bare name may be a shipped model
     except HubError as e:
         if path.is_file():  # safetensors without a run config
-            from safetensors.torch import load_file
-
-            return upcast(load_file(str(path))), None, str(path)
+            try:
+                return upcast(read_safetensors(path)), None, str(path)
+            except HubError as unreadable:
+                raise EncoderLoadError(f"encoder.weights: {unreadable}") from None
         raise EncoderLoadError(f"encoder.weights: {e}") from None
     try:
         state = load_state_dict(src)

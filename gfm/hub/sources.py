@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import re
 from collections.abc import Mapping
@@ -64,6 +62,21 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON object file (an export's ``config.json``, a checkpoint's ``trainer.json``) as a dict.
+
+    Raises:
+        HubError: the file cannot be read, is not JSON, or holds a JSON value that is not an object.
+    """
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise HubError(f"{path}: not readable as JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise HubError(f"{path}: expected a JSON object, found a JSON {type(doc).__name__}")
+    return doc
+
+
 def _model_section(run_config: Mapping[str, Any], where: Path) -> dict[str, Any]:
     model = run_config.get("model")
     if not isinstance(model, dict):
@@ -79,6 +92,18 @@ def _safetensors_metadata(path: Path) -> dict[str, str]:
             return dict(f.metadata() or {})
     except Exception as e:  # safetensors raises its own SafetensorError on a bad header
         raise HubError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file as stored; a truncated or corrupt file is a one-line :class:`HubError`."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as e:  # SafetensorError (bad header, truncated data) or OSError
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise HubError(f"{path}: not a readable safetensors file ({first}); truncated or not written by "
+                       "safetensors") from None
 
 
 def _complete_steps(ckpt_dir: Path) -> list[tuple[int, Path]]:
@@ -111,7 +136,7 @@ def _checkpoint_source(path: Path, given: Path) -> WeightsSource:
     run_config = _read_yaml(config_path)
     meta: dict[str, Any] = {}
     if (path / "trainer.json").is_file():
-        meta = json.loads((path / "trainer.json").read_text())
+        meta = read_json_object(path / "trainer.json")
     m = _STEP_DIR.match(path.name)
     step = int(meta.get("step", int(m.group(1)) if m else -1))
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
@@ -166,7 +191,7 @@ def _resolve_path(given: Path) -> WeightsSource:
             raise HubError(f"{p}: expected a run directory, a checkpoint directory or a .safetensors file")
         return _safetensors_source(p, given)
     if (p / CONFIG_NAME).is_file() and (p / WEIGHTS_NAME).is_file():
-        exported = json.loads((p / CONFIG_NAME).read_text())
+        exported = read_json_object(p / CONFIG_NAME)
         if exported.get("format") == FORMAT:
             return WeightsSource("export", given, p / WEIGHTS_NAME, exported.get("training", {}).get("config", {}),
                                  dict(exported["model"]), exported.get("training", {}).get("step"),
@@ -187,7 +212,7 @@ def _resolve_path(given: Path) -> WeightsSource:
             src.kind = "run"
             last = complete[-1][1] / "trainer.json" if complete else None
             if last is not None and last.is_file() and complete[-1][0] == src.step:
-                src.meta = json.loads(last.read_text())  # world size, ZeRO stage, effective batch of that run
+                src.meta = read_json_object(last)  # world size, ZeRO stage, effective batch of that run
             return src
     if complete:
         src = _checkpoint_source(complete[-1][1], given)
@@ -199,57 +224,36 @@ def _resolve_path(given: Path) -> WeightsSource:
     raise HubError(f"{p}: not a run directory (no {WEIGHTS_NAME}, no checkpoints/), checkpoint or exported model")
 
 
-def _zero_stage(path: Path, meta: Mapping[str, Any]) -> int:
-    if "zero_stage" in meta:
-        return int(meta["zero_stage"])
-    if any(path.glob("zero_pp_rank_*_model_states.pt")):
-        return 3
-    return 1 if any(path.glob("*_optim_states.pt")) else 0
-
-
 def load_checkpoint_state_dict(path: Path, meta: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
     """Consolidated fp32 weights of a DeepSpeed checkpoint directory written at any ZeRO stage.
 
-    ZeRO 1-3 (and bf16, whose fp32 master weights live in the optimizer partitions) go through
-    DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint``; it unpickles the checkpoint files with
-    ``torch.load(weights_only=False)`` (DeepSpeed's own code, not configurable), so only export
-    checkpoints you wrote or trust. ZeRO 0 keeps the whole model in ``mp_rank_00_model_states.pt``, read
-    here with ``weights_only=True``.
+    Nothing in the checkpoint is unpickled as code: every file is read with ``torch.load(weights_only=True)``
+    (tensors and plain data only), so a checkpoint from outside cannot run a payload; a file naming any
+    other global is refused with one line naming the file. ZeRO 1-3 (and bf16, whose fp32 master weights
+    live in the optimizer partitions) are consolidated by :func:`gfm.hub.zero.consolidate`, which gives
+    DeepSpeed's own ``zero_to_fp32`` result bit for bit. ZeRO 0 without optimizer partitions keeps the
+    whole model in ``mp_rank_00_model_states.pt``. ``meta`` (the checkpoint's ``trainer.json``) is not
+    needed: the files say how they were partitioned.
     """
-    meta = meta or {}
-    stage = _zero_stage(path, meta)
-    has_optim = any(path.glob("*_optim_states.pt"))
-    if stage == 0 and not has_optim:
-        file = path / "mp_rank_00_model_states.pt"
-        if not file.is_file():
-            raise HubError(f"{path}: no mp_rank_00_model_states.pt (is this a DeepSpeed checkpoint?)")
-        try:
-            state = torch.load(file, map_location="cpu", weights_only=True)
-        except Exception as e:  # an UnpicklingError names the global it refused
-            raise HubError(f"{file}: cannot read the weights safely ({str(e).splitlines()[0]})") from None
-        module = state.get("module")
-        if not isinstance(module, dict):
-            raise HubError(f"{file}: no 'module' weights inside")
-        if any(v.dtype != torch.float32 for v in module.values() if v.is_floating_point()):
-            raise HubError(f"{path}: a ZeRO 0 checkpoint without fp32 master weights holds only "
-                           f"{next(v.dtype for v in module.values() if v.is_floating_point())} weights; export "
-                           "the run's model.safetensors instead")
-        return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from gfm.hub.zero import ZERO12_MODEL_STATES, consolidate, load_weights_only
 
-    quiet = io.StringIO()
-    with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
-        try:
-            state_dict = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
-        except (FileNotFoundError, ValueError) as e:
-            raise HubError(f"{path}: DeepSpeed cannot consolidate this checkpoint ({e})") from None
-    return {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
+    if any(path.glob("*_optim_states.pt")):
+        return upcast(consolidate(path))
+    file = path / ZERO12_MODEL_STATES
+    if not file.is_file():
+        raise HubError(f"{path}: no {ZERO12_MODEL_STATES} and no *_optim_states.pt (is this a DeepSpeed checkpoint?)")
+    module = load_weights_only(file).get("module")
+    if not isinstance(module, dict) or not all(isinstance(v, torch.Tensor) for v in module.values()):
+        raise HubError(f"{file}: no 'module' weights inside")
+    if any(v.dtype != torch.float32 for v in module.values() if v.is_floating_point()):
+        raise HubError(f"{path}: a ZeRO 0 checkpoint without fp32 master weights holds only "
+                       f"{next(v.dtype for v in module.values() if v.is_floating_point())} weights; export "
+                       "the run's model.safetensors instead")
+    return upcast(module)
 
 
 def load_state_dict(source: WeightsSource) -> dict[str, torch.Tensor]:
     """The fp32 weights of a resolved source (an export stored in bf16 is upcast)."""
     if source.weights.is_dir():
         return load_checkpoint_state_dict(source.weights, source.meta)
-    from safetensors.torch import load_file
-
-    return upcast(load_file(str(source.weights)))
+    return upcast(read_safetensors(source.weights))

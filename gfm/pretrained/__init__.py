@@ -26,7 +26,8 @@ generated model); or ``root=`` given to a function here, which wins over both.
 4. anything else is an error that lists the shipped names.
 
 ``gfm.from_pretrained`` alone also takes a Hugging Face Hub id ``user/name`` when no such local path
-exists (rule 2 yields to it there). :func:`describe_pretrained` is what ``gfm models`` prints.
+exists and ``user`` is not a local directory (rule 2 yields to it there; ``runs/typo`` stays a path).
+:func:`describe_pretrained` is what ``gfm models`` prints.
 """
 
 from __future__ import annotations
@@ -118,6 +119,9 @@ def resolve(arg: str | os.PathLike[str], root: str | Path | None = None) -> Mode
     path = Path(arg)
     if path.exists():
         return ModelRef(path)
+    if path.is_symlink():
+        raise PretrainedError(f"{arg}: a symbolic link to {os.readlink(path)}, which leads nowhere (no such target, "
+                              "or a loop)")
     if isinstance(arg, os.PathLike) or looks_like_path(str(arg)):
         raise PretrainedError(f"{arg}: no such file or directory")
     return ModelRef(pretrained_path(str(arg), root), str(arg))
