@@ -10,7 +10,8 @@
 
 The directory holds config.json (architecture, every hyper-parameter, bands and statistics, inputs,
 training summary), model.safetensors (fp32, or bf16 with --dtype bf16) and a model card README.md; load it
-with ``gfm.from_pretrained(DIR)``. See docs/export.md.
+with ``gfm.from_pretrained(DIR)``. A marker file, .gfm-output, says gfm wrote it: --overwrite replaces only
+such a directory (or an export of an earlier gfm), never another one nor an input. See docs/export.md.
 """
 
 from __future__ import annotations
@@ -28,14 +29,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="run directory, checkpoint directory (step_XXXXXXXX, any ZeRO stage), .safetensors file, "
                         "exported directory, or the short name of a model shipped with gfm (gfm models); an "
                         "existing path wins over a short name")
-    p.add_argument("out", metavar="OUT_DIR", help="directory to write (refused if it exists, unless --overwrite)")
+    p.add_argument("out", metavar="OUT_DIR",
+                   help="directory to write: new or empty, or an earlier export with --overwrite; never an input "
+                        "or a directory holding one")
     p.add_argument("--adapter", metavar="DIR",
                    help="a gfm finetune run: its adapter (peft format) or probe head travels in OUT_DIR/adapter/")
     p.add_argument("--merge", action="store_true",
                    help="with --adapter: fold it into the weights, the export is the fine-tuned model")
     p.add_argument("--index", help="index.json with the band statistics, when the run's own cannot be found")
     p.add_argument("--license", default="other", help="licence id for the model card metadata (default: other)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT_DIR if it holds an export (gfm never replaces a directory it did not write)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
                    help="how model.safetensors stores the weights: fp32 (default, exact) or bf16 (half the size, "
                         "each weight rounded; loaders upcast to fp32); recorded in config.json as weights_dtype")
@@ -47,7 +51,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Export; 0 on success, 2 with one line on stderr for a problem with the input."""
     args = parse_args(argv)
-    from gfm.hub import HubError, OutputExistsError, export
+    from gfm.hub import HubError, OutputError, OutputExistsError, export
 
     try:
         if args.merge and not args.adapter:
@@ -57,8 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OutputExistsError as e:
         print(f"gfm export: {e.path}: already exists (pass --overwrite to replace it)", file=sys.stderr)
         return 2
-    except HubError as e:
-        print(f"gfm export: {e}", file=sys.stderr)
+    except (HubError, OutputError) as e:
+        print(f"gfm export: {e}".replace("index=INDEX.json", "--index INDEX.json"), file=sys.stderr)
         return 2
     src = report.source
     named = f"{src.name} = " if src.name else ""

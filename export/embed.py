@@ -26,7 +26,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("files", nargs="+", metavar="SHARDS_OR_SCENE",
                    help="a shard dataset (directory with index.json, or a .tar) or a scene's files")
-    p.add_argument("--out", required=True, help="GeoParquet file to write")
+    p.add_argument("--out", required=True, help="GeoParquet file to write (not an input, nor the --dense path)")
     p.add_argument("--pooling", choices=["mean", "cls"], default="mean",
                    help="mean of the valid per-position tokens (default) or the global CLS token")
     p.add_argument("--tile", type=int, help="scenes: tile side in pixels (default: the model's training tile)")
@@ -47,13 +47,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from gfm.hub import HubError, from_pretrained
     from gfm.index import IndexFileError
     from gfm.infer.embed import EmbedOptions, embed_scene, embed_shards
+    from gfm.outputs import OutputError, check_files
     from gfm.schema import SchemaError
     from gfm.shards import ShardError
 
     opts = EmbedOptions(pooling=a.pooling, batch_size=a.batch_size, tile=a.tile, stats=stats_from(a),
                         unknown="drop" if a.drop_unknown_bands else "error", dense=a.dense,
                         overwrite=a.overwrite, progress=not a.no_progress, device=a.device)
-    try:
+    try:  # outputs first: a refused path costs no model load
+        check_files({"--out": a.out, "--dense": a.dense}, [*a.files, a.model, a.stats, a.wavelengths, a.fwhm])
         model = from_pretrained(a.model, map_location=a.device)
         if _is_shards(a.files):
             if a.dense:
@@ -64,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             report = embed_scene(model, scene, a.out, opts)
             for notice in scene.notices:  # after the run: an error stays one line
                 print(notice, file=sys.stderr)
-    except (HubError, ShardError, IndexFileError, SchemaError) as e:
+    except (HubError, ShardError, IndexFileError, SchemaError, OutputError) as e:
         print(explain("gfm embed", e), file=sys.stderr)
         return 2
     skipped = f"; {report.skipped} tiles without a valid pixel skipped" if report.skipped else ""

@@ -31,7 +31,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("files", nargs="+", metavar="SCENE_FILE",
                    help="the scene's rasters (GeoTIFF, JP2, anything GDAL reads) or one .npy/.mat cube")
-    p.add_argument("--out", required=True, help="class map to write (Cloud-Optimized GeoTIFF)")
+    p.add_argument("--out", required=True,
+                   help="class map to write (Cloud-Optimized GeoTIFF); not an input, nor the --probabilities path")
     p.add_argument("--adapter", help="fine-tuning run directory (or an export's adapter/) to apply to --model")
     p.add_argument("--probabilities", metavar="TIF", help="also write class probabilities (uint8, p x 254) here")
     p.add_argument("--tile", type=int, help="tile side in pixels (default: the model's training tile, else 64)")
@@ -56,9 +57,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from gfm.infer.predict import PredictOptions, predict_scene
     from gfm.infer.predictors import load_task_model, make_predictor
     from gfm.infer.scenes import observation_bands
+    from gfm.outputs import OutputError, check_files
     from gfm.shards import ShardError
 
-    try:
+    try:  # outputs first: a refused path costs no model load
+        check_files({"--out": a.out, "--probabilities": a.probabilities},
+                    [*a.files, a.model, a.adapter, a.stats, a.wavelengths, a.fwhm])
         loaded = load_task_model(a.model, a.adapter)
         loaded.model.to(a.device)
         predictor = make_predictor(loaded.model, loaded.info, a.window_batch, a.pixel_batch)
@@ -76,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                               overwrite=a.overwrite, progress=not a.no_progress,
                               device=a.device)
         report = predict_scene(scene, predictor, bands, a.out, opts)
-    except (HubError, ShardError) as e:
+    except (HubError, ShardError, OutputError) as e:
         print(explain("gfm predict", e), file=sys.stderr)
         return 2
     top = ", ".join(f"{k} {v}" for k, v in sorted(report.counts.items(), key=lambda kv: -kv[1])[:5])

@@ -10,8 +10,10 @@
 
 Positional ``key=value`` arguments override the YAML (dotted keys, values read as YAML). ``--run-dir``,
 ``--resume``, ``--weights`` and ``--merge`` are shorthands for ``run_dir=``, ``checkpoint.resume=``,
-``encoder.weights=`` and ``merge=true``. Exit codes: 0 done, 2 bad config or input (one line naming the
-culprit), 3 stopped by the non-finite guard.
+``encoder.weights=`` and ``merge=true``. ``run_dir`` must be new, empty or a gfm finetune run (marked
+.gfm-output); a directory gfm did not write is never written into, and a finished run (metrics.json) is
+refused unless ``overwrite=true`` (replace it) or ``--resume``. Exit codes: 0 done, 2 bad config or input
+(one line naming the culprit), 3 stopped by the non-finite guard.
 """
 
 from __future__ import annotations

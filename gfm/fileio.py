@@ -8,6 +8,7 @@ leftovers are recognisable and never mistaken for results.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -48,3 +49,30 @@ def atomic_save(path: str | Path, writer: Callable[[Path], object]) -> Path:
     with atomic_path(path) as tmp:
         writer(tmp)
     return Path(path)
+
+
+def stale_temporaries(path: str | Path, kinds: tuple[str, ...] = ()) -> list[Path]:
+    """The temporary files writers of ``path`` left beside it: ``.<name>.[<kind>.]XXXXXXXX.tmp``.
+
+    ``XXXXXXXX`` is :func:`tempfile.mkstemp`'s random part; ``kinds`` are the writer's own infixes (a COG
+    writer's ``part`` and ``cog``). Only temporaries of ``path`` match, not those of another output (unless
+    its name is this one's plus a writer's infix, ``NAME.part``).
+    """
+    path = Path(path)
+    kind = f"(?:(?:{'|'.join(map(re.escape, kinds))})\\.)?" if kinds else ""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.{kind}[a-z0-9_]{{8}}\.tmp")
+    if not path.parent.is_dir():
+        return []
+    return sorted(p for p in path.parent.iterdir() if pattern.fullmatch(p.name) and p.is_file())
+
+
+def remove_stale_temporaries(path: str | Path, kinds: tuple[str, ...] = ()) -> list[Path]:
+    """Remove what :func:`stale_temporaries` finds (a killed writer's leftovers); returns the paths removed.
+
+    Call it before writing ``path`` anew: a writer that is still running on the same output would lose its
+    temporary file, as it would lose the output itself to the new run.
+    """
+    removed = stale_temporaries(path, kinds)
+    for p in removed:
+        p.unlink(missing_ok=True)
+    return removed

@@ -96,7 +96,8 @@ def exported(run_dir: Path) -> Path:
 
 
 def test_export_dir_has_hf_files(exported: Path, run_dir: Path) -> None:
-    assert sorted(p.name for p in exported.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in exported.iterdir()) == [".gfm-output", "README.md", "config.json",
+                                                           "model.safetensors"]  # + gfm.outputs' marker
     assert not list(run_dir.glob(".export.*"))  # no temporary directory left behind
     weights = load_file(str(exported / "model.safetensors"))
     original = load_file(str(run_dir / "model.safetensors"))
@@ -179,7 +180,7 @@ def test_incomplete_checkpoint_is_one_line(tmp_path: Path) -> None:
 
 def test_existing_output_refused_unless_overwrite(run_dir: Path, exported: Path, tmp_path: Path) -> None:
     out = tmp_path / "exists"
-    out.mkdir()
+    hub.export(run_dir, out)  # an export; one gfm did not write is never replaced (tests/test_untrusted_outputs.py)
     (out / "keep").write_text("x")
     proc = gfm_cli("export", str(run_dir), str(out), expect=2)
     assert "already exists (pass --overwrite" in proc.stderr and (out / "keep").exists()

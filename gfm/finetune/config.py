@@ -45,7 +45,11 @@ class FinetuneConfig:
     """A whole fine-tuning run (or one per seed, with ``seeds``).
 
     Attributes:
-        run_dir: where the config, split, metrics, pictures and model files go.
+        run_dir: where the config, split, metrics, pictures and model files go: a new or empty directory, or
+            one of ``gfm finetune``'s own (marker ``.gfm-output``, :mod:`gfm.outputs`). Any other non-empty
+            directory is refused, as is one that is or holds ``data.shards`` or ``encoder.weights``; a
+            finished run there (``metrics.json``) is refused unless ``overwrite``.
+        overwrite: replace the fine-tuning run in ``run_dir`` (deleted first), finished or not.
         steps: optimizer steps.
         seed: seeds the head, LoRA init, data order, augmentation and (unless ``split.seed``) the split.
         seeds: several seeds: one run each in ``run_dir/seed_<s>``, then ``summary.json`` with mean ± std.
@@ -63,6 +67,7 @@ class FinetuneConfig:
     """
 
     run_dir: str = "runs/finetune"
+    overwrite: bool = False
     steps: int = 200
     seed: int = 0
     seeds: list[int] = field(default_factory=list)
@@ -94,6 +99,8 @@ class FinetuneConfig:
                 f"engine.zero_stage: 3 with method {self.method.name} (a frozen, partitioned base) is unsupported; "
                 "use ZeRO 0-2 (the frozen encoder is not partitioned there) or method full"
             )
+        if self.overwrite and self.checkpoint.resume:
+            raise ConfigError("overwrite: true deletes the run in run_dir, checkpoint.resume continues it: choose one")
         if self.checkpoint.resume and self.checkpoint.every == 0:
             raise ConfigError("checkpoint.resume: needs checkpoint.every > 0 (without it a run writes no checkpoint)")
         if self.merge and not method.mergeable:

@@ -320,12 +320,22 @@ def _budget(
     return np.sort(np.concatenate(chosen)).astype(np.int64), short
 
 
+def _window_note(windows: Windows, cfg: SplitConfig) -> str:
+    """Why a spatial split comes out empty when the task's windows are larger than its blocks (else "")."""
+    side = int(max(windows.height.max(), windows.width.max()))
+    if cfg.mode != "spatial" or side <= cfg.block:
+        return ""
+    return (f": the task window ({side} x {side} px) is larger than split.block ({cfg.block} px), so every window "
+            "overlaps windows of the neighbouring blocks and the guard band drops them")
+
+
 def make_split(windows: Windows, cfg: SplitConfig, seed: int) -> Split:
     """Split ``windows`` as ``cfg`` says (``cfg.seed`` or else ``seed`` draws it).
 
     Raises:
         SplitError: a class with labelled samples ends with none in training or test and
-            ``cfg.empty_class`` is ``error``.
+            ``cfg.empty_class`` is ``error``; or, with ``drop``, no class is left (both name a task window
+            larger than the spatial block, the usual cause).
     """
     if not len(windows):
         raise SplitError("split: the task has no labelled samples")
@@ -350,19 +360,26 @@ def make_split(windows: Windows, cfg: SplitConfig, seed: int) -> Split:
     per_split = {name: windows.classes[split.indices(name)].sum(0) for name in SPLITS}
     empty = [c for c in range(len(names))
              if totals[c] > 0 and (per_split["train"][c] == 0 or per_split["test"][c] == 0)]
+    note = _window_note(windows, cfg)
+    block = "a larger split.block" if note else "a smaller split.block"
     if empty and cfg.empty_class == "error":
         c = empty[0]
         where = "training" if per_split["train"][c] == 0 else "test"
         raise SplitError(
             f"split: class {c} {names[c]!r} has no {where} samples ({int(totals[c])} labelled, "
-            f"{int(per_split['train'][c])} train / {int(per_split['test'][c])} test after the guard band); "
-            f"use a smaller split.block, a smaller task window, split.mode=random, or split.empty_class=drop"
+            f"{int(per_split['train'][c])} train / {int(per_split['test'][c])} test after the guard band)"
+            f"{note}; use {block}, a smaller task window, split.mode=random, or split.empty_class=drop"
             + (f" ({len(empty)} classes affected: {', '.join(names[e] for e in empty)})" if len(empty) > 1 else "")
         )
     if empty:  # drop: those classes leave every split (their samples are neither trained on nor scored)
         keep = ~np.isin(dom, empty)
         split = Split(train[keep[train]], val[keep[val]], test[keep[test]], dropped_classes=empty)
         per_split = {name: windows.classes[split.indices(name)].sum(0) for name in SPLITS}
+        if not len(split.train) or not len(split.test):
+            raise SplitError(
+                f"split: no class keeps both training and test samples (all {len(empty)} dropped by "
+                f"split.empty_class=drop){note}; use {block}, a smaller task window, or split.mode=random"
+            )
     split.report = {
         "mode": cfg.mode,
         "seed": int(split_seed),

@@ -15,8 +15,9 @@ An exported model is a directory (or a Hub repository) holding
   ``adapter_model.safetensors``, the task head inside as ``modules_to_save``) or a probe's head, with its
   ``finetune.json``, beside the base weights.
 
-Weights come from a run directory, a DeepSpeed checkpoint of any ZeRO stage (consolidated with
-DeepSpeed's own ``zero_to_fp32`` utilities), a ``model.safetensors`` file or an exported directory.
+Weights come from a run directory, a DeepSpeed checkpoint of any ZeRO stage (consolidated by ``zero``,
+which reads every file with ``torch.load(weights_only=True)``: a crafted pickle is refused, never run), a
+``model.safetensors`` file or an exported directory.
 :func:`from_pretrained` takes an export directory, a Hub id or the short name of a model shipped inside the
 package (:mod:`gfm.pretrained`, whose ``resolve`` is the one rule for model arguments everywhere) and loads
 with strict keys: a weight the config does not expect, or one it expects but the file lacks, is an error
@@ -28,8 +29,9 @@ band descriptions into the model's input with the stored statistics: ``(raw - me
 exactly as the training loader normalised.
 
 Modules: ``base`` (file names, errors, the strict key check), ``sources`` (run, checkpoint, safetensors,
-export), ``config`` (``config.json``), ``model`` (:class:`GFMModel`, :func:`from_pretrained`), ``inputs``,
-``adapters`` (fine-tuning outputs on an exported base), ``card`` (the model card), ``export``.
+export), ``zero`` (ZeRO checkpoints consolidated without unpickling code), ``config`` (``config.json``),
+``model`` (:class:`GFMModel`, :func:`from_pretrained`), ``inputs``, ``adapters`` (fine-tuning outputs on an
+exported base), ``card`` (the model card), ``export``.
 """
 
 from gfm.hub.adapters import copy_adapter, evaluation_of, finetune_dir, read_finetune, task_model_from, task_section
@@ -44,6 +46,7 @@ from gfm.hub.base import (
     PAPER_URL,
     WEIGHTS_NAME,
     HubError,
+    OutputError,
     OutputExistsError,
     Pooling,
     UnknownBandsError,
@@ -86,6 +89,7 @@ __all__ = [
     "GFMModel",
     "HubError",
     "InputBands",
+    "OutputError",
     "OutputExistsError",
     "Pooling",
     "UnknownBandsError",

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import nn
+
+from gfm.outputs import OutputError as OutputError  # outputs' errors have one home: gfm.outputs
+from gfm.outputs import OutputExistsError as OutputExistsError
 
 FORMAT = "gfm"
 FORMAT_VERSION = 1
@@ -30,14 +32,6 @@ Pooling = Literal["mean", "cls"]
 
 class HubError(ValueError):
     """An export or load problem, in one line naming the file, key or value and what was expected."""
-
-
-class OutputExistsError(HubError):
-    """The output path exists and overwriting was not asked for."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        super().__init__(f"{path}: already exists (pass overwrite=True to replace it)")
 
 
 class UnknownBandsError(HubError):

@@ -6,7 +6,8 @@ so :class:`CogWriter` writes blocks into a temporary tiled, compressed GeoTIFF b
 ``GDAL_CACHEMAX`` bounds) into a second temporary file and renames that onto the target. Memory stays
 that of one block plus the cache, whatever the raster's size; disk holds the raster twice while the
 copy runs. Temporary names start with ``.<name>.`` and end with ``.tmp``; an interrupted run leaves no
-file at the target path and removes its temporaries (a killed one leaves them, recognisably named).
+file at the target path and removes its temporaries (a killed one leaves them, recognisably named, and the
+next writer of the same path removes them).
 """
 
 from __future__ import annotations
@@ -25,10 +26,14 @@ from rasterio.crs import CRS
 from rasterio.transform import Affine
 from rasterio.windows import Window
 
+from gfm.fileio import remove_stale_temporaries
+
 #: internal tile size of the temporary and final files; output blocks are multiples of it
 BLOCK = 256
 #: GDAL block cache while writing and converting (MB): bounds memory however large the raster is
 CACHE_MB = 64
+#: the infixes of the temporary files: ``.<name>.part.XXXXXXXX.tmp`` (blocks), ``.<name>.cog.XXXXXXXX.tmp`` (copy)
+TEMP_KINDS = ("part", "cog")
 
 
 def gdal_env() -> rasterio.Env:
@@ -70,6 +75,7 @@ class CogWriter:
     ) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.path, TEMP_KINDS)  # a killed writer's leftovers for this same path
         self.overview_resampling = overview_resampling
         self._tmp = self._temp(".part")
         self._cog_tmp: Path | None = None

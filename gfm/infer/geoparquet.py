@@ -44,6 +44,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from gfm.fileio import remove_stale_temporaries
+
 GEOPARQUET_VERSION = "1.1.0"
 #: vertices per footprint edge when reprojecting (curved edges in lon/lat stay close to the true footprint)
 EDGE_POINTS = 4
@@ -142,6 +144,7 @@ class EmbeddingWriter:
     def __init__(self, path: str | Path, dim: int, metadata: Mapping[str, Any]) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.path)  # a killed writer's leftovers for this same path
         self.dim = dim
         self.metadata = dict(metadata)
         fd, name = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")

@@ -11,7 +11,9 @@ blocks are predicted for each (the price of flat memory; a few per cent with the
 
 A pixel where every observation is invalid (nodata, NaN, masked by a quality layer, outside the source
 rasters) is nodata in the output. The output file is written under a temporary name and renamed at the
-end, so an interrupted run never leaves a file that looks complete.
+end, so an interrupted run never leaves a file that looks complete (a killed run's temporaries are removed
+by the next run of the same output). The class map and the probabilities must be two paths, neither of
+them a file of the scene (:func:`gfm.outputs.check_files`).
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ import torch
 from gfm.hub import HubError, InputBands, OutputExistsError
 from gfm.infer.cog import BLOCK, CogWriter, gdal_env
 from gfm.infer.predictors import Predictor, check_band_set, class_table, classes_or_default, palette
-from gfm.infer.scenes import read_window, tile_lonlat
+from gfm.infer.scenes import read_window, scene_paths, tile_lonlat
 from gfm.infer.tiling import Layout, blend_weights
+from gfm.outputs import check_files
 from gfm.shards.scene import Scene
 
 #: probabilities are stored as round(p × PROB_SCALE) in uint8, 255 = nodata
@@ -113,6 +116,7 @@ def predict_scene(
     opts = options or PredictOptions()
     out = Path(out)
     prob_path = Path(opts.probabilities) if opts.probabilities else None
+    check_files({"out": out, "probabilities": prob_path}, scene_paths(scene.spec))
     _check_output(out, opts.overwrite)
     if prob_path is not None:
         _check_output(prob_path, opts.overwrite)

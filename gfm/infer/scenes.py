@@ -74,6 +74,10 @@ def scene_spec(sf: SceneFiles) -> SceneSpec:
     """The :class:`SceneSpec` of ``sf``: one date, or one time series when the file names carry several."""
     if not sf.files:
         raise InputError("no input files")
+    for f in sf.files:
+        if Path(f).is_dir():  # a folder is not a raster; say so rather than "not a readable raster"
+            raise InputError(f"no scenes found in {f}: a directory (give the scene's raster files; gfm embed reads a "
+                             "directory as shards only when it holds index.json)")
     names: list[list[str] | None] = [None] * len(sf.files)
     if sf.bands is not None:
         bands = list(sf.bands)
@@ -103,6 +107,13 @@ def scene_spec(sf: SceneFiles) -> SceneSpec:
     scene_id = sf.scene_id or Path(sf.files[0]).stem.split(".")[0]
     return SceneSpec(id=scene_id, dates=dates, gsd=sf.gsd, crs=sf.crs,
                      bounds=list(sf.bounds) if sf.bounds is not None else None)
+
+
+def scene_paths(spec: SceneSpec) -> list[str]:
+    """Every file ``spec`` reads: its rasters or cube, their wavelength lists and its label (outputs must differ)."""
+    files = [f for d in spec.dates for f in d.files]
+    paths = [p for f in files for p in (f.path, f.wavelengths, f.fwhm) if p]
+    return paths + ([spec.label] if spec.label else [])
 
 
 def observation_bands(scene: Scene) -> list[dict[str, Any]]:
