@@ -43,7 +43,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drop-unknown-bands", action="store_true",
                    help="leave out bands the model has no statistics for (the model accepts any band set)")
     p.add_argument("--batch-size", type=int, default=8, help="tiles per forward (default 8)")
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files (never an input)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--device", default="cpu", help="torch device for the model (default cpu)")
 
@@ -65,12 +65,13 @@ def open_scene_from(a: argparse.Namespace) -> Any:
 
 
 def stats_from(a: argparse.Namespace) -> dict[str, dict[str, float]] | None:
-    """``--stats`` as ``{"sensor/band": {"mean", "std"}}``."""
+    """``--stats`` as ``{"sensor/band": {"mean", "std"}}`` (with ``center_nm``/``fwhm_nm`` where the file has them)."""
     if not a.stats:
         return None
     from gfm.hub import read_stats
 
-    return {k: {"mean": float(v["mean"]), "std": float(v["std"])} for k, v in read_stats(a.stats).items()}
+    keep = ("mean", "std", "center_nm", "fwhm_nm")
+    return {k: {f: float(v[f]) for f in keep if v.get(f) is not None} for k, v in read_stats(a.stats).items()}
 
 
 def explain(prog: str, e: Exception) -> str:

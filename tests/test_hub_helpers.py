@@ -76,13 +76,14 @@ def make_run_dir(root: Path, patch_size: int = 4, depth: int | None = None) -> P
 
 def make_finetune_run(
     base_export: Path, run_dir: Path, *, task: str = "segmentation", method: str = "lora", classes: int = 3,
-    window: int = 0, seed: int = 0,
+    window: int = 0, seed: int = 0, bands: dict[str, Any] | None = None,
 ) -> tuple[Path, Any]:
     """A ``gfm finetune`` run directory written by ``gfm.finetune.artifacts.save_outputs``, without training.
 
     The LoRA B matrices and the head get random values (a fresh LoRA is the identity), so the adapter
-    visibly changes the predictions. Returns the run directory and the fine-tuned model in memory
-    (a ``peft.PeftModel`` for LoRA) to compare against.
+    visibly changes the predictions. ``bands``: the band table the fine-tuning data was normalised with
+    (``finetune.json`` ``bands``). Returns the run directory and the fine-tuned model in memory (a
+    ``peft.PeftModel`` for LoRA) to compare against.
     """
     import copy
     import json
@@ -104,6 +105,7 @@ def make_finetune_run(
         window=window, num_bands=3, num_rows=3,  # reference_batch's three observations, one token row each
         head=HeadConfig(), method=mcfg, arch={"model_config": base.config["model"]},
         source=str(base_export), fp=fingerprint(encoder), description="test", counts={"total": 0, "trainable": 0},
+        bands=bands,
     )
     g = torch.Generator().manual_seed(seed)
     model = apply_method(task_model(doc, encoder), mcfg)

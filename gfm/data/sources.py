@@ -188,6 +188,10 @@ class ShardSet:
     members: list[str | None] = field(default_factory=list)
     allow_pipe: bool = False
 
+    def missing(self) -> list[str]:
+        """The local shard files (no URL scheme) that do not exist: an ``index.json`` whose tars were moved."""
+        return [u for u in self.urls if _scheme(u) is None and not os.path.isfile(u)]
+
     @property
     def total(self) -> int:
         """Samples over all shards with a known count."""

@@ -72,8 +72,14 @@ def _task_part(task: str, class_names: list[str], label_values: list[int], windo
 
 def manifest(*, task: str, class_names: list[str], label_values: list[int], window: int, num_bands: int,
              num_rows: int, head: HeadConfig, method: MethodConfig, arch: dict[str, Any], source: str, fp: str,
-             description: str, counts: dict[str, int], pretrained: str = "") -> dict[str, Any]:
-    """The ``finetune.json`` document (``pretrained``: the shipped model's short name ``source`` came from)."""
+             description: str, counts: dict[str, int], pretrained: str = "",
+             bands: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``finetune.json`` document.
+
+    ``pretrained``: the shipped model's short name ``source`` came from. ``bands``: the band table the
+    task's data was normalised with (``"sensor/band"`` → description and ``stats``,
+    :func:`gfm.finetune.data.normalization_table`); exports of the run carry it into ``config.json``.
+    """
     return {
         **_task_part(task, class_names, label_values, window, num_bands, num_rows),
         "head": _config_of(head),
@@ -83,6 +89,7 @@ def manifest(*, task: str, class_names: list[str], label_values: list[int], wind
                     **({"pretrained": pretrained} if pretrained else {})},
         "base_file": None,
         "parameters": counts,
+        "bands": dict(bands or {}),
     }
 
 

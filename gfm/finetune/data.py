@@ -45,6 +45,7 @@ import torch
 from gfm.batch import Batch
 from gfm.config import ConfigError
 from gfm.finetune.splits import Windows
+from gfm.index import stats_key
 from gfm.schema import Tile
 
 TASKS = ("scene", "multilabel", "segmentation", "pixel")
@@ -144,6 +145,10 @@ def read_tiles(shards: str, index: str | None = None) -> tuple[list[Tile], Any]:
     from gfm.data.sources import resolve_shards
 
     found = resolve_shards(shards, index)
+    missing = found.missing()
+    if missing:
+        raise TaskDataError(f"{missing[0]}: listed in {found.index.url} but not there ({len(missing)} of "
+                            f"{len(found.urls)} shard(s) missing); copy the shards together with their index.json")
     tiles = []
     for url in found.urls:
         # every rank reads every tile (the task set is small; ranks split the samples, not the shards)
@@ -177,6 +182,25 @@ def _normalised(tiles: Sequence[Tile], index: Any) -> list[Batch]:
         t.label = label
         out.append(b)
     return out
+
+
+def normalization_table(tiles: Sequence[Tile], index: Any) -> dict[str, dict[str, Any]]:
+    """``"sensor/band"`` → physical description and the ``stats`` (mean, std) the task's tiles are normalised with.
+
+    What a fine-tuning run records in ``finetune.json`` (``bands``), so an export of it normalises new
+    scenes as the fine-tuning did (``gfm.hub.config.with_task_bands``), whatever statistics the base
+    model was pretrained with.
+    """
+    table: dict[str, dict[str, Any]] = {}
+    for t in tiles:
+        for b in t.meta["bands"]:
+            key = stats_key(b["sensor"], b["name"])
+            if key not in table:
+                mean, std = index.norm(b["sensor"], b["name"])
+                table[key] = {"name": b["name"], "sensor": b["sensor"], "center_nm": b.get("center_nm"),
+                              "fwhm_nm": b.get("fwhm_nm"), "kind": b.get("kind"),
+                              "stats": {"mean": mean, "std": std}}
+    return dict(sorted(table.items()))
 
 
 def _placement(tiles: Sequence[Tile]) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -242,6 +266,8 @@ class TaskData:
         scene_hw: each scene's extent (rows, cols) as covered by its tiles.
         source: where the data came from (shards spec).
         window: the pixel task's window side (0 for tile tasks).
+        bands: ``"sensor/band"`` → description and the statistics the tiles were normalised with
+            (:func:`normalization_table`).
     """
 
     task: str
@@ -253,6 +279,7 @@ class TaskData:
     scene_hw: list[tuple[int, int]]
     source: str
     window: int = 0
+    bands: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
     label_maps: list[torch.Tensor] = field(default_factory=list, repr=False)
     tiles: list[Batch] = field(default_factory=list, repr=False)
     tile_of_sample: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64), repr=False)
@@ -459,6 +486,7 @@ def load_task_data(cfg: TaskDataConfig) -> TaskData:
         task=cfg.task, class_names=names, label_values=values, windows=Windows([], *(np.zeros(0, np.int64),) * 5,
                                                                                 np.zeros((0, k)), names),
         targets=np.zeros(0, np.int64), scenes=scenes, scene_hw=scene_hw, source=cfg.shards, tiles=normalised,
+        bands=normalization_table(tiles, index),
     )
     if cfg.task == "pixel":
         return _pixel_samples(data, tiles, cfg, scene_of_tile, rows, cols, to_class)

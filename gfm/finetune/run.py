@@ -13,12 +13,15 @@ the same samples (:mod:`gfm.finetune.classic`), scored and pictured as the netwo
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
+import yaml
 from torch import nn
 
 from gfm import distributed as gdist
@@ -33,6 +36,7 @@ from gfm.finetune.metrics import summarize
 from gfm.finetune.model import TaskModel
 from gfm.finetune.splits import Split, load_split, make_split
 from gfm.finetune.weights import LoadedEncoder, load_encoder
+from gfm.outputs import OutputError, OutputExistsError, claim_dir, write_marker
 from gfm.train.callbacks import MetricsCallback
 from gfm.train.checkpoint import resolve_resume
 from gfm.train.module import StepResult, TrainModule
@@ -52,14 +56,21 @@ def _input_errors() -> tuple[type[Exception], ...]:
     from gfm.finetune.splits import SplitError
     from gfm.finetune.weights import EncoderLoadError
     from gfm.hub import HubError
+    from gfm.outputs import OutputError
     from gfm.schema import SchemaError
 
     return (TaskDataError, SplitError, EncoderLoadError, AdapterError, ConfigError, LoaderError, SchemaError, HubError,
-            ClassicError)
+            ClassicError, OutputError)
 
 
-#: exceptions that mean bad input (shards, labels, split, weights, adapter), not a bug: programs print one line
+#: exceptions that mean bad input (shards, labels, split, weights, adapter, run_dir), not a bug: programs print
+#: one line
 INPUT_ERRORS = _input_errors()
+#: the program name in a run directory's ``.gfm-output`` marker (:mod:`gfm.outputs`)
+PROGRAM = "finetune"
+#: sections only a resolved run config holds all of (:func:`is_finetune_run`)
+_RUN_SECTIONS = {"run_dir", "steps", "data", "encoder", "method", "head", "split", "optim", "engine"}
+_SEED_DIR = re.compile(r"seed_\d+")
 
 
 @dataclass
@@ -178,12 +189,56 @@ def _maps_and_pictures(run_dir: Path, data: TaskData, split: Split, ev: Evaluati
     return written
 
 
+def is_finetune_run(path: Path) -> bool:
+    """Whether ``path`` holds a fine-tuning run written by a gfm version before output markers.
+
+    Its manifest (``finetune.json``); or the resolved config (``config.yaml`` with every section of a run)
+    beside the ``split.json`` a run writes next; or only ``seed_<n>/`` runs and ``summary.json``.
+    """
+    if (path / artifacts.MANIFEST).is_file():
+        return True
+    try:
+        saved = yaml.safe_load((path / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        saved = None
+    if isinstance(saved, dict) and _RUN_SECTIONS <= set(saved) and (path / "split.json").is_file():
+        return True
+    entries = list(path.iterdir())
+    return bool(entries) and all(p.name == "summary.json" or (_SEED_DIR.fullmatch(p.name) and p.is_dir())
+                                 for p in entries)
+
+
+def claim_run_dir(cfg: FinetuneConfig, run_dir: Path, finished: str) -> OutputError | None:
+    """Check that this run may write ``run_dir``, and prepare it (rank 0); the refusal, for every rank to raise.
+
+    ``run_dir`` may be new, empty or a fine-tuning run (:func:`gfm.outputs.claim_dir`, :func:`is_finetune_run`);
+    a run there that is not ``finished`` (that file absent: it was interrupted) is continued or restarted in
+    place, a finished one is refused unless ``cfg.overwrite`` (delete it first) or ``checkpoint.resume``.
+    """
+    try:
+        # overwrite=True: a run may write into its own directory (restarts and resumes); finished runs below
+        ours = claim_dir(run_dir, PROGRAM, overwrite=True, sources=[cfg.data.shards, cfg.encoder.weights],
+                         recognise=is_finetune_run)
+        if ours and cfg.overwrite:
+            shutil.rmtree(run_dir)
+        elif ours and (run_dir / finished).is_file() and not cfg.checkpoint.resume:
+            raise OutputExistsError(run_dir, f"a finished fine-tuning run ({finished}); choose a new run_dir, or "
+                                             "overwrite=true to replace it")
+    except OutputError as e:
+        return e
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_marker(run_dir, PROGRAM)
+    return None
+
+
 def run_one(cfg: FinetuneConfig, data: TaskData | None = None) -> FinetuneResult:
     """One fine-tuning run (one seed) on however many ranks the process group has."""
     info = gdist.init_distributed(cfg.engine.timeout_s)
     run_dir = Path(cfg.run_dir)
+    refused = gdist.broadcast_object(claim_run_dir(cfg, run_dir, "metrics.json") if info.is_main else None)
+    if refused is not None:
+        raise refused
     if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         save_yaml(cfg, run_dir / "config.yaml")
     gdist.barrier("run directory")
     t0 = time.time()
@@ -243,7 +298,7 @@ def run_one(cfg: FinetuneConfig, data: TaskData | None = None) -> FinetuneResult
         task=data.task, class_names=data.class_names, label_values=data.label_values, window=data.window,
         num_bands=data.num_bands, num_rows=num_rows, head=cfg.head, method=cfg.method, arch=loaded.arch,
         source=loaded.source, fp=loaded.fingerprint,
-        description=loaded.description, counts=counts, pretrained=loaded.name,
+        description=loaded.description, counts=counts, pretrained=loaded.name, bands=data.bands,
     )
     if info.is_main:
         files = artifacts.save_outputs(run_dir, doc, trained, base_state, merge=cfg.merge)
@@ -329,7 +384,10 @@ def run(cfg: FinetuneConfig) -> FinetuneResult:
     """Fine-tune as ``cfg`` says: one run, or one per ``cfg.seeds`` plus ``summary.json`` (mean ± std)."""
     if not cfg.seeds:
         return run_one(cfg)
-    gdist.init_distributed(cfg.engine.timeout_s)
+    info = gdist.init_distributed(cfg.engine.timeout_s)
+    refused = gdist.broadcast_object(claim_run_dir(cfg, Path(cfg.run_dir), "summary.json") if info.is_main else None)
+    if refused is not None:
+        raise refused
     data = cfg.data.build()
     results = []
     for s in cfg.seeds:

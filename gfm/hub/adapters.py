@@ -101,6 +101,28 @@ def task_model_from(encoder: nn.Module, adapter: str | Path, merge: bool = False
     return model.eval(), doc
 
 
+def check_own_adapter(export_dir: str | Path, task: Mapping[str, Any] | None, adapter: str | Path,
+                      doc: Mapping[str, Any]) -> None:
+    """Refuse an export's own ``adapter/`` whose task is not the one the export's ``config.json`` describes.
+
+    ``task`` is that ``config.json``'s ``task`` section and ``doc`` the adapter's ``finetune.json``. An
+    adapter from elsewhere (another run, named on purpose) is not the export's and is not checked; nor is
+    an export whose config describes no task.
+
+    Raises:
+        HubError: task type, class count or class names differ (naming both values): an ``adapter/`` copied
+            in from another fine-tuning run would otherwise predict under the wrong class table.
+    """
+    own = (Path(export_dir) / ADAPTER_DIR).resolve()
+    if not task or finetune_dir(adapter).resolve() != own:
+        return
+    for key, what in (("task", "task"), ("num_classes", "classes"), ("class_names", "class names")):
+        mine, theirs = task.get(key), doc.get(key)
+        if mine is not None and theirs is not None and mine != theirs:
+            raise HubError(f"{own}: the adapter's {FINETUNE_MANIFEST} has {what} {theirs!r}, the export's config.json "
+                           f"task has {mine!r} (an adapter/ from another fine-tuning run?)")
+
+
 def task_section(doc: Mapping[str, Any], where: Path, merged: bool) -> dict[str, Any]:
     """The ``task`` part of ``config.json`` for a fine-tuning manifest."""
     from gfm.infer.predictors import palette
@@ -146,17 +168,19 @@ def evaluation_of(where: Path) -> dict[str, Any] | None:
 def copy_adapter(where: Path, doc: Mapping[str, Any], dest: Path) -> None:
     """Put an adapter (peft files, or a probe's head) and its manifest into ``dest`` (an export's ``adapter/``)."""
     from gfm.finetune.methods import get_method
+    from gfm.hub.config import portable
 
     dest.mkdir(parents=True, exist_ok=True)
     files: dict[str, str] = {}
     if get_method(doc["method"]).saves == "adapter":
         src = _peft_dir(where, doc)
-        for name in ("adapter_config.json", "adapter_model.safetensors"):
-            shutil.copy2(src / name, dest / name)
+        shutil.copy2(src / "adapter_model.safetensors", dest / "adapter_model.safetensors")
+        peft_config = json.loads((src / "adapter_config.json").read_text())
+        (dest / "adapter_config.json").write_text(json.dumps(portable(peft_config), indent=2) + "\n")
         files["adapter"] = "."
     else:
         head = (doc.get("files") or {}).get("head", "head.safetensors")
         shutil.copy2(where / head, dest / "head.safetensors")
         files["head"] = "head.safetensors"
-    manifest = {**doc, "files": files, "base_file": None}
+    manifest = portable({**doc, "files": files, "base_file": None})
     (dest / FINETUNE_MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")

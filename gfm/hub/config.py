@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path
@@ -14,7 +15,7 @@ from torch import nn
 from gfm import __version__
 from gfm.batch import Batch
 from gfm.config import ConfigError, from_dict, to_dict
-from gfm.hub.base import FORMAT, FORMAT_VERSION, HubError
+from gfm.hub.base import CONFIG_NAME, FORMAT, FORMAT_VERSION, HubError, weights_dtype
 from gfm.hub.sources import WeightsSource
 from gfm.sensors import KIND_CODE, SensorError, get_sensor
 
@@ -129,6 +130,42 @@ def band_table(index: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]
     return bands, sensors
 
 
+def with_task_bands(config: Mapping[str, Any], task_bands: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``config`` with the band table a fine-tuning run normalised its data with (its ``finetune.json`` ``bands``).
+
+    For every sensor the fine-tuning data held, the fine-tuning entries (description and ``stats``)
+    replace the base model's: the task model was trained on inputs normalised with them, so new scenes
+    must be too. Other sensors keep the base model's entries. ``normalization.task_bands`` lists the keys
+    whose statistics come from the fine-tuning data. A manifest without ``bands`` (older runs) changes
+    nothing.
+    """
+    out = dict(config)
+    if not task_bands:
+        return out
+    sensors_seen = {str(e.get("sensor") or k.partition("/")[0]) for k, e in task_bands.items()}
+    table = {k: dict(v) for k, v in (config.get("bands") or {}).items()
+             if str(v.get("sensor") or k.partition("/")[0]) not in sensors_seen}
+    sensors = {k: dict(v) for k, v in (config.get("sensors") or {}).items() if k not in sensors_seen}
+    for key, e in task_bands.items():
+        sensor, _, name = key.partition("/")
+        sensor, name = str(e.get("sensor") or sensor), str(e.get("name") or name)
+        facts = _sensor_facts(sensor)
+        table[key] = {
+            "name": name, "sensor": sensor, "center_nm": e.get("center_nm"), "fwhm_nm": e.get("fwhm_nm"),
+            "kind": e.get("kind"), "gsd_m": facts.get("gsd_m", {}).get(name), "scale": facts.get("scale"),
+            "offset": facts.get("offset"), "nodata": facts.get("nodata"), "stats": dict(e.get("stats") or {}),
+        }
+        s = sensors.setdefault(sensor, {
+            "description": facts.get("description"), "scale": facts.get("scale"), "offset": facts.get("offset"),
+            "nodata": facts.get("nodata"), "bands": [],
+        })
+        s["bands"].append(key)
+    out["bands"] = dict(sorted(table.items()))
+    out["sensors"] = dict(sorted(sensors.items()))
+    out["normalization"] = {**(config.get("normalization") or {}), "task_bands": sorted(task_bands)}
+    return out
+
+
 def stats_of(config: Mapping[str, Any]) -> dict[str, dict[str, float]]:
     """``"sensor/band"`` → ``{"mean", "std"}`` from an exported config (bands that have both)."""
     out = {}
@@ -150,7 +187,11 @@ def read_index(path: str | Path) -> dict[str, Any]:
 
 
 def read_stats(path: str | Path) -> dict[str, dict[str, Any]]:
-    """Statistics from an ``index.json``, an exported ``config.json`` or a plain ``{"sensor/band": {...}}`` file."""
+    """Statistics from an ``index.json``, an exported ``config.json`` or a plain ``{"sensor/band": {...}}`` file.
+
+    Entries of an index or export carry their band's ``center_nm`` (and ``fwhm_nm``) too, so
+    :func:`gfm.hub.input_bands` matches them by wavelength.
+    """
     p = Path(path)
     try:
         doc = json.loads(p.read_text())
@@ -159,14 +200,25 @@ def read_stats(path: str | Path) -> dict[str, dict[str, Any]]:
     if not isinstance(doc, dict):
         raise HubError(f"{p}: expected a JSON object of statistics")
     if doc.get("format") == FORMAT:
-        return stats_of(doc)
+        described = doc.get("bands") or {}
+        return {k: {**st, **_wavelength_of(described.get(k))} for k, st in stats_of(doc).items()}
     table = doc.get("stats", doc)
+    described = doc.get("bands") or {} if "stats" in doc else {}
+    if not isinstance(table, dict) or not isinstance(described, dict):
+        raise HubError(f"{p}: 'stats' and 'bands' must be JSON objects keyed '<sensor>/<band>'")
     out = {}
     for key, st in table.items():
         if not (isinstance(st, dict) and "/" in key and "mean" in st and "std" in st):
             raise HubError(f"{p}: entry {key!r} is not '<sensor>/<band>': {{'mean': .., 'std': ..}}")
-        out[key] = dict(st)
+        out[key] = {**dict(st), **_wavelength_of(described.get(key))}
     return out
+
+
+def _wavelength_of(desc: Any) -> dict[str, Any]:
+    """``center_nm``/``fwhm_nm`` of an index's or export's band description, when it has them."""
+    if not isinstance(desc, dict):
+        return {}
+    return {k: float(desc[k]) for k in ("center_nm", "fwhm_nm") if isinstance(desc.get(k), (int, float))}
 
 
 def _index_for_run(run_config: Mapping[str, Any]) -> tuple[dict[str, Any] | None, str]:
@@ -188,6 +240,68 @@ def _index_for_run(run_config: Mapping[str, Any]) -> tuple[dict[str, Any] | None
 
 # ------------------------------------------------------------------------------------------------
 # config.json
+
+#: the top-level keys of an exported ``config.json`` (what :func:`hub_config` and :func:`gfm.hub.export` write)
+CONFIG_KEYS = frozenset({"format", "format_version", "gfm_version", "model", "architecture", "task", "bands",
+                         "sensors", "normalization", "inputs", "training", "evaluation", "license", "weights_dtype"})
+
+
+def portable(doc: Any) -> Any:
+    """``doc`` (plain JSON data) with every absolute local path replaced by its last component.
+
+    What an export writes is published (``--push``): the directories of the machine it was made on say
+    nothing useful to a reader and may say too much (user names, project layout). Relative paths, URLs
+    and other strings are kept.
+    """
+    if isinstance(doc, dict):
+        return {k: portable(v) for k, v in doc.items()}
+    if isinstance(doc, list):
+        return [portable(v) for v in doc]
+    if isinstance(doc, str) and "\n" not in doc and (doc.startswith(("/", "~", "file://"))
+                                                      or (len(doc) > 2 and doc[1:3] in (":\\", ":/"))):
+        return Path(doc.removeprefix("file://").replace("\\", "/").rstrip("/")).name or doc
+    return doc
+
+
+def validate_config(config: Any, where: str = CONFIG_NAME) -> dict[str, Any]:
+    """``config`` if it is an exported ``config.json`` this gfm can read; else a :class:`HubError` naming the key.
+
+    Checks the format and its version (a newer one is refused, not guessed at), that every top-level key
+    is one an export writes, that ``model`` is a mapping, that ``weights_dtype`` is known, and that every
+    band's statistics are finite with a positive ``std`` (a NaN or zero there would silently turn a
+    band's inputs into NaN or infinity).
+    """
+    if not isinstance(config, dict):
+        raise HubError(f"{where}: expected a JSON object, got {type(config).__name__}")
+    if config.get("format") != FORMAT:
+        raise HubError(f"{where}: 'format' is {config.get('format')!r}, expected {FORMAT!r} (not a gfm export)")
+    version = config.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= FORMAT_VERSION:
+        raise HubError(f"{where}: format_version {version!r}; this gfm ({__version__}) reads 1 to {FORMAT_VERSION} "
+                       "(a newer one needs a newer gfm)")
+    unknown = sorted(set(config) - CONFIG_KEYS)
+    if unknown:
+        raise HubError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; an export has "
+                       f"{', '.join(sorted(CONFIG_KEYS))}")
+    if not isinstance(config.get("model"), dict):
+        raise HubError(f"{where}: 'model' must be a mapping of ModelConfig fields")
+    weights_dtype(str(config.get("weights_dtype") or "float32"))
+    bands = config.get("bands") or {}
+    if not isinstance(bands, dict):
+        raise HubError(f"{where}: 'bands' must map '<sensor>/<band>' to band descriptions")
+    for key, band in bands.items():
+        st = (band or {}).get("stats") if isinstance(band, dict) else None
+        if not isinstance(band, dict) or not isinstance(st, dict):
+            raise HubError(f"{where}: bands[{key!r}] must be a mapping with a 'stats' mapping")
+        for name in ("mean", "std"):
+            if name not in st:
+                continue
+            value = st[name]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise HubError(f"{where}: bands[{key!r}].stats.{name} is {value!r}, expected a finite number")
+        if "std" in st and st["std"] <= 0:
+            raise HubError(f"{where}: bands[{key!r}].stats.std is {st['std']!r}, expected a positive number")
+    return config
 
 
 #: What each Batch field means for a user feeding the model, and the value to pass when it is unknown.

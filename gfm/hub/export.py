@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import tempfile
@@ -20,17 +21,31 @@ from gfm.hub.adapters import (
     task_model_from,
     task_section,
 )
-from gfm.hub.base import ADAPTER_DIR, HubError, OutputExistsError, check_keys, weights_dtype
+from gfm.hub.base import (
+    ADAPTER_DIR,
+    CONFIG_NAME,
+    FORMAT,
+    WEIGHTS_NAME,
+    HubError,
+    check_keys,
+    weights_dtype,
+)
 from gfm.hub.config import (
     _index_for_run,
     band_table,
     build_net,
     describe_architecture,
     hub_config,
+    portable,
     read_index,
+    with_task_bands,
 )
 from gfm.hub.model import GFMModel
 from gfm.hub.sources import WeightsSource, load_state_dict, resolve_source
+from gfm.outputs import MARKER, claim_dir, write_marker
+
+#: the program name in an export's ``.gfm-output`` marker (:mod:`gfm.outputs`)
+PROGRAM = "export"
 
 
 @dataclass
@@ -62,7 +77,11 @@ def export(
     """Write an exported model directory from a run, checkpoint, safetensors file or export.
 
     The directory is assembled under a temporary name beside ``out_dir`` and renamed into place at the
-    end, so an interrupted export never leaves a directory that looks complete.
+    end, so an interrupted export never leaves a directory that looks complete. It carries the marker
+    ``.gfm-output`` (:mod:`gfm.outputs`). ``out_dir`` may be new or empty, or, with ``overwrite``, an
+    export (its marker, or ``config.json`` with ``"format": "gfm"`` beside ``model.safetensors``: an export
+    of a gfm version before markers); any other non-empty directory is refused, even with ``overwrite``, and
+    so is an ``out_dir`` that is or contains ``source``, ``adapter`` or ``index``.
 
     Args:
         source: see :func:`resolve_source`.
@@ -73,20 +92,25 @@ def export(
         merge: fold the adapter into the weights instead: the export *is* the fine-tuned task model.
         index: an ``index.json`` with the band statistics, when the run's own cannot be found.
         license: the licence identifier written into the model card metadata.
-        overwrite: replace an existing ``out_dir``.
+        overwrite: replace an existing ``out_dir`` that holds an export (see above).
         push: a Hub repository id to upload the directory to (needs a token; never run in tests).
         dtype: how ``model.safetensors`` stores the floating-point weights: ``fp32`` (default, exact) or
             ``bf16`` (half the size, each weight rounded to bfloat16; what the models shipped in
             ``gfm/pretrained/`` use). Recorded in ``config.json`` as ``weights_dtype``; every reader loads
             the weights into fp32 parameters.
+
+    Raises:
+        OutputError: ``out_dir`` is refused (:class:`~gfm.outputs.OutputExistsError` when it holds an export
+            and ``overwrite`` is false).
+        HubError: a problem with the source, adapter or index.
     """
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise OutputExistsError(out)
     if merge and adapter is None:
         raise HubError("merge=True needs an adapter to merge")
     stored = weights_dtype(dtype)
     src = resolve_source(source)
+    inputs = [src.path, src.weights, src.run_dir, adapter, index]
+    claim_dir(out, PROGRAM, overwrite=overwrite, sources=inputs, recognise=is_export_dir)
     net = build_net(src.exported if src.kind == "export" else {"model": src.model_config})
     state = load_state_dict(src)
     check_keys(net, state, str(src.weights))
@@ -99,6 +123,13 @@ def export(
         index_doc, index_url = None, ""
     else:
         index_doc, index_url = _index_for_run(src.run_config)
+        data = src.run_config.get("data") or {}
+        if index_doc is None and data.get("source", "shards") == "shards" and (data.get("loader") or {}).get("shards"):
+            # trained on shards that are not where the run says (a moved or copied run): an export without
+            # their statistics cannot normalise anything, so ask for them instead of writing one
+            raise HubError(f"{src.describe()}: the index.json of the shards it trained on cannot be found "
+                           f"({index_url}); pass index=INDEX.json (those shards' index, or one of data from the "
+                           "same sensors) for the band statistics")
         if index_doc is None:
             note, index_url = index_url, ""
     config = dict(src.exported) if src.kind == "export" else hub_config(src, net, index_doc, index_url)
@@ -115,10 +146,12 @@ def export(
             config["architecture"] = describe_architecture(net)
         else:
             task_model_from(copy.deepcopy(getattr(net, "encoder", net)), where)  # fits this base: checked now
+        config = with_task_bands(config, doc.get("bands"))  # normalise as the fine-tuning did
         config["task"] = task_section(doc, where, merged=merge)
         config["evaluation"] = evaluation_of(where)
     config["license"] = license
     config["weights_dtype"] = stored
+    config = portable(config)  # no local directory of this machine in what may be published
     model = GFMModel.__new__(GFMModel)
     nn.Module.__init__(model)
     model.config, model.net = config, net
@@ -129,7 +162,8 @@ def export(
         model.save_pretrained(tmp)
         if where is not None and not merge:
             copy_adapter(where, doc, tmp / ADAPTER_DIR)
-        if out.exists():
+        write_marker(tmp, PROGRAM)
+        if claim_dir(out, PROGRAM, overwrite=overwrite, sources=inputs, recognise=is_export_dir):  # again: just before
             shutil.rmtree(out)
         os.replace(tmp, out)
     except BaseException:
@@ -143,6 +177,15 @@ def export(
     return report
 
 
+def is_export_dir(path: Path) -> bool:
+    """Whether ``path`` holds an export (``config.json`` with ``"format": "gfm"`` and ``model.safetensors``)."""
+    try:
+        config = json.loads((path / CONFIG_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("format") == FORMAT and (path / WEIGHTS_NAME).is_file()
+
+
 def push_to_hub(folder: str | Path, repo_id: str, private: bool | None = None) -> str:
     """Upload an exported directory to the Hugging Face Hub (creates the repository); returns the commit URL."""
     from huggingface_hub import HfApi
@@ -150,5 +193,5 @@ def push_to_hub(folder: str | Path, repo_id: str, private: bool | None = None) -
     api = HfApi()
     repo = api.create_repo(repo_id=repo_id, private=private, exist_ok=True, repo_type="model").repo_id
     commit = api.upload_folder(repo_id=repo, folder_path=str(folder), repo_type="model",
-                               commit_message=f"gfm {__version__} export")
+                               commit_message=f"gfm {__version__} export", ignore_patterns=[MARKER])
     return str(commit)

@@ -111,6 +111,86 @@ class InputBands:
         return Batch(**tensors)
 
 
+#: the tolerance (nm) on centre wavelengths when neither band's FWHM is known, and its least value otherwise
+WAVELENGTH_TOLERANCE_NM = 1.0
+
+
+def _tolerance(a: Mapping[str, Any], b: Mapping[str, Any]) -> float:
+    """How far two descriptions of one band may put its centre: the narrower FWHM (at least 1 nm)."""
+    widths = [float(w) for w in (a.get("fwhm_nm"), b.get("fwhm_nm")) if w]
+    return max(WAVELENGTH_TOLERANCE_NM, min(widths)) if widths else WAVELENGTH_TOLERANCE_NM
+
+
+def _registered(sensor: str) -> bool:
+    try:
+        get_sensor(sensor)
+    except (SensorError, KeyError):
+        return False
+    return True
+
+
+def _nearest(full: Mapping[str, Any], entries: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """The key of the band's sensor's entry nearest its centre wavelength, within the tolerance (else None)."""
+    best, gap = None, math.inf
+    for key, e in entries.items():
+        if e.get("sensor") != full["sensor"] or e.get("center_nm") is None:
+            continue
+        d = abs(float(e["center_nm"]) - float(full["center_nm"]))
+        if d <= _tolerance(full, e) and d < gap:
+            best, gap = key, d
+    return best
+
+
+def _described(key: str, desc: dict[str, Any], entries: Mapping[str, Mapping[str, Any]], where: str) -> dict[str, Any]:
+    """The band's full description: its own values, else the sensor registry's, else the model's entry for its key."""
+    ref = entries.get(key, {})
+    full = {k: desc.get(k) for k in ("name", "sensor", "center_nm", "fwhm_nm", "kind")}
+    if full["center_nm"] is None:
+        try:
+            b = get_sensor(str(full["sensor"])).band(str(full["name"]))
+            full.update(center_nm=b.center_nm, fwhm_nm=b.fwhm_nm, kind=b.kind)
+        except (SensorError, KeyError):
+            if ref.get("center_nm") is None:
+                raise HubError(f"{where}band {key!r}: no wavelength given and none known for it") from None
+            full.update({k: ref.get(k) for k in ("center_nm", "fwhm_nm", "kind")})
+    for k in ("fwhm_nm", "kind"):
+        if full[k] is None:
+            full[k] = ref.get(k)
+    return full
+
+
+def _match(key: str, full: Mapping[str, Any], entries: Mapping[str, Mapping[str, Any]], where: str) -> str | None:
+    """The key of the model's entry whose statistics the band takes (None: the model has none for it).
+
+    A registered sensor's band is its own key, its wavelength checked. Any other sensor's bands (a
+    hyperspectral cube's ``B001``.. are positions in a file) are keyed by wavelength: the same sensor's
+    entry nearest the band's centre within the tolerance.
+
+    Raises:
+        HubError: the model's entry for the band's key lies at another wavelength (and, for a sensor that
+            is not registered, no entry lies at the band's).
+    """
+    entry = entries.get(key)
+    center = full["center_nm"]
+
+    def contradiction() -> HubError:
+        assert entry is not None
+        return HubError(f"{where}band {key!r} is at {float(center):g} nm, but the model's statistics for {key!r} "
+                        f"are for {float(entry['center_nm']):g} nm and it has none for {full['sensor']} at "
+                        f"{float(center):g} nm; check the band order and wavelengths")
+
+    known_center = entry is not None and entry.get("center_nm") is not None
+    if _registered(str(full["sensor"])) or center is None:
+        if entry is not None and known_center and center is not None and (
+                abs(float(entry["center_nm"]) - float(center)) > _tolerance(full, entry)):
+            raise contradiction()
+        return key if entry is not None else None
+    found = _nearest(full, entries)
+    if found is None and known_center:
+        raise contradiction()
+    return found if found is not None else (key if entry is not None else None)
+
+
 def input_bands(
     bands: Sequence[Any],
     config: Mapping[str, Any],
@@ -118,46 +198,60 @@ def input_bands(
     unknown: Literal["error", "drop"] = "error",
     where: str = "",
 ) -> InputBands:
-    """Match band descriptions to the model's statistics (explicit ``stats`` win over the model's own).
+    """Match band descriptions to the model's statistics by physics (explicit ``stats`` win over the model's own).
+
+    A band of a registered sensor (:mod:`gfm.sensors`) takes the statistics of the model's entry with its
+    ``"sensor/band"`` key, and that entry's centre wavelength must agree with the band's (within the
+    narrower FWHM, at least 1 nm). The bands of any other sensor (hyperspectral cubes, whose ``B001``..
+    names are positions in a file) are keyed by wavelength: each takes the same sensor's entry nearest its
+    centre within that tolerance, so a reordered or subset cube gets each band's own statistics. A band
+    whose key the model knows at another wavelength, with no entry at its own, is refused naming both.
 
     Args:
         bands: one per observation: ``"sensor/band"``, a mapping (``name``, ``sensor`` and optionally
             ``center_nm``, ``fwhm_nm``, ``kind``, ``time``) or a ``gfm.sensors.Band``.
         config: the exported ``config.json``.
-        stats: extra or overriding ``"sensor/band"`` → ``{"mean", "std"}``.
+        stats: extra or overriding ``"sensor/band"`` → ``{"mean", "std"}`` (and optionally ``center_nm``,
+            ``fwhm_nm``: then matched by wavelength too).
         unknown: ``"error"`` refuses bands without statistics, ``"drop"`` leaves them out.
         where: prefix of error messages (the scene or file).
 
     Raises:
         UnknownBandsError: a band has no statistics and ``unknown`` is ``"error"`` (or no band is left).
+        HubError: a band's wavelength contradicts the model's entry for its key.
     """
     table = dict(config.get("bands") or {})
-    known = stats_of(config)
-    known.update({k: {"mean": float(v["mean"]), "std": float(v["std"])} for k, v in (stats or {}).items()})
+    entries: dict[str, dict[str, Any]] = {}
+    for key, st in stats_of(config).items():
+        described = {k: (table.get(key) or {}).get(k) for k in ("name", "sensor", "center_nm", "fwhm_nm", "kind")}
+        entries[key] = {**described, **st}
+    for key, v in (stats or {}).items():
+        sensor, _, name = key.partition("/")
+        base = entries.get(key) or {"name": name, "sensor": sensor}
+        described = {k: v[k] for k in ("center_nm", "fwhm_nm", "kind") if v.get(k) is not None}
+        entries[key] = {**base, **described, "mean": float(v["mean"]), "std": float(v["std"])}
     keep: list[int] = []
     out: list[dict[str, Any]] = []
     missing: list[str] = []
     for i, band in enumerate(bands):
         key, desc = _band_key(band)
-        if key not in known:
+        if key not in entries and not any(e.get("sensor") == desc["sensor"] for e in entries.values()):
             missing.append(key)
             continue
-        ref = table.get(key, {})
-        full = {k: desc.get(k, ref.get(k)) for k in ("name", "sensor", "center_nm", "fwhm_nm", "kind")}
-        if full["center_nm"] is None:
-            try:
-                b = get_sensor(full["sensor"]).band(full["name"])
-                full.update(center_nm=b.center_nm, fwhm_nm=b.fwhm_nm, kind=b.kind)
-            except (SensorError, KeyError):
-                raise HubError(f"{where}band {key!r}: no wavelength given and none known for it") from None
+        full = _described(key, desc, entries, where)
+        found = _match(key, full, entries, where)
+        if found is None:
+            missing.append(key)
+            continue
         full["time"] = desc.get("time")
-        full.update(known[key])
+        full.update(mean=float(entries[found]["mean"]), std=float(entries[found]["std"]))
         keep.append(i)
         out.append(full)
+    known = sorted(entries)
     if missing and unknown == "error":
-        raise UnknownBandsError(missing, sorted(known), where)
+        raise UnknownBandsError(missing, known, where)
     if not out:
-        raise UnknownBandsError(missing, sorted(known), f"{where}no band left: ")
+        raise UnknownBandsError(missing, known, f"{where}no band left: ")
     return InputBands(keep, out, missing)
 
 

@@ -15,7 +15,7 @@ from huggingface_hub import ModelCard, PyTorchModelHubMixin
 from torch import nn
 
 from gfm.batch import Batch
-from gfm.hub.adapters import finetune_dir, task_model_from, task_section
+from gfm.hub.adapters import check_own_adapter, finetune_dir, task_model_from, task_section
 from gfm.hub.base import (
     CONFIG_NAME,
     FORMAT,
@@ -28,8 +28,9 @@ from gfm.hub.base import (
     upcast,
 )
 from gfm.hub.card import model_card
-from gfm.hub.config import build_net, stats_of
+from gfm.hub.config import build_net, stats_of, validate_config, with_task_bands
 from gfm.hub.inputs import pool, prepare
+from gfm.hub.sources import read_json_object, read_safetensors
 
 
 class GFMModel(
@@ -50,9 +51,7 @@ class GFMModel(
 
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__()
-        if config.get("format") != FORMAT:
-            raise HubError(f"config.json: 'format' is {config.get('format')!r}, expected {FORMAT!r} (not a gfm export)")
-        self.config = config
+        self.config = validate_config(config)
         self.net = build_net(config)
 
     @property
@@ -135,7 +134,7 @@ class GFMModel(
             ))
         if "config" not in model_kwargs or not model_kwargs["config"]:
             raise HubError(f"{model_id}: no {CONFIG_NAME}; not an exported gfm model")
-        model = cls(config=model_kwargs["config"])
+        model = cls(config=validate_config(model_kwargs["config"], f"{model_id}/{CONFIG_NAME}"))
         load_strict(model.net, weights)
         model.to(map_location)
         model.eval()
@@ -150,17 +149,22 @@ def _int_attr(module: nn.Module, name: str) -> int:
 
 
 def load_strict(net: nn.Module, weights: str | Path) -> None:
-    """Load ``weights`` (safetensors) into ``net``; any missing, unexpected or mis-shaped key is an error.
+    """Load ``weights`` (safetensors) into ``net``; any missing, unexpected, mis-shaped or mistyped key is an error.
 
     Weights stored in bf16 are upcast to fp32 first (the parameters stay fp32).
     """
-    from safetensors.torch import load_file
-
     path = Path(weights)
     if not path.is_file():
         raise HubError(f"{path}: no weights file")
-    state = upcast(load_file(str(path)))
+    state = upcast(read_safetensors(path))
     check_keys(net, state, str(path))
+    expected = net.state_dict()
+    for key, tensor in state.items():
+        want = expected[key].dtype
+        mistyped = tensor.dtype != want if not want.is_floating_point else not tensor.is_floating_point()
+        if mistyped:
+            raise HubError(f"{path}: tensor {key!r} is {tensor.dtype}, the model holds {want} there (load_state_dict "
+                           "would cast it silently)")
     net.load_state_dict(state, strict=True)
 
 
@@ -171,20 +175,40 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 def model_location(path: str | os.PathLike[str]) -> tuple[str, bool]:
     """``(where, on_hub)`` of a model argument: a local directory, or a Hub repository id.
 
-    An existing local path wins; ``user/name`` that exists nowhere here is a Hub id; anything else goes
-    through :func:`gfm.pretrained.resolve` (a shipped model's short name, or an error naming the path or
-    listing the shipped names).
+    An existing local path wins; ``user/name`` that exists nowhere here is a Hub id, unless ``user`` is a
+    local directory (``runs/typo`` is a mistyped path, never sent to the Hub); anything else goes through
+    :func:`gfm.pretrained.resolve` (a shipped model's short name, or an error naming the path or listing
+    the shipped names).
     """
     from gfm.pretrained import resolve
 
     given = os.fspath(path)
-    if not isinstance(path, os.PathLike) and not os.path.exists(given) and _HUB_ID.fullmatch(given):
+    if (not isinstance(path, os.PathLike) and not os.path.exists(given) and _HUB_ID.fullmatch(given)
+            and not os.path.isdir(given.split("/")[0])):
         return given, True
     local = resolve(path).path
     if not local.is_dir():
         raise HubError(f"{local}: expected an exported model directory ({CONFIG_NAME} + {WEIGHTS_NAME}), "
                        "a shipped model's short name or a Hub repository id")
     return str(local), False
+
+
+def hub_unreachable(timeout: float = 5.0) -> str | None:
+    """Why the Hugging Face Hub cannot be reached now, or None when it answers.
+
+    ``HF_HUB_OFFLINE`` set, or one request to the Hub's address that fails (through the session, proxies
+    and endpoint ``huggingface_hub`` itself uses), without its retries.
+    """
+    from huggingface_hub import constants, get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+    except Exception as e:  # requests' or httpx's connection and timeout errors
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return f"{type(e).__name__}: {first}" if first else type(e).__name__
+    return None
 
 
 def from_pretrained(
@@ -194,28 +218,40 @@ def from_pretrained(
 
     Args:
         path: the export directory, a model shipped with gfm by its short name (``gfm models`` lists
-            them; :mod:`gfm.pretrained`), or ``user/repo`` on the Hub (when no such local path exists).
+            them; :mod:`gfm.pretrained`), or ``user/repo`` on the Hub (when no such local path exists and
+            ``user`` is not a local directory). Offline (``HF_HUB_OFFLINE`` or no answer from the Hub), a
+            Hub model comes from the local Hugging Face cache or not at all.
         map_location: device for the weights.
         adapter: a fine-tuning run (or an export's ``adapter/``) to apply: ``net`` becomes the task model
             (a ``peft.PeftModel`` for LoRA). The export's own ``adapter/`` is applied only when named.
 
     Raises:
         HubError: no such directory or shipped model (``gfm.pretrained.PretrainedError``), a Hub id that
-            cannot be fetched, or weights that do not match the config.
+            cannot be fetched, a ``config.json`` that is not a JSON object, a truncated weights file, or
+            weights that do not match the config.
     """
     where, on_hub = model_location(path)
-    try:
-        model = GFMModel.from_pretrained(where, map_location=map_location)
+    if not on_hub and (Path(where) / CONFIG_NAME).is_file():
+        read_json_object(Path(where) / CONFIG_NAME)  # one line for a config.json that is not a JSON object
+    offline = hub_unreachable() if on_hub else None
+    try:  # offline: the local Hugging Face cache only, instead of huggingface_hub's ~23 s of retries
+        model = GFMModel.from_pretrained(where, map_location=map_location, local_files_only=offline is not None)
     except HubError:
         raise
     except (OSError, ValueError) as e:  # huggingface_hub's not-found, offline and invalid-id errors
         if not on_hub:
             raise
+        if offline is not None:
+            raise HubError(f"{where}: no such local directory; the Hub cannot be reached ({offline}) and the local "
+                           "Hugging Face cache does not hold this model") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise HubError(f"{where}: no such local directory, and the Hub gives no model there "
                        f"({type(e).__name__}: {first})") from None
     if adapter is not None:
         net, doc = task_model_from(copy.deepcopy(model.encoder), adapter)
+        if not on_hub:
+            check_own_adapter(where, model.config.get("task"), adapter, doc)
         model.net = net.to(map_location)
-        model.config = {**model.config, "task": task_section(doc, finetune_dir(adapter), merged=False)}
+        config = with_task_bands(model.config, doc.get("bands"))  # normalise as the fine-tuning did
+        model.config = {**config, "task": task_section(doc, finetune_dir(adapter), merged=False)}
     return model

@@ -26,10 +26,11 @@ from einops import rearrange
 from rasterio.transform import Affine
 
 from gfm import __version__
-from gfm.hub import GFMModel, InputBands, OutputExistsError, Pooling, input_bands, pool
+from gfm.hub import GFMModel, HubError, InputBands, OutputExistsError, Pooling, input_bands, pool
 from gfm.infer.cog import CogWriter, gdal_env
 from gfm.infer.geoparquet import EmbeddingWriter, TileRow
-from gfm.infer.scenes import observation_bands, read_window, tile_lonlat
+from gfm.infer.scenes import observation_bands, read_window, scene_paths, tile_lonlat
+from gfm.outputs import check_files
 from gfm.schema import Tile, bandset_signature
 from gfm.shards.scene import Scene
 
@@ -122,6 +123,10 @@ def iter_tiles(root: str | Path) -> Iterator[Tile]:
 
     root = Path(root)
     shards = [root / s.name for s in index_contract.read(root).shards] if root.is_dir() else [root]
+    missing = [s for s in shards if not s.is_file()]
+    if missing:
+        raise HubError(f"{missing[0]}: listed in {root / index_contract.INDEX_FILE} but not there ({len(missing)} of "
+                       f"{len(shards)} shard(s) missing); copy the shards together with their index.json")
     for shard in shards:
         for sample in iter_samples(shard):
             yield decode_sample(sample)
@@ -133,6 +138,7 @@ def embed_shards(model: GFMModel, root: str | Path, out: str | Path, opts: Embed
 
     opts = opts or EmbedOptions()
     out = Path(out)
+    check_files({"out": out}, [root])
     _check(out, opts.overwrite)
     start = time.perf_counter()
     dim = model.embed_dim
@@ -212,6 +218,7 @@ def embed_scene(
     opts = opts or EmbedOptions()
     out = Path(out)
     dense_path = Path(opts.dense) if opts.dense else None
+    check_files({"out": out, "dense": dense_path}, scene_paths(scene.spec))
     _check(out, opts.overwrite)
     _check(dense_path, opts.overwrite)
     start = time.perf_counter()

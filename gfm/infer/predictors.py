@@ -35,6 +35,8 @@ from torch import nn
 from gfm.batch import Batch
 from gfm.finetune.methods import unwrap
 from gfm.hub import ADAPTER_DIR, FINETUNE_MANIFEST, HubError, InputBands, from_pretrained, task_model_from
+from gfm.hub.adapters import check_own_adapter
+from gfm.hub.config import with_task_bands
 from gfm.model.heads import smooth_probabilities
 
 #: fine-tuning tasks that give a class per pixel
@@ -304,10 +306,11 @@ def load_task_model(model_dir: str | Path, adapter: str | Path | None = None) ->
         raise HubError(f"{model_dir}: a pretraining export has no task head, so it predicts no classes; pass a "
                        "fine-tuning run's adapter (adapter=DIR), or export the fine-tuned model with it")
     model, doc = task_model_from(base.encoder, adapter)
+    check_own_adapter(model_dir, task, adapter, doc)  # an adapter/ swapped in from another run is refused
     info = _task_info(doc, str(adapter), model, base.config)
     if task and task.get("colors"):
         info.colors = [tuple(c) for c in task["colors"]]  # type: ignore[misc]
-    return LoadedTask(model, info, base.config)
+    return LoadedTask(model, info, with_task_bands(base.config, doc.get("bands")))
 
 
 def palette(n: int) -> list[tuple[int, int, int]]:
