@@ -126,6 +126,14 @@ def test_segmentation_full_with_layer_decay_and_seeds(pixel_shards: Path, tmp_pa
     assert "per_class_iou" in one["test"] and one["split"]["overlap_train_test"] == 0
     assert (tmp_path / "seg" / "seed_0" / "model.safetensors").is_file()
     assert len(res.seeds) == 2
+    # interrupted during seed 1: the rerun keeps seed 0 and redoes seed 1 only
+    kept = (tmp_path / "seg" / "seed_0" / "metrics.json").stat().st_mtime_ns
+    (tmp_path / "seg" / "summary.json").unlink()
+    (tmp_path / "seg" / "seed_1" / "metrics.json").unlink()
+    again = run(cfg)
+    assert (tmp_path / "seg" / "seed_0" / "metrics.json").stat().st_mtime_ns == kept
+    assert (tmp_path / "seg" / "seed_1" / "metrics.json").is_file() and (tmp_path / "seg" / "summary.json").is_file()
+    assert again.metrics["test"]["oa"]["n"] == 2
 
 
 def test_scene_classification_and_multilabel(pixel_shards: Path, tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ import yaml
 from torch import nn
 
 from gfm import distributed as gdist
-from gfm.config import save_yaml
+from gfm.config import dump_yaml, save_yaml
 from gfm.fileio import atomic_write
 from gfm.finetune import artifacts, classic
 from gfm.finetune.config import FinetuneConfig
@@ -380,6 +380,19 @@ def _run_classic(cfg: FinetuneConfig, method: ClassicMethod, data: TaskData, spl
     return FinetuneResult(run_dir, doc_metrics, split, None, data)
 
 
+def _finished_seed(cfg: FinetuneConfig) -> dict[str, Any] | None:
+    """The ``metrics.json`` of ``cfg.run_dir`` when a run of exactly this config finished there, else None."""
+    run_dir = Path(cfg.run_dir)
+    if cfg.overwrite or not (run_dir / "metrics.json").is_file() or not (run_dir / "split.json").is_file():
+        return None
+    try:
+        same = yaml.safe_load((run_dir / "config.yaml").read_text()) == yaml.safe_load(dump_yaml(cfg))
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    return metrics if same and isinstance(metrics, dict) and "test" in metrics else None
+
+
 def run(cfg: FinetuneConfig) -> FinetuneResult:
     """Fine-tune as ``cfg`` says: one run, or one per ``cfg.seeds`` plus ``summary.json`` (mean ± std)."""
     if not cfg.seeds:
@@ -391,8 +404,14 @@ def run(cfg: FinetuneConfig) -> FinetuneResult:
     data = cfg.data.build()
     results = []
     for s in cfg.seeds:
-        gdist.print0(f"\n=== seed {s} ===")
         one = replace(cfg, seed=s, seeds=[], run_dir=str(Path(cfg.run_dir) / f"seed_{s}"))
+        done = gdist.broadcast_object(_finished_seed(one) if info.is_main else None)
+        if done is not None:  # an interrupted multi-seed run continues where it stopped
+            gdist.print0(f"\n=== seed {s}: finished earlier with this config, kept ({one.run_dir}/metrics.json) ===")
+            results.append(FinetuneResult(Path(one.run_dir), done, load_split(Path(one.run_dir) / "split.json",
+                                                                             data.windows), None, data))
+            continue
+        gdist.print0(f"\n=== seed {s} ===")
         results.append(run_one(one, data))
         results[-1].model = None  # keep memory flat over seeds
     summary = {
