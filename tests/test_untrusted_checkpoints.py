@@ -374,3 +374,16 @@ def test_crafted_trainer_json_is_one_line(base: tuple[Path, Path], tmp_path: Pat
     with pytest.raises(hub.HubError, match="trainer.json: not readable as JSON") as e:
         hub.resolve_source(evil)
     one_line(e.value)
+
+
+def test_a_truncated_adapter_or_head_is_one_line(base: tuple[Path, Path], tmp_path: Path) -> None:
+    from gfm.infer.predictors import load_task_model
+
+    _, export_dir = base
+    for method, name in (("lora", "adapter_model.safetensors"), ("linear_probe", "head.safetensors")):
+        ft, _ = make_finetune_run(export_dir, tmp_path / method, method=method)
+        (weights,) = ft.rglob(name)
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+        with pytest.raises(hub.HubError) as e:
+            load_task_model(export_dir, ft)
+        assert f"{name}: not a readable safetensors file" in one_line(e.value)

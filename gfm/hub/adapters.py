@@ -62,11 +62,10 @@ def task_model_from(encoder: nn.Module, adapter: str | Path, merge: bool = False
     Returns:
         ``(task model in eval mode, the fine-tuning manifest)``.
     """
-    from safetensors.torch import load_file
-
     from gfm.finetune.artifacts import task_model
     from gfm.finetune.methods import HEAD_NAME, get_method
     from gfm.finetune.weights import fingerprint
+    from gfm.hub.sources import read_safetensors
 
     where, doc = read_finetune(adapter)
     method = get_method(doc["method"])
@@ -81,13 +80,15 @@ def task_model_from(encoder: nn.Module, adapter: str | Path, merge: bool = False
     if method.saves == "adapter":
         import peft
 
-        wrapped = peft.PeftModel.from_pretrained(model, str(_peft_dir(where, doc)))
+        peft_dir = _peft_dir(where, doc)
+        read_safetensors(peft_dir / "adapter_model.safetensors")  # a truncated file: one line, not peft's traceback
+        wrapped = peft.PeftModel.from_pretrained(model, str(peft_dir))
         return (wrapped.merge_and_unload() if merge else wrapped).eval(), doc
     if method.saves == "head":
         path = where / files.get("head", "head.safetensors")
         if not path.is_file():
             raise HubError(f"{path}: the probe's head is missing")
-        head = {k[len(HEAD_NAME) + 1:]: v for k, v in load_file(str(path)).items()}
+        head = {k[len(HEAD_NAME) + 1:]: v for k, v in read_safetensors(path).items()}
         check_keys(model.task_head, head, str(path))
         model.task_head.load_state_dict(head, strict=True)
         return model.eval(), doc
@@ -95,7 +96,7 @@ def task_model_from(encoder: nn.Module, adapter: str | Path, merge: bool = False
         raise HubError(f"{where}: a {method.name} fine-tune keeps no adapter (its model.safetensors is the whole "
                        "model); export it merged (merge=True)")
     path = where / files.get("model", WEIGHTS_NAME)
-    state = load_file(str(path))
+    state = read_safetensors(path)
     check_keys(model, state, str(path))
     model.load_state_dict(state, strict=True)
     return model.eval(), doc
