@@ -257,13 +257,19 @@ class TaskModel(nn.Module):
             return self._dense(centre)[:, :, 0, 0]
         return self._dense(batch)[:, :, H // 2, W // 2]
 
-    def dense_probabilities(self, batch: Batch) -> torch.Tensor:
+    def dense_probabilities(self, batch: Batch, batch_size: int | None = None) -> torch.Tensor:
         """``dense`` heads: class probabilities ``[B, K, H, W]`` of every pixel, smoothed as the head says.
 
-        Pixels with no valid band neither vote nor get a class (probabilities 0).
+        Pixels with no valid band neither vote nor get a class (probabilities 0). ``batch_size``
+        (per-pixel heads only): compute the logits of the pixels with a valid band, that many per forward
+        (:meth:`dense_logits_where`), instead of one pass over the whole grid.
         """
         valid = batch.valid.any(dim=1)
-        return smooth_probabilities(self.dense_logits(batch), self.smooth, valid) * valid[:, None]
+        if batch_size is not None and self.per_pixel:
+            logits = self.dense_logits_where(batch, valid, batch_size)
+        else:
+            logits = self.dense_logits(batch)
+        return smooth_probabilities(logits, self.smooth, valid) * valid[:, None]
 
     def logits(self, batch: Batch) -> torch.Tensor:
         """``[B, K]`` (scene, multilabel, pixel) or ``[B, K, H, W]`` (segmentation).

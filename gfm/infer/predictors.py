@@ -37,7 +37,6 @@ from gfm.finetune.methods import unwrap
 from gfm.hub import ADAPTER_DIR, FINETUNE_MANIFEST, HubError, InputBands, from_pretrained, task_model_from
 from gfm.hub.adapters import check_own_adapter
 from gfm.hub.config import with_task_bands
-from gfm.model.heads import smooth_probabilities
 
 #: fine-tuning tasks that give a class per pixel
 DENSE_TASKS = ("segmentation", "pixel")
@@ -165,9 +164,7 @@ class DensePixelPredictor:
         """Probabilities ``[B, K, H - 2·halo, W - 2·halo]`` for tiles read with the halo."""
         r = self.halo
         H, W = batch.pixels.shape[-2:]
-        valid = batch.valid.any(dim=1)  # [B, H, W]: pixels with a band to read; the others get logits 0
-        logits = self.task_model.dense_logits_where(batch, valid, self.batch_size)
-        prob = smooth_probabilities(logits, self.smooth, valid) * valid[:, None]
+        prob: torch.Tensor = self.task_model.dense_probabilities(batch, self.batch_size)
         return prob[:, :, r: H - r, r: W - r]
 
 
