@@ -17,13 +17,27 @@ def _pyplot():  # type: ignore[no-untyped-def]
     return plt
 
 
+def class_colors(k: int) -> list[tuple[int, int, int]]:
+    """``k`` distinct 8-bit RGB colours, one per class: matplotlib's tab20, then evenly spaced hues beyond 20.
+
+    The one palette of gfm: the run's pictures, an export's ``task.colors`` and the colour map of
+    ``gfm predict``'s GeoTIFF all use it, so a class has one colour everywhere.
+    """
+    from matplotlib import colormaps
+    from matplotlib.colors import hsv_to_rgb
+
+    if k <= 20:
+        cmap = colormaps["tab20"]
+        return [tuple(int(round(255 * v)) for v in cmap(i)[:3]) for i in range(k)]  # type: ignore[misc]
+    return [tuple(int(round(255 * v)) for v in hsv_to_rgb((i / k, 0.65, 0.9))) for i in range(k)]  # type: ignore[misc]
+
+
 def _class_cmap(k: int):  # type: ignore[no-untyped-def]
-    """A colour per class (tab20, then hsv), and light grey for 'nothing here' (-1 → index 0)."""
+    """:func:`class_colors` as a colour map, with light grey for 'nothing here' (-1 → index 0)."""
     from matplotlib.colors import ListedColormap
 
-    plt = _pyplot()
-    base = plt.get_cmap("tab20")(np.linspace(0, 1, 20)) if k <= 20 else plt.get_cmap("hsv")(np.linspace(0, 1, k))
-    colours = np.vstack([[0.93, 0.93, 0.93, 1.0], base[:k]])
+    base = np.array(class_colors(k), dtype=np.float64).reshape(-1, 3) / 255.0
+    colours = np.vstack([[0.93, 0.93, 0.93], base])
     return ListedColormap(colours)
 
 

@@ -125,8 +125,8 @@ def read_weights(weights: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] 
     directories go through ``gfm.hub``; a ``.safetensors`` file without a run config (a fine-tuned model of
     ``gfm finetune``) is read as is, and the encoder must then be named (``encoder.name``).
     """
-    from gfm.hub import HubError, load_state_dict, resolve_source, upcast
-    from gfm.hub.sources import read_safetensors
+    from gfm.hub.base import HubError, upcast
+    from gfm.hub.sources import load_state_dict, read_safetensors, resolve_source
 
     path = Path(weights)
     if path.is_file() and path.suffix != ".safetensors":

@@ -126,7 +126,7 @@ def check_own_adapter(export_dir: str | Path, task: Mapping[str, Any] | None, ad
 
 def task_section(doc: Mapping[str, Any], where: Path, merged: bool) -> dict[str, Any]:
     """The ``task`` part of ``config.json`` for a fine-tuning manifest."""
-    from gfm.infer.predictors import palette
+    from gfm.finetune.pictures import class_colors
 
     k = int(doc["num_classes"])
     return {
@@ -143,7 +143,7 @@ def task_section(doc: Mapping[str, Any], where: Path, merged: bool) -> dict[str,
         "lora": doc.get("lora"),
         "encoder_arch": doc["encoder"]["arch"],
         "encoder_fingerprint": doc["encoder"]["fingerprint"],
-        "colors": [list(c) for c in palette(k)],
+        "colors": [list(c) for c in class_colors(k)],
         "merged": merged,
         "adapter": None if merged else ADAPTER_DIR,
         "source": str(where),

@@ -27,9 +27,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from gfm.finetune.pictures import class_colors
 from gfm.hub import HubError, InputBands, OutputExistsError
 from gfm.infer.cog import BLOCK, CogWriter, gdal_env
-from gfm.infer.predictors import Predictor, check_band_set, class_table, classes_or_default, palette
+from gfm.infer.predictors import Predictor, check_band_set, class_table, classes_or_default
 from gfm.infer.scenes import read_window, scene_paths, tile_lonlat
 from gfm.infer.tiling import Layout, blend_weights
 from gfm.outputs import check_files
@@ -136,7 +137,7 @@ def predict_scene(
     weights = torch.from_numpy(blend_weights(layout.tile_h, layout.tile_w, overlap))
     names = list(classes_or_default(info, k))
     dtype, nodata = ("uint8", 255) if k < 255 else ("uint16", 65535)
-    colors = info.colors if info.colors and len(info.colors) == k else palette(k)
+    colors = info.colors if info.colors and len(info.colors) == k else class_colors(k)
     crs = g.crs
     gsd = g.gsd_m()  # as gfm shards build records it in every tile
     forwards_total = sum(len(layout.tiles_in(*b)) for b in layout.blocks())

@@ -310,17 +310,6 @@ def load_task_model(model_dir: str | Path, adapter: str | Path | None = None) ->
     return LoadedTask(model, info, with_task_bands(base.config, doc.get("bands")))
 
 
-def palette(n: int) -> list[tuple[int, int, int]]:
-    """``n`` distinct colours: matplotlib's tab20 (then evenly spaced hues beyond 20)."""
-    from matplotlib import colormaps
-    from matplotlib.colors import hsv_to_rgb
-
-    if n <= 20:
-        cmap = colormaps["tab20"]
-        return [tuple(int(round(255 * v)) for v in cmap(i)[:3]) for i in range(n)]  # type: ignore[misc]
-    return [tuple(int(round(255 * v)) for v in hsv_to_rgb((i / n, 0.65, 0.9))) for i in range(n)]  # type: ignore[misc]
-
-
 def class_table(info: TaskInfo) -> dict[str, str]:
     """GeoTIFF metadata tags that describe the classes (JSON lists)."""
     return {
