@@ -239,4 +239,5 @@ class LoaderConfig:
             member_tables=self.member_tables,
             pool=self.prefetch_factor + 3,  # queued + being made + the trainer's current and previous batch
         )
-        return ShardLoader(self, plan)
+        return ShardLoader(plan, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                           prefetch_factor=self.prefetch_factor)

@@ -29,7 +29,7 @@ import logging
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -52,9 +52,6 @@ from gfm.data.sources import (
 )
 from gfm.data.transforms import Augment, BandTable, Geometry, Layout, check_tile, collate, draw_keep
 from gfm.schema import SchemaError, Tile
-
-if TYPE_CHECKING:
-    from gfm.data.config import LoaderConfig
 
 log = logging.getLogger("gfm.data")
 
@@ -407,12 +404,14 @@ class ShardLoader:
     epoch; ``len(loader) == loader.batches_per_epoch`` on every rank. Made by :meth:`LoaderConfig.build`.
     """
 
-    def __init__(self, cfg: LoaderConfig, plan: Plan) -> None:
-        self.cfg = cfg
+    def __init__(self, plan: Plan, *, num_workers: int = 0, pin_memory: bool = False, prefetch_factor: int = 2) -> None:
         self.plan = plan
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.prefetch_factor = prefetch_factor
         self.dataset = SlotStream(plan)
         self._loader: DataLoader | None = None  # type: ignore[type-arg]
-        pin = cfg.pin_memory and torch.cuda.is_available()
+        pin = pin_memory and torch.cuda.is_available()
         self.dataset.send_once = not pin
         self._ledger = BufferLedger(self.dataset.handoff, send_once=not pin)
         self.epoch = 0
@@ -497,8 +496,8 @@ class ShardLoader:
     def __iter__(self) -> Iterator[Batch]:
         self.dataset.position.copy_(torch.tensor([self.epoch, self.restart, self.batches]))
         self._faults = {}
-        pin = self.cfg.pin_memory and torch.cuda.is_available()
-        workers = self.cfg.num_workers
+        pin = self.pin_memory and torch.cuda.is_available()
+        workers = self.num_workers
         if workers == 0:  # in this process: no DataLoader between the stream and the trainer
             items: Iterator[Any] = iter(self.dataset)
         else:
@@ -509,7 +508,7 @@ class ShardLoader:
                     batch_size=None,
                     collate_fn=_as_is,
                     num_workers=workers,
-                    prefetch_factor=self.cfg.prefetch_factor,
+                    prefetch_factor=self.prefetch_factor,
                     persistent_workers=True,  # started once; each epoch re-runs their __iter__
                     pin_memory=pin,  # pins the one buffer
                 )
