@@ -122,3 +122,26 @@ def test_embed_refuses_existing_output_and_leaves_nothing_when_interrupted(model
         embed_scene(model, scene, out, EmbedOptions(tile=16, batch_size=2, progress=False,
                                                     dense=tmp_path / "d.tif"), on_tiles=interrupt)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scene.tif"]
+
+
+def test_rows_are_written_in_whole_row_groups(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    from gfm.infer.geoparquet import EmbeddingWriter, TileRow
+
+    def row(i: int) -> TileRow:
+        left = 500000.0 + 300 * i
+        return TileRow(key=f"t{i}", scene="s", crs="EPSG:32616", bounds=[left, 4000000.0, left + 300, 4000300.0],
+                       dates=["2015-08-04"], sensors=["landsat8"], bands=["landsat8/B4"], gsd_m=30.0,
+                       valid_fraction=1.0, embedding=np.full(4, i, dtype=np.float32))
+
+    out = tmp_path / "rows.parquet"
+    with EmbeddingWriter(out, 4, {"pooling": "mean"}, row_group_rows=10) as writer:
+        for start in range(0, 25, 3):  # the program writes small batches
+            writer.write([row(i) for i in range(start, min(start + 3, 25))])
+        writer.commit()
+    meta = pq.ParquetFile(out).metadata
+    assert [meta.row_group(g).num_rows for g in range(meta.num_row_groups)] == [10, 10, 5]
+    table = pq.read_table(out)
+    assert table.column("key").to_pylist() == [f"t{i}" for i in range(25)]
+    assert table.column("embedding").to_pylist()[24] == [24.0] * 4

@@ -132,6 +132,11 @@ class TileRow:
     embedding: np.ndarray
 
 
+#: rows per Parquet row group: large enough that a million tiles make ~100 groups, small enough that a
+#: reader filtering on ``bbox`` statistics skips most of a big file
+ROW_GROUP_ROWS = 10_000
+
+
 class EmbeddingWriter:
     """Streams :class:`TileRow` batches into a GeoParquet file; :meth:`commit` renames it into place.
 
@@ -139,10 +144,15 @@ class EmbeddingWriter:
         path: the file to write.
         dim: embedding size.
         metadata: the ``gfm`` file metadata (pooling, model...).
+        row_group_rows: rows per row group (:data:`ROW_GROUP_ROWS`).
     """
 
-    def __init__(self, path: str | Path, dim: int, metadata: Mapping[str, Any]) -> None:
+    def __init__(self, path: str | Path, dim: int, metadata: Mapping[str, Any],
+                 row_group_rows: int = ROW_GROUP_ROWS) -> None:
         self.path = Path(path)
+        self.row_group_rows = row_group_rows
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(self.path)  # a killed writer's leftovers for this same path
         self.dim = dim
@@ -156,7 +166,7 @@ class EmbeddingWriter:
         self.rows = 0
 
     def write(self, rows: Sequence[TileRow]) -> None:
-        """Append one row group."""
+        """Append rows; they are written in row groups of ``row_group_rows`` (the last one may be shorter)."""
         if not rows:
             return
         cols: dict[str, list[Any]] = {name: [] for name in schema(self.dim).names}
@@ -180,11 +190,26 @@ class EmbeddingWriter:
             "embedding": pa.FixedSizeListArray.from_arrays(
                 pa.array(np.concatenate(cols["embedding"]).astype(np.float32)), self.dim)
         }, schema=self._schema)
-        self._writer.write_table(table)
+        self._pending.append(table)
+        self._pending_rows += len(rows)
         self.rows += len(rows)
+        if self._pending_rows >= self.row_group_rows:
+            self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        """Write the buffered rows as whole row groups (and, when ``final``, the rest)."""
+        if not self._pending:
+            return
+        table = pa.concat_tables(self._pending)
+        whole = len(table) if final else len(table) - len(table) % self.row_group_rows
+        if whole:
+            self._writer.write_table(table.slice(0, whole), row_group_size=self.row_group_rows)
+        rest = table.slice(whole)
+        self._pending, self._pending_rows = ([rest], len(rest)) if len(rest) else ([], 0)
 
     def commit(self) -> Path:
         """Finish the file and rename it onto ``path``."""
+        self._flush(final=True)
         self._writer.close()
         os.replace(self._tmp, self.path)
         return self.path
