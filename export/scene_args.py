@@ -36,7 +36,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """``--model``, ``--stats``, ``--drop-unknown-bands``, ``--overwrite``, ``--batch-size``, ``--no-progress``."""
     p.add_argument("--model", required=True,
                    help="exported model directory (gfm export), the short name of a model shipped with gfm (gfm "
-                        "models; an existing path wins) or a Hub repo id user/name")
+                        "models; an existing path wins) or a Hub id org/name[@revision] (fetched into the Hugging "
+                        "Face cache)")
     p.add_argument("--stats", metavar="JSON",
                    help="band statistics for bands the model has none for: an index.json (e.g. of shards built "
                         "from this sensor), an exported config.json, or {\"sensor/band\": {\"mean\": m, \"std\": s}}")

@@ -126,11 +126,19 @@ def test_resolution_precedence(shipped: Path, tmp_path: Path, monkeypatch: pytes
     assert resolve(NAME) == ModelRef(shipped, NAME)
     assert str(resolve(NAME)) == f"{NAME} ({shipped})"
     # path-like strings and Path objects that do not exist name themselves; never looked up as short names
+    # (``runs/NAME`` is a path because ``runs/`` is a directory here; without it, it could be a Hub id)
+    (tmp_path / "runs").mkdir()
     for arg in (f"./{NAME}", f"runs/{NAME}", str(tmp_path / NAME), ".hidden"):
         with pytest.raises(PretrainedError, match=rf"^{arg}: no such file or directory$"):
             resolve(arg)
     with pytest.raises(PretrainedError, match=rf"^{NAME}: no such file or directory$"):
         resolve(Path(NAME))
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    with pytest.raises(hub.HubError, match=rf"^nowhere/{NAME}: no such local directory, and as a Hub model"):
+        resolve(f"nowhere/{NAME}")
     # an existing local path wins over the short name
     (tmp_path / NAME).mkdir()
     assert resolve(NAME) == ModelRef(Path(NAME), None)

@@ -314,12 +314,14 @@ def test_a_mistyped_local_path_never_reaches_the_hub(arg: str, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     import gfm.hub.model
+    import gfm.hub.remote
     from export.embed import main as embed_main
 
     def no_hub(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("the Hub was consulted")
 
-    monkeypatch.setattr(gfm.hub.model, "hub_unreachable", no_hub)
+    monkeypatch.setattr(gfm.hub.remote, "hub_offline_reason", no_hub)
+    monkeypatch.setattr(gfm.hub.remote, "snapshot", no_hub)
     monkeypatch.setattr(gfm.hub.model.GFMModel, "from_pretrained", no_hub)
     (tmp_path / "runs").mkdir()
     monkeypatch.chdir(tmp_path)
@@ -341,10 +343,10 @@ def test_a_hub_id_offline_is_one_quick_line(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # no network: a port nothing listens on
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
     start = time.monotonic()
-    with pytest.raises(hub.HubError, match="the Hub cannot be reached .* local Hugging Face cache does not hold") as e:
+    with pytest.raises(hub.HubError, match="not in the local Hugging Face cache while the Hub cannot be reached") as e:
         hub.from_pretrained("someone/gfm-nowhere")
     assert time.monotonic() - start < 10  # not huggingface_hub's ~23 s of retries
-    assert one_line(e.value).startswith("someone/gfm-nowhere: no such local directory")
+    assert one_line(e.value).startswith("someone/gfm-nowhere: no such local directory, and as a Hub model")
 
 
 def test_an_adapter_from_another_task_is_refused(base: tuple[Path, Path], tmp_path: Path) -> None:

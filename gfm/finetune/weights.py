@@ -45,8 +45,8 @@ class EncoderConfig:
 
     Attributes:
         weights: run directory, DeepSpeed checkpoint directory, ``model.safetensors`` file, exported
-            Hugging Face directory or a shipped model's short name (``gfm models``); empty = random
-            initialisation.
+            Hugging Face directory, a shipped model's short name (``gfm models``) or a Hub id
+            ``org/name[@revision]`` (fetched into the Hugging Face cache); empty = random initialisation.
         random_init: keep the architecture ``weights`` describes but start from random weights (what
             method ``scratch`` does; with ``lora``/``linear_probe`` it gives the random-encoder baseline).
         name: the encoder variant (``gfm.model.list_models``); ``auto`` = the one the weights' run
@@ -94,7 +94,7 @@ class LoadedEncoder:
         description: one line for people (what was loaded, how many tensors, what was set aside).
         fingerprint: sha256 over the encoder's initial state (names, shapes, bytes): adapters and probes
             record it, and refuse a base whose fingerprint differs.
-        name: the shipped model's short name when ``encoder.weights`` was one ("" otherwise).
+        name: the shipped model's short name or Hub id when ``encoder.weights`` was one ("" otherwise).
     """
 
     model: nn.Module
@@ -272,4 +272,5 @@ def load_encoder(cfg: EncoderConfig) -> LoadedEncoder:
         extra = f", {aside} other tensors (decoder, head) set aside" if aside else ""
         description = f"{name} ({n / 1e6:.2f} M parameters) from {where}: {len(own)} tensors loaded{extra}"
         source = str(ref.path.resolve()) if ref else ""
-    return LoadedEncoder(encoder, arch, source, description, fingerprint(encoder), (ref.name or "") if ref else "")
+    return LoadedEncoder(encoder, arch, source, description, fingerprint(encoder),
+                         (ref.name or ref.hub or "") if ref else "")

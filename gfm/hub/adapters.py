@@ -158,12 +158,24 @@ def evaluation_of(where: Path) -> dict[str, Any] | None:
     doc = json.loads(path.read_text())
     test = doc.get("test") or {}
     return {
+        "dataset": _dataset_name(where),
         "split": "test",
         "metrics": {k: v for k, v in test.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
         "per_class": {k: v for k, v in test.items() if isinstance(v, dict)},
         "method": doc.get("method"), "steps": doc.get("steps"), "seed": doc.get("seed"),
         "split_report": doc.get("split"), "source": str(path),
     }
+
+
+def _dataset_name(where: Path) -> str | None:
+    """The fine-tuning data's folder name (``data.shards`` of the run's ``config.yaml``), when there is one."""
+    import yaml
+
+    try:
+        shards = ((yaml.safe_load((where / "config.yaml").read_text()) or {}).get("data") or {}).get("shards")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+    return Path(str(shards).rstrip("/")).name or None if shards else None
 
 
 def copy_adapter(where: Path, doc: Mapping[str, Any], dest: Path) -> None:

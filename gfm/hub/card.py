@@ -5,7 +5,45 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from huggingface_hub import ModelCardData
+from huggingface_hub import EvalResult, ModelCardData
+
+#: the Hub's pipeline tag of each fine-tuning task (a pretraining export extracts features)
+PIPELINE_TAGS = {"segmentation": "image-segmentation", "pixel": "image-segmentation",
+                 "scene": "image-classification", "multilabel": "image-classification"}
+#: test figures reported as Hub evaluation results: gfm's name → (metric type, readable name)
+HUB_METRICS = {"oa": ("accuracy", "overall accuracy"), "aa": ("accuracy", "average accuracy"),
+               "kappa": ("cohen_kappa", "Cohen's kappa"), "macro_f1": ("f1", "macro F1"),
+               "micro_f1": ("f1", "micro F1"), "miou": ("mean_iou", "mean IoU")}
+
+
+def card_metadata(config: Mapping[str, Any], license: str = "other") -> ModelCardData:
+    """The card's YAML metadata (validated by huggingface_hub's ``ModelCardData``).
+
+    Library, licence, tags, the pipeline tag of the task, the base model of a fine-tune whose base came
+    from the Hub, the fine-tuning dataset, and its test figures as evaluation results (``model-index``).
+    """
+    task = config.get("task") or {}
+    sensors = sorted(config.get("sensors") or {})
+    name = (config.get("model") or {}).get("name", "gfm model")
+    pipeline = PIPELINE_TAGS.get(str(task.get("task")), "image-segmentation") if task else "image-feature-extraction"
+    evaluation = config.get("evaluation") or {}
+    dataset = evaluation.get("dataset")
+    results = [
+        EvalResult(task_type=pipeline, dataset_type=dataset or "custom", dataset_name=dataset or "fine-tuning data",
+                   dataset_split="test", metric_type=HUB_METRICS[k][0], metric_name=HUB_METRICS[k][1],
+                   metric_value=float(v))
+        for k, v in (evaluation.get("metrics") or {}).items() if k in HUB_METRICS
+    ]
+    return ModelCardData(
+        library_name="gfm",
+        license=config.get("license", license),
+        tags=["gfm", "earth-observation", "remote-sensing", "geospatial", "masked-autoencoder", *sensors],
+        pipeline_tag=pipeline,
+        base_model=task.get("base_model"),
+        datasets=[dataset] if dataset else None,
+        model_name=f"{name} ({task.get('task')}, {task.get('method')})" if results else None,
+        eval_results=results or None,
+    )
 
 
 def _fmt(v: Any) -> str:
@@ -23,15 +61,9 @@ def model_card(config: Mapping[str, Any], license: str = "other") -> str:
     data = train.get("data") or {}
     task = config.get("task")
     bands = config.get("bands") or {}
-    sensors = sorted(config.get("sensors") or {})
     name = (config.get("model") or {}).get("name", "gfm model")
     params = arch.get("parameters")
-    card_data = ModelCardData(
-        library_name="gfm",
-        license=config.get("license", license),
-        tags=["gfm", "earth-observation", "remote-sensing", "geospatial", "masked-autoencoder", *sensors],
-        pipeline_tag="image-segmentation" if task else "image-feature-extraction",
-    )
+    card_data = card_metadata(config, license)
     lines = [
         "---", card_data.to_yaml(), "---", "",
         f"# {name}", "",

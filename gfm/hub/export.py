@@ -148,6 +148,8 @@ def export(
             task_model_from(copy.deepcopy(getattr(net, "encoder", net)), where)  # fits this base: checked now
         config = with_task_bands(config, doc.get("bands"))  # normalise as the fine-tuning did
         config["task"] = task_section(doc, where, merged=merge)
+        if src.name and "/" in src.name:  # the base came from the Hub: the card names it as base_model
+            config["task"]["base_model"] = src.name.split("@")[0]
         config["evaluation"] = evaluation_of(where)
     config["license"] = license
     config["weights_dtype"] = stored

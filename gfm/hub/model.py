@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -168,89 +167,78 @@ def load_strict(net: nn.Module, weights: str | Path) -> None:
     net.load_state_dict(state, strict=True)
 
 
-#: a Hugging Face Hub repository id, ``user/name``
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+def model_location(
+    path: str | os.PathLike[str],
+    *,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | Path | None = None,
+    local_files_only: bool = False,
+) -> Path:
+    """The local export folder behind a model argument: a directory, a shipped model, or a Hub snapshot.
 
-
-def model_location(path: str | os.PathLike[str]) -> tuple[str, bool]:
-    """``(where, on_hub)`` of a model argument: a local directory, or a Hub repository id.
-
-    An existing local path wins; ``user/name`` that exists nowhere here is a Hub id, unless ``user`` is a
-    local directory (``runs/typo`` is a mistyped path, never sent to the Hub); anything else goes through
-    :func:`gfm.pretrained.resolve` (a shipped model's short name, or an error naming the path or listing
-    the shipped names).
+    ``org/name[@revision]`` that is not a local path is fetched into the Hugging Face cache
+    (:func:`gfm.hub.remote.snapshot`; ``revision=`` names the revision instead of ``@``); anything else goes
+    through :func:`gfm.pretrained.resolve` (an existing path, a shipped model's short name, or an error
+    naming the path or listing the shipped names). A mistyped local path is never sent to the Hub.
     """
+    from gfm.hub.remote import HubRef, parse_hub_id, snapshot
     from gfm.pretrained import resolve
 
-    given = os.fspath(path)
-    if (not isinstance(path, os.PathLike) and not os.path.exists(given) and _HUB_ID.fullmatch(given)
-            and not os.path.isdir(given.split("/")[0])):
-        return given, True
+    ref = parse_hub_id(path)
+    if ref is not None:
+        if revision is not None and ref.revision not in (None, revision):
+            raise HubError(f"{path}: names revision {ref.revision!r}, and revision={revision!r} was passed too")
+        ref = HubRef(ref.repo, revision or ref.revision)
+        return snapshot(ref, token=token, cache_dir=cache_dir, local_files_only=local_files_only)
+    if revision is not None:
+        raise HubError(f"{path}: revision={revision!r} applies to a Hub id (org/name), not to a local path")
     local = resolve(path).path
     if not local.is_dir():
         raise HubError(f"{local}: expected an exported model directory ({CONFIG_NAME} + {WEIGHTS_NAME}), "
                        "a shipped model's short name or a Hub repository id")
-    return str(local), False
-
-
-def hub_unreachable(timeout: float = 5.0) -> str | None:
-    """Why the Hugging Face Hub cannot be reached now, or None when it answers.
-
-    ``HF_HUB_OFFLINE`` set, or one request to the Hub's address that fails (through the session, proxies
-    and endpoint ``huggingface_hub`` itself uses), without its retries.
-    """
-    from huggingface_hub import constants, get_session
-
-    if constants.HF_HUB_OFFLINE:
-        return "HF_HUB_OFFLINE is set"
-    try:
-        get_session().head(constants.ENDPOINT, timeout=timeout)
-    except Exception as e:  # requests' or httpx's connection and timeout errors
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        return f"{type(e).__name__}: {first}" if first else type(e).__name__
-    return None
+    return local
 
 
 def from_pretrained(
-    path: str | os.PathLike[str], *, map_location: str = "cpu", adapter: str | Path | None = None
+    path: str | os.PathLike[str],
+    *,
+    map_location: str = "cpu",
+    adapter: str | Path | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | Path | None = None,
+    local_files_only: bool = False,
 ) -> GFMModel:
     """Load an exported model with strict keys, in eval mode.
 
     Args:
         path: the export directory, a model shipped with gfm by its short name (``gfm models`` lists
-            them; :mod:`gfm.pretrained`), or ``user/repo`` on the Hub (when no such local path exists and
-            ``user`` is not a local directory). Offline (``HF_HUB_OFFLINE`` or no answer from the Hub), a
-            Hub model comes from the local Hugging Face cache or not at all.
+            them; :mod:`gfm.pretrained`), or ``org/name[@revision]`` on the Hugging Face Hub (when no such
+            local path exists and ``org`` is not a local directory): its export is downloaded once into
+            the Hugging Face cache, its ``adapter/`` included. Offline (``HF_HUB_OFFLINE``,
+            ``local_files_only`` or no answer from the Hub) the cache alone serves.
         map_location: device for the weights.
         adapter: a fine-tuning run (or an export's ``adapter/``) to apply: ``net`` becomes the task model
             (a ``peft.PeftModel`` for LoRA). The export's own ``adapter/`` is applied only when named.
+        revision: the Hub revision (branch, tag or commit); also ``org/name@revision``.
+        token: a Hub token for private repositories (default: huggingface_hub's, e.g. ``HF_TOKEN``).
+        cache_dir: the Hugging Face cache to use (default: huggingface_hub's, ``HF_HOME``).
+        local_files_only: never ask the Hub; the cache must hold the model.
 
     Raises:
-        HubError: no such directory or shipped model (``gfm.pretrained.PretrainedError``), a Hub id that
-            cannot be fetched, a ``config.json`` that is not a JSON object, a truncated weights file, or
-            weights that do not match the config.
+        HubError: no such directory or shipped model (``gfm.pretrained.PretrainedError``), a Hub id the Hub
+            or the cache cannot give (naming the repository and revision), a ``config.json`` that is not a
+            JSON object, a truncated weights file, or weights that do not match the config.
     """
-    where, on_hub = model_location(path)
-    if not on_hub and (Path(where) / CONFIG_NAME).is_file():
-        read_json_object(Path(where) / CONFIG_NAME)  # one line for a config.json that is not a JSON object
-    offline = hub_unreachable() if on_hub else None
-    try:  # offline: the local Hugging Face cache only, instead of huggingface_hub's ~23 s of retries
-        model = GFMModel.from_pretrained(where, map_location=map_location, local_files_only=offline is not None)
-    except HubError:
-        raise
-    except (OSError, ValueError) as e:  # huggingface_hub's not-found, offline and invalid-id errors
-        if not on_hub:
-            raise
-        if offline is not None:
-            raise HubError(f"{where}: no such local directory; the Hub cannot be reached ({offline}) and the local "
-                           "Hugging Face cache does not hold this model") from None
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise HubError(f"{where}: no such local directory, and the Hub gives no model there "
-                       f"({type(e).__name__}: {first})") from None
+    where = model_location(path, revision=revision, token=token, cache_dir=cache_dir,
+                           local_files_only=local_files_only)
+    if (where / CONFIG_NAME).is_file():
+        read_json_object(where / CONFIG_NAME)  # one line for a config.json that is not a JSON object
+    model = GFMModel.from_pretrained(str(where), map_location=map_location)
     if adapter is not None:
         net, doc = task_model_from(copy.deepcopy(model.encoder), adapter)
-        if not on_hub:
-            check_own_adapter(where, model.config.get("task"), adapter, doc)
+        check_own_adapter(where, model.config.get("task"), adapter, doc)
         model.net = net.to(map_location)
         config = with_task_bands(model.config, doc.get("bands"))  # normalise as the fine-tuning did
         model.config = {**config, "task": task_section(doc, finetune_dir(adapter), merged=False)}

@@ -32,8 +32,8 @@ class WeightsSource:
         meta: the checkpoint's ``trainer.json`` (ZeRO stage, precision, world size...), when there is one.
         run_dir: the run directory, when known (metrics, index).
         exported: an exported directory's ``config.json`` (kind ``export`` only).
-        name: the shipped model's short name when the user named one (``gfm.pretrained``); ``path`` is then
-            its folder.
+        name: the shipped model's short name (``gfm.pretrained``) or the Hub id ``org/name[@revision]`` when
+            the user named one; ``path`` is then its folder (the snapshot in the Hugging Face cache).
     """
 
     kind: str
@@ -168,9 +168,10 @@ def resolve_source(path: str | Path) -> WeightsSource:
     latest complete checkpoint, else that checkpoint), a ``checkpoints/`` directory (its latest complete
     checkpoint), one checkpoint directory ``step_XXXXXXXX`` (which must hold the ``COMPLETE`` marker), a
     ``.safetensors`` file whose metadata (or a ``config.yaml`` beside it) holds the run config, an
-    exported directory (``config.json`` with ``"format": "gfm"``), or the short name of a model shipped
-    with gfm. :func:`gfm.pretrained.resolve` decides which: an existing path wins over a short name, and a
-    missing path-like string is an error naming it, never looked up as a name.
+    exported directory (``config.json`` with ``"format": "gfm"``), the short name of a model shipped
+    with gfm, or a Hub id ``org/name[@revision]`` (its snapshot). :func:`gfm.pretrained.resolve` decides
+    which: an existing path wins over a short name, and a missing path-like string is an error naming it,
+    never looked up as a name.
 
     Raises:
         HubError: nothing usable at ``path``, or an incomplete checkpoint (``gfm.pretrained.PretrainedError``,
@@ -180,7 +181,7 @@ def resolve_source(path: str | Path) -> WeightsSource:
 
     ref = resolve(path)
     src = _resolve_path(ref.path)
-    src.name = ref.name
+    src.name = ref.name or ref.hub
     return src
 
 

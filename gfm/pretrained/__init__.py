@@ -59,9 +59,11 @@ class ModelRef:
 
     path: Path
     name: str | None = None
+    hub: str | None = None
 
     def __str__(self) -> str:
-        return f"{self.name} ({self.path})" if self.name else str(self.path)
+        label = self.name or self.hub
+        return f"{label} ({self.path})" if label else str(self.path)
 
 
 def root_dir(root: str | Path | None = None) -> Path:
@@ -112,9 +114,13 @@ def looks_like_path(arg: str) -> bool:
 def resolve(arg: str | os.PathLike[str], root: str | Path | None = None) -> ModelRef:
     """The local path behind a model or weights argument (the rule in the module docstring).
 
+    A Hugging Face Hub id ``org/name[@revision]`` that is not a local path (:func:`gfm.hub.remote.parse_hub_id`)
+    resolves to its snapshot in the Hugging Face cache, downloaded when needed (:func:`gfm.hub.remote.snapshot`).
+
     Raises:
         PretrainedError: a missing path-like argument (naming it), or an unknown short name (listing the
             shipped ones).
+        HubError: a Hub id the Hub or the cache cannot give (naming the repository and revision).
     """
     path = Path(arg)
     if path.exists():
@@ -122,6 +128,11 @@ def resolve(arg: str | os.PathLike[str], root: str | Path | None = None) -> Mode
     if path.is_symlink():
         raise PretrainedError(f"{arg}: a symbolic link to {os.readlink(path)}, which leads nowhere (no such target, "
                               "or a loop)")
+    from gfm.hub.remote import parse_hub_id, snapshot
+
+    ref = parse_hub_id(arg)
+    if ref is not None:  # org/name[@revision]: its snapshot in the Hugging Face cache
+        return ModelRef(snapshot(ref), hub=str(ref))
     if isinstance(arg, os.PathLike) or looks_like_path(str(arg)):
         raise PretrainedError(f"{arg}: no such file or directory")
     return ModelRef(pretrained_path(str(arg), root), str(arg))
