@@ -759,8 +759,9 @@ class _PreNormMLP(torch.autograd.Function):
     slice of tokens at a time (:data:`_CHUNK_ELEMENTS`): forward, a slice's hidden activation is still in
     cache when the second layer reads it; backward recomputes the normed input and the activation
     (elementwise work, no matmul), so neither they nor the hidden gradient are ever whole. Gradients are
-    those of the composition, also under autocast: the norm runs in the input's dtype (fp32, as
-    autocast runs norms), the products in the dtype of the incoming gradient, and weight gradients are
+    those of the composition, also under autocast: the norm runs in the input's dtype with autocast off
+    for it (whatever a device's autocast does with norms, the statistics match what the backward pass's
+    ``native_layer_norm_backward`` reads), the products in the dtype of the incoming gradient, and weight gradients are
     summed over slices in fp32 (or wider) and returned in their parameters' dtype.
 
     Either layer may carry a low-rank update (LoRA, :class:`LinearParts`): ``y = x·(W + U·D)ᵀ + b``.
@@ -794,7 +795,8 @@ class _PreNormMLP(torch.autograd.Function):
         step = max(1, _CHUNK_ELEMENTS // hidden)
         for start in range(0, tokens, step):  # the hidden slice stays in cache from fc1 to fc2
             rows = slice(start, start + step)
-            normed, mean_c, rstd_c = torch.native_layer_norm(xs[rows], (dim,), ln_w, ln_b, eps)
+            with torch.autocast(x.device.type, enabled=False):  # statistics in the dtype backward reads
+                normed, mean_c, rstd_c = torch.native_layer_norm(xs[rows], (dim,), ln_w, ln_b, eps)
             h_c = _rows_linear(normed, w1m, b1)
             act = F.gelu(h_c, approximate=approximate)
             if direct and out is not None:

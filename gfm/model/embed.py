@@ -27,6 +27,7 @@ row 0 is the summary row (one token per position), column 0 the summary column (
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +48,25 @@ def geometric_periods(num: int, shortest: float, longest: float) -> torch.Tensor
     if num == 1:
         return torch.tensor([shortest], dtype=torch.float64)
     return torch.logspace(math.log10(shortest), math.log10(longest), num, dtype=torch.float64)
+
+
+class Float64Buffers(nn.Module):
+    """A module whose float64 buffers (fixed periods) follow it across devices but never change dtype.
+
+    ``model.to(torch.bfloat16)`` and DeepSpeed's bf16 mode (``module.bfloat16()``) cast every floating
+    buffer: rounded to bf16 (0.4 % at most), the shortest spectral period turns the sin-cos features of
+    ln λ by more than a whole turn, and the tiny model's channel and date embeddings then differed from
+    fp32 by 60-80 %. The periods are constants computed in float64 (:func:`sincos`), so they keep it.
+    """
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Float64Buffers:
+        kept = {n: b for n, b in self._buffers.items() if b is not None and b.dtype == torch.float64}
+        super()._apply(fn, recurse)
+        for name, before in kept.items():
+            after = self._buffers[name]
+            if after is not None and after.dtype != torch.float64 and not before.is_meta:
+                self._buffers[name] = before.to(after.device)
+        return self
 
 
 def sincos(x: torch.Tensor, periods: torch.Tensor) -> torch.Tensor:
@@ -188,14 +208,15 @@ class PatchEmbed(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """``pixels: [B, G·s, H, W]`` (padded, grouped, invalid pixels zeroed) → ``[B, G, N, D]``."""
-        return self.proj(patchify(pixels, self.patch_size, self.spectral_patch))
+        patches = patchify(pixels, self.patch_size, self.spectral_patch)
+        return self.proj(patches.to(self.proj.weight.dtype))  # fp32 pixels into bf16 weights (DeepSpeed bf16)
 
     def flops(self, num_tokens: int) -> int:
         """Forward matmul FLOPs for ``num_tokens`` (row, position) tokens of one sample."""
         return 2 * num_tokens * self.proj.in_features * self.proj.out_features
 
 
-class SpectralPatchEmbed(nn.Module):
+class SpectralPatchEmbed(Float64Buffers):
     """Patches → tokens with per-band weights made from each band's wavelength and bandwidth (gfm).
 
     A token of a group of up to ``s`` observations at one position is
@@ -327,7 +348,7 @@ def grid_coords(grid_hw: tuple[int, int], pitch: torch.Tensor) -> torch.Tensor:
     return index[None] * pitch.float()[:, None, None]
 
 
-class PositionEmbed(nn.Module):
+class PositionEmbed(Float64Buffers):
     """Fixed 2D sin-cos embedding of patch offsets in metres: ``[B, N, 2] → [B, N, D]``.
 
     Half the width encodes the row offset, half the column offset, each at ``D/4`` geometric periods
@@ -357,7 +378,7 @@ class PositionEmbed(nn.Module):
 # Channel and metadata
 
 
-class ChannelEmbed(nn.Module):
+class ChannelEmbed(Float64Buffers):
     """Embed an observation's spectral description: wavelength, bandwidth, kind → ``[B, G, D]``.
 
     The paper embeds the centre wavelength alone with fixed sin-cos; the log scale, bandwidth, kind
@@ -472,7 +493,7 @@ def spherical_harmonics(lonlat: torch.Tensor, degree: int) -> torch.Tensor:
     return torch.stack(out, dim=-1).float()
 
 
-class MetadataEmbed(nn.Module):
+class MetadataEmbed(Float64Buffers):
     """Date (per observation), location and GSD (per tile), each with a learned scale (gfm extension).
 
     - date: day of year as ``time_harmonics`` annual harmonics and the year at periods of 2..200

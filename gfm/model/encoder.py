@@ -255,7 +255,10 @@ class LESSViT(nn.Module):
         else:
             patches = self.patch_embed(pixels)
         x = add_summary_tokens(patches, self.cls_token, self.row_token, self.col_token)
-        x = x + self.pos_chan_embed(coords, pitch, desc, tile).to(x.dtype)
+        # the residual stream in the weights' dtype: fp32 under autocast over fp32 weights (as timm's ViTs
+        # keep it; blocks add their bf16 outputs to it), bf16 with bf16 weights
+        dtype = self.cls_token.dtype
+        x = x.to(dtype) + self.pos_chan_embed(coords, pitch, desc, tile).to(dtype)
         return Tokens(x, coords, pitch, desc, tile, groups, pixels, valid, token_valid, grid_hw, image_hw,
                       int(batch.pixels.shape[1]))
 

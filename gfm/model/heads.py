@@ -259,7 +259,10 @@ class DensePixelHead(nn.Module):
         if self.pixel is not None:
             if C != self.num_bands:
                 raise ValueError(f"this head was trained on {self.num_bands} bands; the input has {C}")
-            z = z + self.pixel(pixels.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            first = self.pixel[0]
+            assert isinstance(first, nn.Linear)
+            bands = pixels.permute(0, 2, 3, 1).to(first.weight.dtype)  # fp32 pixels into bf16 weights (DeepSpeed)
+            z = z + self.pixel(bands).permute(0, 3, 1, 2)
         logits: torch.Tensor = self.classifier(z.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         return logits
 

@@ -353,8 +353,10 @@ class HyperMAE(nn.Module):
         pixel are never attended, as in the encoder.
         """
         shape = (tokens.x.shape[1], tokens.x.shape[2])
-        x = fill_grid(self.decoder_embed(latent), obs_keep, pos_keep, self.mask_token.to(latent.dtype), shape)
-        x = x + self.decoder_pos_chan_embed(tokens.coords, tokens.pitch, tokens.desc, tokens.tile).to(x.dtype)
+        # the residual stream in the weights' dtype, as the encoder's: under autocast decoder_embed gives bf16
+        dtype = self.mask_token.dtype
+        x = fill_grid(self.decoder_embed(latent).to(dtype), obs_keep, pos_keep, self.mask_token, shape)
+        x = x + self.decoder_pos_chan_embed(tokens.coords, tokens.pitch, tokens.desc, tokens.tile).to(dtype)
         mask = make_grid_mask(tokens.token_valid, tokens.pitch, tokens.grid_hw, self.decoder_perception_radius_m)
         for block in self.decoder_blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
@@ -410,9 +412,23 @@ class HyperMAE(nn.Module):
         Returns:
             ``loss_pos``, ``loss_obs`` (scalars) and ``group_loss_pos``, ``group_loss_obs``,
             ``group_pixels_pos``, ``group_pixels_obs`` (``[K]``). A term or group with no valid pixel
-            is 0 (finite, zero gradient).
+            is 0 (finite, zero gradient). Computed in fp32 whatever autocast says: its einsums would
+            otherwise sum errors and pixel counts in bf16 (exact integers only up to 256).
         """
-        err = ((pred.float() - target).square() * weight).sum(-1)  # [B, G, N]
+        with torch.autocast(pred.device.type, enabled=False):
+            return self._forward_loss(pred.float(), target.float(), weight.float(), obs_mask, pos_mask, row_group)
+
+    def _forward_loss(
+        self,
+        pred: torch.Tensor,
+        target: torch.Tensor,
+        weight: torch.Tensor,
+        obs_mask: torch.Tensor,
+        pos_mask: torch.Tensor,
+        row_group: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """:meth:`forward_loss` outside autocast."""
+        err = ((pred - target).square() * weight).sum(-1)  # [B, G, N]
         count = weight.sum(-1)
         onehot = F.one_hot(row_group, len(LOSS_GROUPS)).float()  # [B, G, K]
         group_weights: torch.Tensor = self.group_weights  # type: ignore[assignment]

@@ -103,6 +103,8 @@ class TrainModule:
             raise ValueError(f"DeepSpeed cannot train 0-dim parameters; give them shape [1]: {', '.join(scalars)}")
         self.cfg = cfg
         self.info = gdist.info()
+        if self.info.device.type == "cuda":  # TF32 tensor cores for fp32 matmuls and convolutions (~10-bit mantissa)
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         self.micro_batch = cfg.data.batch_size
         self.effective_batch = self.micro_batch * cfg.engine.grad_accum * self.info.world_size
         self.peak_lr = cfg.optim.peak_lr(self.effective_batch)
