@@ -30,10 +30,12 @@ from gfm.shards import (
     info,
     info_text,
     load_manifest,
+    load_stac,
     plot_band_stats,
     verify,
     write_index,
 )
+from gfm.shards.remote import name_of
 
 _BUILD_EPILOG = """examples:
   gfm shards build LC08_*_B*.TIF --out shards/l8 --tile 64
@@ -45,6 +47,14 @@ _BUILD_EPILOG = """examples:
   gfm shards build a_B4.tif b_B4.tif --date 2008-04-19 --date 2008-04-27 --out shards/ab
   gfm shards build LT5*_b[345].tif --label fields.gpkg --label-field crop --edge pad --out shards/fields
   gfm shards build --manifest scenes.yaml --holdout 0.1 --split heldout --name heldout --out shards/heldout
+  gfm shards build https://host/T33UUU_20200101T101031_B0{2,3,4}.tif --out shards/remote
+  gfm shards build --stac items.json --assets B02,B03,B04,B08 --out shards/stac --workers 8
+
+remote rasters: any URL GDAL reads in place (https://, s3://, gs://, /vsicurl/..., /vsis3/...) is read by
+range requests, only the blocks under the tiles; credentials come from the environment (AWS_*, GOOGLE_*,
+GDAL_HTTP_*) and are redacted from every URL gfm writes or prints. GDAL's HTTP settings default to
+GDAL_HTTP_MAX_RETRY=3 GDAL_HTTP_RETRY_DELAY=1 GDAL_HTTP_TIMEOUT=60 GDAL_HTTP_CONNECTTIMEOUT=15
+GDAL_DISABLE_READDIR_ON_OPEN=EMPTY_DIR; set any of them (or other GDAL_*/CPL_* options) in the environment.
 """
 
 
@@ -61,9 +71,16 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     b.add_argument("files", nargs="*", metavar="FILE",
-                   help="rasters (GeoTIFF, JP2, anything GDAL reads) or a .npy/.mat cube")
+                   help="rasters (GeoTIFF, JP2, anything GDAL reads; local files or URLs: https://, s3://, gs://, "
+                   "/vsi...) or a local .npy/.mat cube")
     b.add_argument("--out", required=True, help=f"output directory (shards + {index_file.INDEX_FILE})")
     b.add_argument("--manifest", help="YAML manifest of many scenes / time series (instead of FILE...)")
+    b.add_argument("--stac", metavar="ITEMS.json",
+                   help="static STAC ItemCollection (or Item) file, instead of FILE...: each item is one scene (its "
+                   "id, its datetime, its assets read in place); bands from the registered sensor of its platform, "
+                   "else from the assets' eo:bands/raster:bands (needs pystac: pip install 'gfm[stac]')")
+    b.add_argument("--assets", help="with --stac: asset keys to read from every item, comma separated (default: every "
+                   "GeoTIFF asset with role 'data')")
     b.add_argument("--sensor", help="sensor preset (see 'gfm sensors'); guessed from product file names if omitted")
     b.add_argument("--sensors-yaml", help="YAML file of user sensor definitions to register first")
     b.add_argument("--bands", help="band names in file/band order, comma separated, when names can't be recognised")
@@ -126,7 +143,7 @@ _FLAGS = {
     "workers": "--workers", "part": "--part", "resampling": "--resampling", "sensor": "--sensor",
     "bands": "--bands", "cube_key": "--key", "wavelengths": "--wavelengths FILE", "label_key": "--label-key",
     "date": "--date", "edge": "--edge", "force": "--force", "name": "--name", "crs": "--crs", "gsd": "--gsd",
-    "label_field": "--label-field", "holdout": "--holdout", "split": "--split",
+    "label_field": "--label-field", "holdout": "--holdout", "split": "--split", "assets": "--assets",
 }
 
 
@@ -161,7 +178,7 @@ def parse_size(text: str) -> int:
 
 def _single_scene(a: argparse.Namespace) -> SceneSpec:
     if not a.files:
-        raise InputError("give input FILE(s) or --manifest")
+        raise InputError("give input FILE(s), --manifest or --stac")
     bands = [s.strip() for s in a.bands.split(",")] if a.bands else None
     files = []
     if bands is not None and len(a.files) > 1:
@@ -182,7 +199,7 @@ def _single_scene(a: argparse.Namespace) -> SceneSpec:
             raise InputError(f"--bands lists {len(bands)} names but the files hold {offset} bands")
     else:
         files = [FileSpec(f, a.sensor, bands, a.nodata, a.key, None, a.wavelengths, a.fwhm) for f in a.files]
-    scene_id = a.scene_id or Path(a.files[0]).stem.split(".")[0]
+    scene_id = a.scene_id or name_of(a.files[0]).split(".")[0]
     return SceneSpec(
         id=scene_id,
         dates=_group_by_date(files, a.date or []),
@@ -224,10 +241,18 @@ def _cmd_build(a: argparse.Namespace) -> int:
             load_sensors_yaml(a.sensors_yaml, replace=True)
         except SensorError as e:
             raise InputError(str(e)) from None
-    if a.manifest:
-        if a.files:
-            raise InputError("give either FILE... or --manifest, not both")
-        specs = load_manifest(a.manifest)
+    if sum(map(bool, (a.files, a.manifest, a.stac))) > 1:
+        raise InputError("give one of FILE..., --manifest or --stac")
+    if a.assets and not a.stac:
+        raise InputError("--assets chooses the assets of --stac items; give --stac ITEMS.json")
+    if a.manifest or a.stac:
+        if a.stac:
+            found = load_stac(a.stac, [s.strip() for s in a.assets.split(",")] if a.assets else None)
+            for notice in found.notices:
+                print(notice, file=sys.stderr)
+            specs = found.scenes
+        else:
+            specs = load_manifest(a.manifest)
         for spec in specs:
             spec.gsd = spec.gsd if spec.gsd is not None else a.gsd
             spec.crs = spec.crs if spec.crs is not None else a.crs

@@ -22,6 +22,7 @@ from rasterio.windows import Window
 
 from gfm.sensors import guess_date
 from gfm.shards import DateSpec, FileSpec, InputError, SceneSpec
+from gfm.shards.remote import is_remote, name_of
 from gfm.shards.scene import Scene
 from gfm.shards.tiles import quality_valid
 
@@ -31,7 +32,8 @@ class SceneFiles:
     """How to read a list of files as one scene (the options of ``gfm shards build`` for one scene).
 
     Attributes:
-        files: rasters (GeoTIFF, JP2, anything GDAL reads) or one ``.npy``/``.mat`` cube.
+        files: rasters (GeoTIFF, JP2, anything GDAL reads; local or URLs read in place, ``https://``, ``s3://``,
+            ``gs://``, ``/vsi...``) or one local ``.npy``/``.mat`` cube.
         sensor: sensor preset; None: guessed from the product file names.
         bands: band names across the files in file/band order; None: recognised.
         date: acquisition date ``YYYY-MM-DD``; None: read from the file names.
@@ -75,7 +77,7 @@ def scene_spec(sf: SceneFiles) -> SceneSpec:
     if not sf.files:
         raise InputError("no input files")
     for f in sf.files:
-        if Path(f).is_dir():  # a folder is not a raster; say so rather than "not a readable raster"
+        if not is_remote(f) and Path(f).is_dir():  # a folder, not a raster: say so, not "not a readable raster"
             raise InputError(f"no scenes found in {f}: a directory (give the scene's raster files; gfm embed reads a "
                              "directory as shards only when it holds index.json)")
     names: list[list[str] | None] = [None] * len(sf.files)
@@ -95,7 +97,7 @@ def scene_spec(sf: SceneFiles) -> SceneSpec:
     if sf.date is not None:
         dates = [DateSpec(sf.date, files)]
     else:
-        guessed = [guess_date(f.path) for f in files]
+        guessed = [guess_date(name_of(f.path)) for f in files]
         distinct = sorted({d for d in guessed if d is not None})
         if len(distinct) <= 1:
             dates = [DateSpec(distinct[0] if distinct else None, files)]
@@ -104,16 +106,16 @@ def scene_spec(sf: SceneFiles) -> SceneSpec:
             if undated:
                 raise InputError(f"{undated[0]}: no date in its name while other files have several; give the date")
             dates = [DateSpec(d, [f for f, g in zip(files, guessed) if g == d]) for d in distinct]
-    scene_id = sf.scene_id or Path(sf.files[0]).stem.split(".")[0]
+    scene_id = sf.scene_id or name_of(sf.files[0]).split(".")[0]
     return SceneSpec(id=scene_id, dates=dates, gsd=sf.gsd, crs=sf.crs,
                      bounds=list(sf.bounds) if sf.bounds is not None else None)
 
 
 def scene_paths(spec: SceneSpec) -> list[str]:
-    """Every file ``spec`` reads: its rasters or cube, their wavelength lists and its label (outputs must differ)."""
+    """Every local file ``spec`` reads: rasters or cube, wavelength lists, label (outputs must differ from them)."""
     files = [f for d in spec.dates for f in d.files]
     paths = [p for f in files for p in (f.path, f.wavelengths, f.fwhm) if p]
-    return paths + ([spec.label] if spec.label else [])
+    return [p for p in paths + ([spec.label] if spec.label else []) if not is_remote(p)]
 
 
 def observation_bands(scene: Scene) -> list[dict[str, Any]]:

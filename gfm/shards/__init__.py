@@ -14,8 +14,10 @@ Python API (the ``gfm shards`` command is a thin shell over it)::
   many), and merge ``index.json``; :func:`write_index` (``gfm shards index``) merges the finished
   shards of every part; :func:`verify` and :func:`info` check and summarise a dataset root.
 * Scenes are described by :class:`SceneSpec` / :class:`DateSpec` / :class:`FileSpec`, directly, from
-  a YAML manifest (:func:`load_manifest`), or grouped into dates by product file names
-  (:func:`dates_from_names`).
+  a YAML manifest (:func:`load_manifest`), from STAC items (:func:`load_stac`), or grouped into dates
+  by product file names (:func:`dates_from_names`). A file may be a URL GDAL reads in place
+  (``https://``, ``s3://``, ``gs://``, ``/vsi...``; :mod:`gfm.shards.remote`): only the byte ranges
+  under the tiles are fetched.
 * Errors are :class:`ShardError` subclasses (:class:`InputError`, :class:`OptionError`,
   :class:`DatasetError`), one line naming the file or value and what was expected.
 * The ``index.json`` contract itself lives in :mod:`gfm.index`; the tile schema in :mod:`gfm.schema`.
@@ -26,7 +28,8 @@ sensor and band recognition, quality layers, labels), ``plan`` (tiles → shards
 ``tiles`` (cutting tiles, validity), ``stats`` (mergeable band statistics), ``write`` (one shard: tar +
 sidecar), ``sidecar`` (the per-shard summary), ``merge`` (sidecars → ``index.json``), ``holdout``
 (held-out tiles kept off the training tiles' ground), ``build`` (the whole build), ``verify``,
-``info``, ``manifest`` (YAML scene lists).
+``info``, ``manifest`` (YAML scene lists), ``stac`` (STAC items as scenes), ``remote`` (URLs: GDAL
+paths, HTTP settings, fingerprints, redaction).
 """
 
 from gfm.shards.build import BuildReport, build
@@ -36,6 +39,7 @@ from gfm.shards.manifest import load_manifest
 from gfm.shards.merge import write_index
 from gfm.shards.options import EDGES, RESAMPLING, SPLITS, BuildOptions
 from gfm.shards.spec import DateSpec, FileSpec, SceneSpec, dates_from_names
+from gfm.shards.stac import StacScenes, load_stac
 from gfm.shards.verify import Problem, VerifyReport, iter_samples, verify
 
 __all__ = [
@@ -54,6 +58,7 @@ __all__ = [
     "Problem",
     "SceneSpec",
     "ShardError",
+    "StacScenes",
     "VerifyReport",
     "build",
     "dates_from_names",
@@ -61,6 +66,7 @@ __all__ = [
     "info_text",
     "iter_samples",
     "load_manifest",
+    "load_stac",
     "plot_band_stats",
     "verify",
     "write_index",

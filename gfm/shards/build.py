@@ -37,6 +37,7 @@ from gfm.shards.plan import (
     tile_origins,
     uncovered_fraction,
 )
+from gfm.shards.remote import redact
 from gfm.shards.scene import open_scene
 from gfm.shards.sidecar import ShardSummary, is_complete
 from gfm.shards.spec import SceneSpec, check_specs
@@ -113,6 +114,7 @@ def build(
     notices: list[str] = []
 
     def emit(message: str) -> None:
+        message = redact(message)  # notices name files: a URL's credentials stay out
         notices.append(message)
         (log or _log_info)(message)
 

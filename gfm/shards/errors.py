@@ -4,13 +4,15 @@ Where the fix is to set an option, the message names it through a placeholder (`
 ``{sensor}``...) that :meth:`ShardError.render` fills in: as the Python field
 (``BuildOptions.tile=2000``, ``FileSpec.sensor``) in ``str(error)``, and as a command-line flag
 (``--tile 2000``, ``--sensor``) where the ``gfm shards`` program prints it. The library never phrases
-a message in terms of flags.
+a message in terms of flags. URLs in messages are redacted (:func:`gfm.shards.remote.redact`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from typing import Any
+
+from gfm.shards.remote import redact
 
 #: Option placeholder → the dataclass field it stands for.
 FIELDS: dict[str, str] = {
@@ -35,6 +37,7 @@ FIELDS: dict[str, str] = {
     "wavelengths": "FileSpec.wavelengths",
     "label_key": "SceneSpec.label_key",
     "date": "DateSpec.date",
+    "assets": "load_stac(assets=...)",
 }
 
 
@@ -63,7 +66,7 @@ class ShardError(Exception):
         text = self.template
         for option, value in self.options.items():  # str.replace, not format: paths may hold braces
             text = text.replace("{" + option + "}", name(option, value))
-        return text
+        return redact(text)  # a URL named in a message never shows its credentials
 
     def __reduce__(self) -> tuple[Any, ...]:
         # keep the options when an error crosses a process boundary (worker → parent)

@@ -19,13 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import rasterio
 from rasterio.crs import CRS
 from rasterio.windows import Window
 
 from gfm.shards.errors import InputError
 from gfm.shards.grid import Grid
-from gfm.shards.readers import Reader
+from gfm.shards.readers import Reader, open_raster
 from gfm.shards.spec import SceneSpec
 
 #: File suffixes read as vector label files.
@@ -61,7 +60,7 @@ def check_label_raster(path: str) -> None:
     Raises:
         InputError: a dtype that is not numeric, or a non-integral valid value (naming one).
     """
-    with rasterio.open(path) as ds:
+    with open_raster(path) as ds:
         dtype = np.dtype(ds.dtypes[0])
         if dtype.kind in "iu":
             return

@@ -42,6 +42,7 @@ import yaml
 
 from gfm.sensors import SensorError, load_sensors_yaml
 from gfm.shards.errors import InputError
+from gfm.shards.remote import is_remote
 from gfm.shards.spec import DateSpec, FileSpec, SceneSpec
 
 _SCENE_KEYS = {
@@ -52,6 +53,8 @@ _FILE_KEYS = {"path", "sensor", "bands", "nodata", "key", "index", "wavelengths"
 
 
 def _resolve(base: Path, p: str) -> str:
+    if is_remote(p):  # a URL is read in place, never relative to the manifest
+        return p
     path = Path(p)
     return str(path if path.is_absolute() else base / path)
 

@@ -6,11 +6,15 @@ Every candidate tile of every scene, in scene then row-major order, is packed in
 
 * the options and scene specs: a directory that holds shards of other specs or options is refused, so
   a re-run (or another ``part``) always adds to the same build;
-* a fingerprint of every input file (:mod:`gfm.shards.fingerprint`) and a digest of each opened scene
+* a fingerprint of every input file (:mod:`gfm.shards.fingerprint`; a URL's from its HTTP validators and
+  header, :func:`gfm.shards.remote.remote_fingerprint`) and a digest of each opened scene
   (grid, bands with their sensor descriptions, validity rules, label classes): a re-run whose inputs
   changed invalidates exactly the shards holding tiles of the scenes those inputs fed (their files
   are deleted and rebuilt), with a notice naming each changed file;
 * per shard, the scenes it holds and a digest of its tile list.
+
+URLs are recorded redacted (:func:`gfm.shards.remote.redact`): no credential reaches ``build.json``, and
+a signed URL whose signature is renewed still names the same input.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from gfm.index import INDEX_FILE, is_shard_name, members_name
 from gfm.shards.errors import DatasetError
 from gfm.shards.fingerprint import Fingerprint, fingerprint
 from gfm.shards.options import BuildOptions
+from gfm.shards.readers import open_raster
+from gfm.shards.remote import is_remote, redact, remote_fingerprint
 from gfm.shards.scene import Scene
 from gfm.shards.sidecar import sidecar_path
 from gfm.shards.spec import SceneSpec
@@ -115,7 +121,7 @@ def make_plan(
 
 
 def input_paths(spec: SceneSpec) -> list[str]:
-    """Every local file a scene reads (bands, cubes, wavelength lists, label), each once, in order."""
+    """Every file or URL a scene reads (bands, cubes, wavelength lists, label), each once, in order."""
     paths: list[str] = []
     for d in spec.dates:
         for f in d.files:
@@ -134,7 +140,7 @@ def scene_digest(scene: Scene, classes: Mapping[str, int] | None) -> str:
         "nodata": scene.tile_constants.nodata,
         "scale": scene.tile_constants.scale,
         "offset": scene.tile_constants.offset,
-        "quality": [[q.reader.path, q.rule, q.date] for q in scene.quality],
+        "quality": [[redact(q.reader.path), q.rule, q.date] for q in scene.quality],
         "classes": dict(classes) if classes is not None and scene.spec.label is not None else None,
     }
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
@@ -165,9 +171,9 @@ def plan_doc(
         "edge": opts.edge,
         "holdout": opts.holdout,
         "split": opts.split,
-        "scenes": [asdict(s) for s in specs],
+        "scenes": [_redacted(asdict(s)) for s in specs],
         "classes": {name: value for name, value in classes.items()} if classes is not None else None,
-        "inputs": {p: fp.to_dict() for p, fp in fingerprints.items()},
+        "inputs": {redact(p): fp.to_dict() for p, fp in fingerprints.items()},
         "scene_digests": {s.id: d for s, d in zip(specs, digests)},
         "shards": [
             {"name": p.name, "tiles": len(p.tiles), "scenes": sorted({specs[si].id for si, _, _ in p.tiles}),
@@ -177,6 +183,17 @@ def plan_doc(
     }
     out: dict[str, Any] = json.loads(json.dumps(doc))  # as it reads back (tuples → lists)
     return out
+
+
+def _redacted(obj: Any) -> Any:
+    """A scene spec (as plain data) with every string redacted: URLs lose their credentials."""
+    if isinstance(obj, str):
+        return redact(obj)
+    if isinstance(obj, dict):
+        return {k: _redacted(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_redacted(v) for v in obj]
+    return obj
 
 
 def read_plan(out: Path) -> dict[str, Any] | None:
@@ -229,13 +246,18 @@ def plan_classes(out: Path) -> dict[int, str] | None:
 
 
 def fingerprint_inputs(specs: Sequence[SceneSpec]) -> dict[str, Fingerprint]:
-    """A fingerprint of every input file of ``specs`` (see :func:`input_paths`)."""
+    """A fingerprint of every input file of ``specs`` (see :func:`input_paths`); URLs by their header."""
     from gfm.shards.errors import InputError
 
     out: dict[str, Fingerprint] = {}
     for spec in specs:
         for p in input_paths(spec):
-            if p not in out:
+            if p in out:
+                continue
+            if is_remote(p):
+                with open_raster(p) as ds:
+                    out[p] = remote_fingerprint(p, ds)
+            else:
                 try:
                     out[p] = fingerprint(p)
                 except OSError as e:
@@ -294,12 +316,13 @@ def reconcile_plan(out: Path, specs: Sequence[SceneSpec], doc: dict[str, Any]) -
     stale_scenes: set[str] = set()
     for spec in specs:
         for p in input_paths(spec):
-            now = Fingerprint.from_dict(doc["inputs"][p])
+            key = redact(p)  # as plan_doc records it
+            now = Fingerprint.from_dict(doc["inputs"][key])
             assert now is not None
-            what = now.change_from(Fingerprint.from_dict(old.get("inputs", {}).get(p)))
+            what = now.change_from(Fingerprint.from_dict(old.get("inputs", {}).get(key)))
             if what is not None:
                 stale_scenes.add(spec.id)
-                notices.append(f"notice: input {p} changed since the last build ({what}); scene {spec.id!r} "
+                notices.append(f"notice: input {key} changed since the last build ({what}); scene {spec.id!r} "
                                "is rebuilt")
     for sid, digest in doc["scene_digests"].items():
         if old.get("scene_digests", {}).get(sid) != digest and sid not in stale_scenes:

@@ -24,6 +24,7 @@ from rasterio.windows import Window
 from gfm.sensors import Band
 from gfm.shards.errors import InputError
 from gfm.shards.grid import Grid, crs_string, grid_of, has_gcps, offset_on
+from gfm.shards.remote import gdal_path, is_remote, redact, remote_env
 
 
 class Reader:
@@ -43,8 +44,8 @@ class Reader:
         """Release open files."""
 
     def source(self) -> dict[str, Any]:
-        """How this reader got its pixels, for ``meta.json`` ``source``."""
-        return {"file": self.path, "resampling": self.resampling}
+        """How this reader got its pixels, for ``meta.json`` ``source`` (a URL redacted)."""
+        return {"file": redact(self.path), "resampling": self.resampling}
 
     @property
     def native_gsd_m(self) -> float:
@@ -53,7 +54,18 @@ class Reader:
 
 
 def open_raster(path: str) -> rasterio.io.DatasetReader:
-    """Open a raster with rasterio; raise :class:`InputError` naming the file when it can't be read."""
+    """Open a raster with rasterio; raise :class:`InputError` naming the file when it can't be read.
+
+    ``path`` is a local file or a URL GDAL reads in place (:mod:`gfm.shards.remote`: ``https://``,
+    ``s3://``, ``gs://``, ``/vsi...``), opened with GDAL's HTTP settings; URLs are named redacted.
+    """
+    if is_remote(path):
+        try:
+            with warnings.catch_warnings(), remote_env():
+                warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+                return rasterio.open(gdal_path(path))
+        except (RasterioError, CPLE_BaseError) as e:
+            raise InputError(f"{redact(path)}: cannot open the remote raster ({_first_line(e)})") from None
     p = Path(path)
     if not p.exists():
         raise InputError(f"{path}: file not found")
@@ -64,6 +76,17 @@ def open_raster(path: str) -> rasterio.io.DatasetReader:
     except RasterioIOError as e:
         msg = str(e).splitlines()[0] if str(e) else "unknown GDAL error"
         raise InputError(f"{path}: not a readable raster ({msg})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    """The first line of the innermost error behind ``e``, redacted (GDAL's messages repeat the URL).
+
+    rasterio's own message only says "see previous exception"; GDAL's innermost one says what failed.
+    """
+    while e.__cause__ is not None:
+        e = e.__cause__
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return redact(text)
 
 
 class RasterReader(Reader):
@@ -84,6 +107,7 @@ class RasterReader(Reader):
         self.indexes = list(indexes)
         self.bands = list(bands)
         self.grid = grid
+        self._remote = is_remote(path)
         ds = open_raster(path)
         self._ds = ds
         self.dtype = np.dtype(ds.dtypes[self.indexes[0] - 1])
@@ -161,8 +185,14 @@ class RasterReader(Reader):
             InputError: the file cannot be read there (truncated or corrupt), naming it.
         """
         try:
+            if self._remote:  # GDAL's HTTP settings (retries, timeouts) for the range requests of this read too
+                with remote_env():
+                    return self._read(window)
             return self._read(window)
         except (RasterioError, CPLE_BaseError, OSError) as e:
+            if self._remote:
+                raise InputError(f"{redact(self.path)}: cannot read its pixels over the network (server unreachable "
+                                 f"or the file changed? {_first_line(e)})") from None
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise InputError(f"{self.path}: cannot read its pixels (truncated or corrupt file? {msg})") from None
 
@@ -244,6 +274,8 @@ def load_cube(
     Raises:
         InputError: missing file, unknown key (listing the keys), pickled .npy, or unsupported format.
     """
+    if is_remote(path):
+        raise InputError(f"{redact(path)}: .npy/.mat cubes are read from local files only; download it first")
     p = Path(path)
     if not p.exists():
         raise InputError(f"{path}: file not found")

@@ -16,7 +16,6 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,6 +26,7 @@ from gfm.shards.errors import InputError
 from gfm.shards.grid import Grid, crs_string, cube_grid, target_grid
 from gfm.shards.labels import VectorLabelReader, check_label_raster, is_vector, label_array
 from gfm.shards.readers import CubeReader, RasterReader, Reader, cube_to_hwc, load_cube, open_raster
+from gfm.shards.remote import name_of
 from gfm.shards.spec import FileSpec, SceneSpec
 
 _CUBE_SUFFIXES = (".npy", ".mat")
@@ -172,13 +172,14 @@ def open_scene(spec: SceneSpec, *, resampling: str = "bilinear", classes: Mappin
                 count = ds.count
             finally:
                 ds.close()
+            name = name_of(fs.path)  # a URL's file name, without its query string
             if count == 1 and fs.bands is None:
-                rule = sensor.quality_rule(fs.path)
+                rule = sensor.quality_rule(name)
                 if rule is not None:
                     q = RasterReader(fs.path, [1], [], grid, resampling="nearest", nodata=None)
                     quality.append(QualitySource(q, rule, date.date))
                     continue
-                if _ANCILLARY.search(Path(fs.path).name) and sensor.band_from_filename(fs.path) is None:
+                if _ANCILLARY.search(name) and sensor.band_from_filename(name) is None:
                     notices.append(f"notice: {fs.path} is an ancillary product layer, not a band; skipped")
                     continue
             bands = _file_bands(fs, count, descriptions, sensor)
@@ -228,10 +229,10 @@ def _label_array(spec: SceneSpec, path: str, grid: Grid) -> np.ndarray:
 
 
 def _sensor_from(name: str | None, path: str) -> Sensor:
-    if name == "hls" and "HLS.L30." in Path(path).name:
+    if name == "hls" and "HLS.L30." in name_of(path):
         name = "hls_l30"  # same product family, Landsat band names (B05 is NIR in L30, red edge in S30)
     if name is None:
-        name = guess_sensor([path])
+        name = guess_sensor([name_of(path)])
         if name is None:
             raise InputError(f"{path}: cannot tell the sensor from the file name; give {{sensor}}", sensor=None)
     try:
@@ -250,7 +251,7 @@ def _file_bands(fs: FileSpec, count: int, descriptions: Sequence[str | None], se
                 )
             return [sensor.band(n) for n in fs.bands]
         if count == 1:
-            b = sensor.band_from_filename(fs.path)
+            b = sensor.band_from_filename(name_of(fs.path))
             if b is not None:
                 return [b]
         if descriptions and all(d and sensor.has_band(d) for d in descriptions):

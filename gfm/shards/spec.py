@@ -14,6 +14,7 @@ from typing import Any
 
 from gfm.sensors import guess_date
 from gfm.shards.errors import InputError
+from gfm.shards.remote import name_of
 
 
 @dataclass
@@ -21,7 +22,8 @@ class FileSpec:
     """One input raster (or cube) and how its bands map to sensor bands.
 
     Attributes:
-        path: a raster GDAL reads (GeoTIFF, JP2, ...) or a ``.npy``/``.mat`` cube.
+        path: a raster GDAL reads (GeoTIFF, JP2, ...), local or a URL read in place (``https://``, ``s3://``,
+            ``gs://``, ``/vsi...``: :mod:`gfm.shards.remote`), or a local ``.npy``/``.mat`` cube.
         sensor: sensor preset name; None: guessed from the product file name.
         bands: band names in file band order; None: recognised from the file name or band descriptions.
         nodata: nodata value overriding the file's own.
@@ -107,7 +109,7 @@ def dates_from_names(files: Sequence[FileSpec], date: str | None = None) -> list
     """
     if date is not None:
         return [DateSpec(date, list(files))]
-    guessed = [guess_date(f.path) for f in files]
+    guessed = [guess_date(name_of(f.path)) for f in files]
     distinct = sorted({d for d in guessed if d is not None})
     if len(distinct) <= 1:
         return [DateSpec(distinct[0] if distinct else None, list(files))]
