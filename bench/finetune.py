@@ -9,7 +9,8 @@ optimizer step per ``train_step`` on a fixed random batch.
   update), best again over ``--rounds`` rounds that alternate the methods (a fresh process each), so a
   passing disturbance on a shared machine does not land on one method only.
 - **Peak memory**: on CUDA, ``max_memory_allocated`` over model build, engine start and the steps; on
-  the CPU, the growth of the process's peak resident set (``getrusage``) from before the model is built
+  the CPU, the growth of the process's peak resident set (``VmHWM``, reset after the imports, whose own
+  peak would hide a small model; ``getrusage`` where that cannot be reset) from before the model is built
   to after the last step (the largest over the rounds). Both count weights, gradients, optimizer state
   and activations.
 
@@ -54,7 +55,8 @@ def child(args: argparse.Namespace) -> None:
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, after every import
+    reset_peak_rss()  # the imports' own peak would hide a small model's growth
+    rss0 = peak_rss_kib()  # after every import
 
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     cfg = load(FinetuneConfig, None, [
@@ -94,8 +96,8 @@ def child(args: argparse.Namespace) -> None:
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
         how = "cuda max_memory_allocated"
     else:
-        peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
-        how = "peak RSS growth (getrusage)"
+        peak_mb = (peak_rss_kib() - rss0) / 1024
+        how = "peak RSS growth (VmHWM)"
     print(json.dumps({"time_s": min(times), "peak_mb": peak_mb, "method": how, "device": str(device),
                       "precision": precision, **counts}))
     gdist.destroy()
@@ -115,6 +117,27 @@ def run_one(args: argparse.Namespace, method: str) -> dict[str, Any]:
         raise SystemExit(f"bench.finetune: {method} failed (rc {res.returncode}):\n{res.stderr[-3000:]}")
     out: dict[str, Any] = json.loads(res.stdout.strip().splitlines()[-1])
     return out
+
+
+def reset_peak_rss() -> None:
+    """Reset the process's peak resident set to its current size (Linux: ``5`` to ``/proc/self/clear_refs``)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # not Linux, or not allowed: the peak then includes the imports'
+
+
+def peak_rss_kib() -> int:
+    """The process's peak resident set in KiB (``VmHWM``, which :func:`reset_peak_rss` resets; else getrusage)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
 def _load() -> str:
