@@ -68,9 +68,10 @@ def read_row(scene: Scene, row: int, cols: list[int], tile: int) -> Iterator[tup
     label_strip: np.ndarray | None = None
     if scene.label is not None:
         ld, lv = scene.label.read(window)
-        # widen first: the ignore value (-1 by default) does not fit a uint8 label raster, where
+        # an int64 strip: the ignore value (-1 by default) does not fit a uint8 label raster, where
         # NumPy would wrap it to 255 and unlabelled pixels would become a class
-        label_strip = np.where(lv[0], ld[0].astype(np.int64), np.int64(ignore))
+        label_strip = np.full(ld[0].shape, ignore, dtype=np.int64)
+        label_strip[lv[0]] = ld[0][lv[0]]  # valid values only: a float raster's NaN nodata is never cast
     elif scene.label_array is not None:
         label_strip = scene.label_array[row : row + h, c0 : c0 + w]
     if label_strip is not None and (h < tile or w < c1 - c0):
