@@ -416,34 +416,23 @@ class HyperMAE(nn.Module):
             otherwise sum errors and pixel counts in bf16 (exact integers only up to 256).
         """
         with torch.autocast(pred.device.type, enabled=False):
-            return self._forward_loss(pred.float(), target.float(), weight.float(), obs_mask, pos_mask, row_group)
+            pred, target, weight = pred.float(), target.float(), weight.float()
+            err = ((pred - target).square() * weight).sum(-1)  # [B, G, N]
+            count = weight.sum(-1)
+            onehot = F.one_hot(row_group, len(LOSS_GROUPS)).float()  # [B, G, K]
+            group_weights: torch.Tensor = self.group_weights  # type: ignore[assignment]
 
-    def _forward_loss(
-        self,
-        pred: torch.Tensor,
-        target: torch.Tensor,
-        weight: torch.Tensor,
-        obs_mask: torch.Tensor,
-        pos_mask: torch.Tensor,
-        row_group: torch.Tensor,
-    ) -> dict[str, torch.Tensor]:
-        """:meth:`forward_loss` outside autocast."""
-        err = ((pred - target).square() * weight).sum(-1)  # [B, G, N]
-        count = weight.sum(-1)
-        onehot = F.one_hot(row_group, len(LOSS_GROUPS)).float()  # [B, G, K]
-        group_weights: torch.Tensor = self.group_weights  # type: ignore[assignment]
+            def term(select: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                num = torch.einsum("bgn,bgk->k", err * select, onehot)
+                pixels = torch.einsum("bgn,bgk->k", count * select, onehot)
+                per_group = num / pixels.clamp_min(1.0)
+                w = group_weights * (pixels > 0)
+                return (w * per_group).sum() / w.sum().clamp_min(1e-12), per_group, pixels
 
-        def term(select: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            num = torch.einsum("bgn,bgk->k", err * select, onehot)
-            pixels = torch.einsum("bgn,bgk->k", count * select, onehot)
-            per_group = num / pixels.clamp_min(1.0)
-            w = group_weights * (pixels > 0)
-            return (w * per_group).sum() / w.sum().clamp_min(1e-12), per_group, pixels
-
-        loss_pos, group_pos, pixels_pos = term(pos_mask[:, None, :].float())  # every row at hidden positions
-        loss_obs, group_obs, pixels_obs = term(obs_mask[:, :, None].float())  # hidden rows everywhere
-        return {"loss_pos": loss_pos, "loss_obs": loss_obs, "group_loss_pos": group_pos,
-                "group_loss_obs": group_obs, "group_pixels_pos": pixels_pos, "group_pixels_obs": pixels_obs}
+            loss_pos, group_pos, pixels_pos = term(pos_mask[:, None, :].float())  # every row at hidden positions
+            loss_obs, group_obs, pixels_obs = term(obs_mask[:, :, None].float())  # hidden rows everywhere
+            return {"loss_pos": loss_pos, "loss_obs": loss_obs, "group_loss_pos": group_pos,
+                    "group_loss_obs": group_obs, "group_pixels_pos": pixels_pos, "group_pixels_obs": pixels_obs}
 
     def forward(self, batch: Inputs, generator: torch.Generator | None = None) -> MAEOutput:
         """Hide metadata (training), mask, encode the visible grid, decode every token, score hidden tokens."""
