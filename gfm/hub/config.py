@@ -146,20 +146,13 @@ def with_task_bands(config: Mapping[str, Any], task_bands: Mapping[str, Any] | N
     table = {k: dict(v) for k, v in (config.get("bands") or {}).items()
              if str(v.get("sensor") or k.partition("/")[0]) not in sensors_seen}
     sensors = {k: dict(v) for k, v in (config.get("sensors") or {}).items() if k not in sensors_seen}
-    for key, e in task_bands.items():
-        sensor, _, name = key.partition("/")
-        sensor, name = str(e.get("sensor") or sensor), str(e.get("name") or name)
-        facts = _sensor_facts(sensor)
-        table[key] = {
-            "name": name, "sensor": sensor, "center_nm": e.get("center_nm"), "fwhm_nm": e.get("fwhm_nm"),
-            "kind": e.get("kind"), "gsd_m": facts.get("gsd_m", {}).get(name), "scale": facts.get("scale"),
-            "offset": facts.get("offset"), "nodata": facts.get("nodata"), "stats": dict(e.get("stats") or {}),
-        }
-        s = sensors.setdefault(sensor, {
-            "description": facts.get("description"), "scale": facts.get("scale"), "offset": facts.get("offset"),
-            "nodata": facts.get("nodata"), "bands": [],
-        })
-        s["bands"].append(key)
+    described = ("name", "sensor", "center_nm", "fwhm_nm", "kind")
+    task_table, task_sensors = band_table({  # the manifest's table in the shape of an index document
+        "stats": {k: dict(e.get("stats") or {}) for k, e in task_bands.items()},
+        "bands": {k: {f: e[f] for f in described if e.get(f) is not None} for k, e in task_bands.items()},
+    })
+    table.update(task_table)
+    sensors.update(task_sensors)
     out["bands"] = dict(sorted(table.items()))
     out["sensors"] = dict(sorted(sensors.items()))
     out["normalization"] = {**(config.get("normalization") or {}), "task_bands": sorted(task_bands)}
