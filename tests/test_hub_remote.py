@@ -96,3 +96,11 @@ def test_the_card_carries_the_task_and_its_test_figures(exported: dict[str, Path
     assert all(r.dataset_split == "test" and r.task_type == "image-segmentation" for r in card.data.eval_results)
     base = ModelCard.load(exported["base"] / "README.md")
     assert base.data.pipeline_tag == "image-feature-extraction" and not base.data.eval_results
+
+
+def test_predict_finds_the_adapter_of_a_hub_export(exported: dict[str, Path], hub_cache: Path) -> None:
+    from gfm.infer.predictors import load_task_model
+
+    remote, local = load_task_model(REPO), load_task_model(exported["with_adapter"])
+    assert remote.info.classes == local.info.classes == ["class0", "class1", "class2"]
+    assert hub.stats_of(remote.config) == hub.stats_of(local.config)

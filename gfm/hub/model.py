@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -237,9 +236,24 @@ def from_pretrained(
         read_json_object(where / CONFIG_NAME)  # one line for a config.json that is not a JSON object
     model = GFMModel.from_pretrained(str(where), map_location=map_location)
     if adapter is not None:
-        net, doc = task_model_from(copy.deepcopy(model.encoder), adapter)
-        check_own_adapter(where, model.config.get("task"), adapter, doc)
-        model.net = net.to(map_location)
-        config = with_task_bands(model.config, doc.get("bands"))  # normalise as the fine-tuning did
-        model.config = {**config, "task": task_section(doc, finetune_dir(adapter), merged=False)}
+        apply_adapter(model, where, adapter)
     return model
+
+
+def apply_adapter(model: GFMModel, export_dir: Path, adapter: str | Path) -> dict[str, Any]:
+    """Make ``model`` the task model of ``adapter`` on its encoder; returns the adapter's ``finetune.json``.
+
+    ``model.net`` becomes the task model (on the encoder's device), ``model.config`` takes the adapter's
+    band statistics (:func:`gfm.hub.config.with_task_bands`: normalise as the fine-tuning did) and its
+    ``task`` section. The export's own ``adapter/`` (in ``export_dir``) must describe the export's task.
+
+    Raises:
+        HubError: the adapter does not fit the encoder, or is an ``adapter/`` from another task.
+    """
+    device = next(model.encoder.parameters()).device
+    net, doc = task_model_from(model.encoder, adapter)  # the pretraining net it leaves is dropped below
+    check_own_adapter(export_dir, model.config.get("task"), adapter, doc)
+    model.net = net.to(device)
+    config = with_task_bands(model.config, doc.get("bands"))
+    model.config = {**config, "task": task_section(doc, finetune_dir(adapter), merged=False)}
+    return doc

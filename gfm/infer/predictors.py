@@ -34,9 +34,8 @@ from torch import nn
 
 from gfm.batch import Batch
 from gfm.finetune.methods import unwrap
-from gfm.hub import ADAPTER_DIR, FINETUNE_MANIFEST, HubError, InputBands, from_pretrained, task_model_from
-from gfm.hub.adapters import check_own_adapter
-from gfm.hub.config import with_task_bands
+from gfm.hub import ADAPTER_DIR, FINETUNE_MANIFEST, HubError, InputBands, from_pretrained, model_location
+from gfm.hub.model import apply_adapter
 
 #: fine-tuning tasks that give a class per pixel
 DENSE_TASKS = ("segmentation", "pixel")
@@ -293,21 +292,21 @@ def load_task_model(model_dir: str | Path, adapter: str | Path | None = None) ->
         HubError: the export has no task and no adapter was given (a pretraining-only model predicts no
             classes), or the adapter does not fit.
     """
-    base = from_pretrained(model_dir)
-    task = base.config.get("task")
+    where = model_location(model_dir)  # a Hub id or short name: its local folder, where adapter/ lies
+    base = from_pretrained(where)
+    task, pretraining_config = base.config.get("task"), base.config
     if adapter is None and task and task.get("merged"):
         return LoadedTask(base.net, _task_info(task, str(model_dir), base.net, base.config), base.config)
-    if adapter is None and (Path(model_dir) / ADAPTER_DIR / FINETUNE_MANIFEST).is_file():
-        adapter = Path(model_dir) / ADAPTER_DIR
+    if adapter is None and (where / ADAPTER_DIR / FINETUNE_MANIFEST).is_file():
+        adapter = where / ADAPTER_DIR
     if adapter is None:
         raise HubError(f"{model_dir}: a pretraining export has no task head, so it predicts no classes; pass a "
                        "fine-tuning run's adapter (adapter=DIR), or export the fine-tuned model with it")
-    model, doc = task_model_from(base.encoder, adapter)
-    check_own_adapter(model_dir, task, adapter, doc)  # an adapter/ swapped in from another run is refused
-    info = _task_info(doc, str(adapter), model, base.config)
+    doc = apply_adapter(base, where, adapter)  # an adapter/ swapped in from another run is refused
+    info = _task_info(doc, str(adapter), base.net, pretraining_config)
     if task and task.get("colors"):
         info.colors = [tuple(c) for c in task["colors"]]  # type: ignore[misc]
-    return LoadedTask(model, info, with_task_bands(base.config, doc.get("bands")))
+    return LoadedTask(base.net, info, base.config)
 
 
 def class_table(info: TaskInfo) -> dict[str, str]:
