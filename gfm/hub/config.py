@@ -214,8 +214,13 @@ def _wavelength_of(desc: Any) -> dict[str, Any]:
     return {k: float(desc[k]) for k in ("center_nm", "fwhm_nm") if isinstance(desc.get(k), (int, float))}
 
 
-def _index_for_run(run_config: Mapping[str, Any]) -> tuple[dict[str, Any] | None, str]:
-    """The run's ``index.json`` document and where it was found (None and a reason when not found)."""
+def _index_for_run(run_config: Mapping[str, Any], where: str) -> tuple[dict[str, Any] | None, str]:
+    """The run's ``index.json`` document and where it was found (None and a reason for a run without shards).
+
+    Raises:
+        HubError: the run trained on shards whose index cannot be found (a moved or copied run; ``where``
+            names it): an export without their statistics could normalise nothing.
+    """
     data = run_config.get("data") or {}
     if data.get("source", "shards") != "shards":
         return None, f"data.source is {data.get('source')!r}"
@@ -227,8 +232,10 @@ def _index_for_run(run_config: Mapping[str, Any]) -> tuple[dict[str, Any] | None
         from gfm.data.sources import resolve_shards
 
         found = resolve_shards(str(spec), index)
-    except Exception as e:  # LoaderError and friends: report, let the caller ask for --index
-        return None, str(e).splitlines()[0]
+    except Exception as e:  # LoaderError and friends
+        raise HubError(f"{where}: the index.json of the shards it trained on cannot be found "
+                       f"({str(e).splitlines()[0]}); pass index=INDEX.json (those shards' index, or one of data "
+                       "from the same sensors) for the band statistics") from None
     return dict(found.index.raw), str(found.index.url)
 
 # ------------------------------------------------------------------------------------------------

@@ -122,14 +122,7 @@ def export(
     elif src.kind == "export":
         index_doc, index_url = None, ""
     else:
-        index_doc, index_url = _index_for_run(src.run_config)
-        data = src.run_config.get("data") or {}
-        if index_doc is None and data.get("source", "shards") == "shards" and (data.get("loader") or {}).get("shards"):
-            # trained on shards that are not where the run says (a moved or copied run): an export without
-            # their statistics cannot normalise anything, so ask for them instead of writing one
-            raise HubError(f"{src.describe()}: the index.json of the shards it trained on cannot be found "
-                           f"({index_url}); pass index=INDEX.json (those shards' index, or one of data from the "
-                           "same sensors) for the band statistics")
+        index_doc, index_url = _index_for_run(src.run_config, src.describe())
         if index_doc is None:
             note, index_url = index_url, ""
     config = dict(src.exported) if src.kind == "export" else hub_config(src, net, index_doc, index_url)
