@@ -225,7 +225,7 @@ def _resolve_path(given: Path) -> WeightsSource:
     raise HubError(f"{p}: not a run directory (no {WEIGHTS_NAME}, no checkpoints/), checkpoint or exported model")
 
 
-def load_checkpoint_state_dict(path: Path, meta: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
+def load_checkpoint_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Consolidated fp32 weights of a DeepSpeed checkpoint directory written at any ZeRO stage.
 
     Nothing in the checkpoint is unpickled as code: every file is read with ``torch.load(weights_only=True)``
@@ -233,8 +233,8 @@ def load_checkpoint_state_dict(path: Path, meta: Mapping[str, Any] | None = None
     other global is refused with one line naming the file. ZeRO 1-3 (and bf16, whose fp32 master weights
     live in the optimizer partitions) are consolidated by :func:`gfm.hub.zero.consolidate`, which gives
     DeepSpeed's own ``zero_to_fp32`` result bit for bit. ZeRO 0 without optimizer partitions keeps the
-    whole model in ``mp_rank_00_model_states.pt``. ``meta`` (the checkpoint's ``trainer.json``) is not
-    needed: the files say how they were partitioned.
+    whole model in ``mp_rank_00_model_states.pt``. The files say how they were partitioned: the
+    checkpoint's ``trainer.json`` is not needed.
     """
     from gfm.hub.zero import ZERO12_MODEL_STATES, consolidate, load_weights_only
 
@@ -256,5 +256,5 @@ def load_checkpoint_state_dict(path: Path, meta: Mapping[str, Any] | None = None
 def load_state_dict(source: WeightsSource) -> dict[str, torch.Tensor]:
     """The fp32 weights of a resolved source (an export stored in bf16 is upcast)."""
     if source.weights.is_dir():
-        return load_checkpoint_state_dict(source.weights, source.meta)
+        return load_checkpoint_state_dict(source.weights)
     return upcast(read_safetensors(source.weights))
