@@ -31,7 +31,7 @@ import bisect
 import os
 import random
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -188,14 +188,23 @@ class ShardSet:
     members: list[str | None] = field(default_factory=list)
     allow_pipe: bool = False
 
-    def missing(self) -> list[str]:
-        """The local shard files (no URL scheme) that do not exist: an ``index.json`` whose tars were moved."""
-        return [u for u in self.urls if _scheme(u) is None and not os.path.isfile(u)]
-
     @property
     def total(self) -> int:
         """Samples over all shards with a known count."""
         return sum(c for c in self.counts if c is not None)
+
+
+def absent_shards(shards: Sequence[str | os.PathLike[str]], index_url: str | os.PathLike[str]) -> str | None:
+    """One line naming the first shard file an ``index.json`` lists that is not there (None when all are).
+
+    Only local files are checked (URLs are the reader's business): an index whose tars were moved or not
+    copied with it.
+    """
+    missing = [str(u) for u in shards if _scheme(str(u)) is None and not os.path.isfile(u)]
+    if not missing:
+        return None
+    return (f"{missing[0]}: listed in {index_url} but not there ({len(missing)} of {len(shards)} shard(s) "
+            "missing); copy the shards together with their index.json")
 
 
 def resolve_shards(spec: str, index: str | None = None, *, allow_pipe: bool = False) -> ShardSet:

@@ -142,13 +142,12 @@ def read_tiles(shards: str, index: str | None = None) -> tuple[list[Tile], Any]:
     import webdataset as wds
 
     from gfm.data.decode import decode_sample
-    from gfm.data.sources import resolve_shards
+    from gfm.data.sources import absent_shards, resolve_shards
 
     found = resolve_shards(shards, index)
-    missing = found.missing()
-    if missing:
-        raise TaskDataError(f"{missing[0]}: listed in {found.index.url} but not there ({len(missing)} of "
-                            f"{len(found.urls)} shard(s) missing); copy the shards together with their index.json")
+    absent = absent_shards(found.urls, found.index.url)
+    if absent:
+        raise TaskDataError(absent)
     tiles = []
     for url in found.urls:
         # every rank reads every tile (the task set is small; ranks split the samples, not the shards)

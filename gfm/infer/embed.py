@@ -119,14 +119,14 @@ def iter_tiles(root: str | Path) -> Iterator[Tile]:
     """Every sample of a shard dataset, in ``index.json`` order, decoded under the tile schema."""
     from gfm import index as index_contract
     from gfm.data.decode import decode_sample
+    from gfm.data.sources import absent_shards
     from gfm.shards.verify import iter_samples
 
     root = Path(root)
     shards = [root / s.name for s in index_contract.read(root).shards] if root.is_dir() else [root]
-    missing = [s for s in shards if not s.is_file()]
-    if missing:
-        raise HubError(f"{missing[0]}: listed in {root / index_contract.INDEX_FILE} but not there ({len(missing)} of "
-                       f"{len(shards)} shard(s) missing); copy the shards together with their index.json")
+    absent = absent_shards(shards, root / index_contract.INDEX_FILE)
+    if absent:
+        raise HubError(absent)
     for shard in shards:
         for sample in iter_samples(shard):
             yield decode_sample(sample)
