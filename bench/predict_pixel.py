@@ -9,9 +9,12 @@ patches and spectral patches of 25 bands (the shipped recipe) on a 200-band AVIR
 smoothing 5, random weights: the benchmark measures the predictor, not the model.
 
 The window path costs about ``window²`` times the dense path's encoder work, so the expected speedup is of
-that order (49 at window 7), less what both share (reading, writing). Agreement is the share of pixels with
-the same class in both maps (they compute the same probabilities; float sums differ in order only). The last
-line is ``RESULT dense_speedup=... agreement=...``.
+that order (49 at window 7), less what both share (reading, writing). A third row, ``dense-ps``, runs the
+dense path with the per-sample work the model did before 2026-12-07 (patch weights generated per pixel, one
+column product per pixel in the pools), so the gain of the batched paths is measured in the same run.
+Agreement is the share of pixels with the same class in the dense and window maps (they compute the same
+probabilities; float sums differ in order only). The last line is ``RESULT dense_speedup=...
+fast_paths_speedup=... dense_px_per_s=... agreement=...``.
 
 Run: ``python -m bench.predict_pixel`` (``--size``: scene side, default 24, the window path takes minutes).
 ``--threads``: torch threads.
@@ -20,9 +23,11 @@ Run: ``python -m bench.predict_pixel`` (``--size``: scene side, default 24, the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +56,28 @@ def write_scene(path: Path, size: int) -> list[str]:
     with rasterio.open(path, "w", **profile) as ds:
         ds.write(data.clip(1, 60000).astype("uint16"))
     return names
+
+
+@contextlib.contextmanager
+def per_sample_paths(enabled: bool) -> Iterator[None]:
+    """With ``enabled``, run the model's per-pixel work as it ran before the batched paths (the comparison row).
+
+    The spectral patch weights are generated for every slot of every sample (``SpectralPatchEmbed.weights``
+    instead of ``slot_weights``) and the summary pools multiply each sample's columns in its own call.
+    """
+    if not enabled:
+        yield
+        return
+    from gfm.model import attention
+    from gfm.model.embed import SpectralPatchEmbed
+
+    threshold, slot_weights = attention._BATCHED_GRID_ELEMENTS, SpectralPatchEmbed.slot_weights
+    attention._BATCHED_GRID_ELEMENTS = 0
+    SpectralPatchEmbed.slot_weights = SpectralPatchEmbed.weights  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        attention._BATCHED_GRID_ELEMENTS, SpectralPatchEmbed.slot_weights = threshold, slot_weights  # type: ignore[method-assign]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,11 +117,14 @@ def main(argv: list[str] | None = None) -> int:
                         num_bands=len(names))
         opts = PredictOptions(tile=32, block=256, progress=False, overwrite=True)
         timings = {}
-        for name, predictor in (("dense", DensePixelPredictor(model, info, batch_size=1024)),
-                                ("windows", PixelPredictor(model, info, batch_size=64))):
-            t0 = time.perf_counter()
-            report = predict_scene(scene, predictor, bands, Path(tmp) / f"{name}.tif", opts)
-            timings[name] = (time.perf_counter() - t0, report.forwards)
+        runs = (("dense", DensePixelPredictor(model, info, batch_size=1024), False),
+                ("dense-ps", DensePixelPredictor(model, info, batch_size=1024), True),
+                ("windows", PixelPredictor(model, info, batch_size=64), False))
+        for name, predictor, per_sample in runs:
+            with per_sample_paths(per_sample):
+                t0 = time.perf_counter()
+                report = predict_scene(scene, predictor, bands, Path(tmp) / f"{name}.tif", opts)
+                timings[name] = (time.perf_counter() - t0, report.forwards)
         with rasterio.open(Path(tmp) / "dense.tif") as a, rasterio.open(Path(tmp) / "windows.tif") as b:
             agreement = float((a.read(1) == b.read(1)).mean())
     load = os.getloadavg()[0]
@@ -103,11 +133,15 @@ def main(argv: list[str] | None = None) -> int:
           f"({rows} token rows), dense head, window 7, smooth 5, tile 32, {args.threads} thread(s), "
           f"load average {load:.2f}")
     print(f"{'predictor':>10} {'s':>8} {'px/s':>9} {'forwards':>9} {'vs windows':>10}")
-    for name in ("dense", "windows"):
+    for name in ("dense", "dense-ps", "windows"):
         s, forwards = timings[name]
         print(f"{name:>10} {s:>8.2f} {px / s:>9.0f} {forwards:>9} {timings['windows'][0] / s:>9.1f}x")
+    print("# dense-ps: the dense path with the per-sample paths the model had before 2026-12-07 (patch weights "
+          "generated for every pixel, the pools' column products one call per pixel)")
     speedup = timings["windows"][0] / timings["dense"][0]
-    print(f"RESULT dense_speedup={speedup:.1f} agreement={agreement:.4f}")
+    fast_paths = timings["dense-ps"][0] / timings["dense"][0]
+    print(f"RESULT dense_speedup={speedup:.1f} fast_paths_speedup={fast_paths:.2f} "
+          f"dense_px_per_s={px / timings['dense'][0]:.0f} agreement={agreement:.4f}")
     return 0
 
 

@@ -74,3 +74,27 @@ class Batch:
         """A copy with every tensor in pinned memory (called by DataLoader with ``pin_memory=True``)."""
         pinned: dict[str, Any] = {k: v.pin_memory() for k, v in self.tensors().items()}
         return replace(self, **pinned)
+
+
+def pixels_as_samples(batch: Batch, where: torch.Tensor | None = None) -> Batch:
+    """Every pixel of ``batch`` as a one-pixel sample: ``[B, C, H, W]`` → ``[B·H·W, C, 1, 1]``.
+
+    Per-observation and per-tile fields are repeated for each pixel of their tile (row-major order).
+    ``where`` (flat indices into the ``B·H·W`` pixels) keeps only those pixels, in that order.
+    """
+    B, C, H, W = batch.pixels.shape
+    tile = torch.arange(B, device=batch.pixels.device).repeat_interleave(H * W)
+    if where is not None:
+        tile = tile[where]
+
+    def each(t: torch.Tensor) -> torch.Tensor:
+        return t[tile]
+
+    def flat(t: torch.Tensor) -> torch.Tensor:
+        out = t.permute(0, 2, 3, 1).reshape(B * H * W, C, 1, 1)
+        return out if where is None else out[where]
+
+    return Batch(pixels=flat(batch.pixels), wavelength=each(batch.wavelength), bandwidth=each(batch.bandwidth),
+                 kind=each(batch.kind), time=each(batch.time), valid=flat(batch.valid), gsd=each(batch.gsd),
+                 lonlat=None if batch.lonlat is None else each(batch.lonlat),
+                 sensor=None if batch.sensor is None else each(batch.sensor))

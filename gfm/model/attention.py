@@ -339,13 +339,28 @@ def _columns(x: torch.Tensor, b: int) -> torch.Tensor:
     return x[b].transpose(0, 1)
 
 
+#: per-sample grids of fewer elements than this are read column-major through one batched product (a copy
+#: of the grid) rather than one strided product per sample: at ~15 µs a call, the per-sample loop costs more
+#: than the copy below ~2^15 elements (measured on this 2-core CPU: a batch of 1,024 one-pixel grids, 3 × 2
+#: tokens of width 192, runs the pools 1.6x faster batched; 32 grids of 9 × 65 tokens 1.25x faster per sample)
+_BATCHED_GRID_ELEMENTS = 2**15
+
+
+def _batched(x: torch.Tensor) -> bool:
+    return x.shape[1] * x.shape[2] * x.shape[3] < _BATCHED_GRID_ELEMENTS
+
+
 def _columns_times(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """Per column, the grid's column times a matrix: ``[B, C+1, N+1, D]``, ``[B, N+1, D, k]`` → ``[B, N+1, C+1, k]``."""
+    if _batched(x):
+        return torch.matmul(x.transpose(1, 2), m)
     return torch.stack([torch.bmm(_columns(x, b), m[b]) for b in range(x.shape[0])])
 
 
 def _times_columns(m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Per column, a matrix times the grid's column: ``[B, N+1, k, C+1]``, ``[B, C+1, N+1, D]`` → ``[B, N+1, k, D]``."""
+    if _batched(x):
+        return torch.matmul(m, x.transpose(1, 2))
     return torch.stack([torch.bmm(m[b], _columns(x, b)) for b in range(x.shape[0])])
 
 

@@ -266,6 +266,20 @@ class SpectralPatchEmbed(Float64Buffers):
         w = self.generator(torch.cat([f_wl, f_bw], dim=-1).to(self.bias.dtype))
         return torch.where(wl_ok[..., None], w, self.unknown_weight.to(w.dtype))
 
+    def slot_weights(self, wavelength: torch.Tensor, bandwidth: torch.Tensor) -> torch.Tensor:
+        """:meth:`weights` of ``[B, S]`` slots, generated once per distinct ``(wavelength, bandwidth)``.
+
+        The samples of a batch mostly share their bands (a tile's pixels as one-pixel samples all do), so
+        the generator runs on the distinct pairs only and the result is gathered back: the same numbers,
+        for a generator cost that no longer grows with the batch.
+        """
+        unknown = torch.full_like(wavelength, -1.0)  # every unknown value alike (NaN never equals itself)
+        pairs = torch.stack([torch.where(known(wavelength), wavelength, unknown),
+                             torch.where(known(bandwidth), bandwidth, unknown)], dim=-1).reshape(-1, 2)
+        distinct, inverse = torch.unique(pairs, dim=0, return_inverse=True)
+        w = self.weights(distinct[:, 0], distinct[:, 1])
+        return w[inverse].reshape(*wavelength.shape, w.shape[-1])
+
     def forward(
         self, pixels: torch.Tensor, wavelength: torch.Tensor, bandwidth: torch.Tensor, filled: torch.Tensor
     ) -> torch.Tensor:
@@ -274,7 +288,7 @@ class SpectralPatchEmbed(Float64Buffers):
         ``wavelength``, ``bandwidth``, ``filled: [B, G·s]`` describe each slot (empty slots: ``filled`` False).
         """
         s, q = self.spectral_patch, self.patch_size * self.patch_size
-        w = self.weights(wavelength, bandwidth) * filled[..., None]  # empty slots weigh nothing
+        w = self.slot_weights(wavelength, bandwidth) * filled[..., None]  # empty slots weigh nothing
         w = rearrange(w, "b (g s) (q d) -> b g (s q) d", s=s, q=q)
         x = patchify(pixels, self.patch_size, s)  # [B, G, N, s·p²]
         count = rearrange(filled, "b (g s) -> b g s", s=s).sum(-1).clamp(min=1)  # [B, G]

@@ -368,31 +368,44 @@ class LESSViT(nn.Module):
         return -(-num_obs // s), -(-H // p) * -(-W // p)
 
     def flops_tokens(self, rows: int, positions: int, with_embed: bool = True) -> int:
-        """Forward matmul FLOPs of one sample with ``rows`` token rows and ``positions`` positions."""
+        """Forward matmul FLOPs of one sample with ``rows`` token rows and ``positions`` positions.
+
+        The embedding's share excludes the spectral patch weights' generator, which runs once per batch
+        (:meth:`generator_flops`).
+        """
         flops = sum(block.flops(rows + 1, positions + 1) for block in self.blocks)  # type: ignore[operator]
         if with_embed:
             flops += self.embed_flops(rows, positions)
         return flops
 
     def embed_flops(self, rows: int, positions: int) -> int:
-        """Forward matmul FLOPs of the patch and positional-channel embeddings of one sample."""
-        if isinstance(self.patch_embed, SpectralPatchEmbed):
-            patches = self.patch_embed.flops(rows * positions, rows * self.spectral_patch)
-        else:
-            patches = self.patch_embed.flops(rows * positions)
-        return patches + self.pos_chan_embed.flops(rows)
+        """Forward matmul FLOPs of the patch and positional-channel embeddings of one sample (generator aside)."""
+        return self.patch_embed.flops(rows * positions) + self.pos_chan_embed.flops(rows)
+
+    def generator_flops(self, num_obs: int) -> int:
+        """Forward FLOPs of making the spectral patch weights of a batch whose samples share their bands.
+
+        :meth:`SpectralPatchEmbed.slot_weights` runs the generator once per distinct band: ``num_obs`` of
+        them, plus one for the empty slots that pad the last group. 0 for a linear patch embedding.
+        """
+        if not isinstance(self.patch_embed, SpectralPatchEmbed):
+            return 0
+        rows = -(-num_obs // self.spectral_patch)
+        distinct = num_obs + (rows * self.spectral_patch > num_obs)
+        return self.patch_embed.flops(0, distinct)
 
     def flops(self, batch_size: int, num_obs: int, img_size: int | tuple[int, int]) -> int:
         """Analytic forward FLOPs (matmuls and attention, 2 per multiply-add) of a batch.
 
         Elementwise work (norms, activations, softmax) is left out, as in MFU accounting; a
-        training step costs about 3× this.
+        training step costs about 3× this. The samples are taken to share their bands (as a batch of
+        one sensor does: the spectral patch weights are made once, :meth:`generator_flops`).
         """
         rows, positions = self.grid_size(num_obs, img_size)
         flops = self.flops_tokens(rows, positions)
         if isinstance(self.head, nn.Linear):
             flops += 2 * self.head.in_features * self.head.out_features
-        return batch_size * flops
+        return batch_size * flops + self.generator_flops(num_obs)
 
     def num_params(self) -> int:
         """Number of parameters."""

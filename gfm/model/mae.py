@@ -37,7 +37,7 @@ from einops import repeat
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from gfm.batch import Batch
+from gfm.batch import Batch, pixels_as_samples
 from gfm.model.attention import Block, make_grid_mask
 from gfm.model.embed import PosChanEmbed, SpectralGroups, patchify, unpatchify
 from gfm.model.encoder import Inputs, LESSViT, Tokens, as_batch, init_module_weights
@@ -235,6 +235,11 @@ class HyperMAE(nn.Module):
         loss_group_weights: weight per :data:`LOSS_GROUPS` name (missing names weigh 1).
         metadata_dropout: probability of hiding each kind of metadata during training
             (:data:`METADATA_DROPOUT` keys; missing keys take its defaults).
+        context: ``"tile"`` (each tile a sample: hidden positions and rows) or ``"pixel"`` (each valid pixel
+            of a tile its own one-position sample, :func:`gfm.batch.pixels_as_samples`: only rows are
+            hidden, and the model learns to infer a pixel's hidden bands from the bands it shows). Pixel
+            context is the regime of per-pixel fine-tuning (``head.context: pixel``), whose encoder sees
+            each pixel alone.
     """
 
     def __init__(
@@ -254,8 +259,12 @@ class HyperMAE(nn.Module):
         loss_balance: str = "group",
         loss_group_weights: Mapping[str, float] | None = None,
         metadata_dropout: Mapping[str, float] | None = None,
+        context: str = "tile",
     ) -> None:
         super().__init__()
+        if context not in ("tile", "pixel"):
+            raise ValueError(f"context must be 'tile' or 'pixel', got {context!r}")
+        self.context = context
         if not (0.0 <= mask_ratio < 1.0 and 0.0 <= obs_mask_ratio < 1.0):
             raise ValueError(f"mask ratios must lie in [0, 1), got {mask_ratio} and {obs_mask_ratio}")
         if loss_balance not in ("group", "pixel"):
@@ -439,6 +448,8 @@ class HyperMAE(nn.Module):
         batch = as_batch(batch)
         if self.training and any(p > 0 for p in self.metadata_dropout.values()):
             batch = drop_metadata(batch, self.metadata_dropout, generator)
+        if self.context == "pixel":
+            batch = pixels_as_samples(batch, torch.nonzero(batch.valid.any(1).flatten()).squeeze(1))
         tokens = self.encoder.embed(batch)
         latent, obs_keep, pos_keep = self.forward_encoder(tokens, generator)
         pred = self.forward_decoder(latent, obs_keep, pos_keep, tokens)
@@ -490,9 +501,13 @@ class HyperMAE(nn.Module):
         """Analytic forward FLOPs (matmuls and attention) of one masked forward of a batch.
 
         The encoder embeds the full grid but runs its blocks on the visible grid only; the decoder
-        runs on the full grid. A training step costs about 3× this.
+        runs on the full grid. A training step costs about 3× this. The samples are taken to share their
+        bands (``LESSViT.generator_flops``).
         """
         enc = self.encoder
+        if self.context == "pixel":  # every pixel its own sample (an upper bound: invalid pixels are left out)
+            H, W = (img_size, img_size) if isinstance(img_size, int) else img_size
+            batch_size, img_size = batch_size * H * W, 1
         rows, positions = enc.grid_size(num_obs, img_size)
         keep_rows, keep_pos = self.keep_counts(rows, positions)
         flops = enc.embed_flops(rows, positions)
@@ -502,4 +517,4 @@ class HyperMAE(nn.Module):
         flops += self.decoder_pos_chan_embed.flops(rows)
         flops += sum(block.flops(rows + 1, positions + 1) for block in self.decoder_blocks)  # type: ignore[operator]
         flops += 2 * rows * positions * dim_dec * self.decoder_pred.out_features
-        return batch_size * flops
+        return batch_size * flops + enc.generator_flops(num_obs)

@@ -119,7 +119,7 @@ _DECODERS: dict[str, dict[str, Any]] = {
 _MAE_ARGS = frozenset(
     {"decoder_dim", "decoder_depth", "decoder_num_heads", "decoder_rank", "decoder_spectral_head_dim",
      "decoder_perception_radius_m", "mask_ratio", "obs_mask_ratio", "min_obs_keep", "norm_pix_loss",
-     "loss_balance", "loss_group_weights", "metadata_dropout"}
+     "loss_balance", "loss_group_weights", "metadata_dropout", "context"}
 )
 
 
@@ -274,6 +274,8 @@ class ModelConfig:
             ``quality``; missing = 1).
         metadata_dropout: probability per kind of metadata (``location``, ``time``, ``gsd``,
             ``bandwidth``) of hiding it from a pretraining sample (missing = the default).
+        context: HyperMAE ``tile`` (default) or ``pixel``: each valid pixel its own sample, only token rows
+            hidden (the regime of per-pixel fine-tuning; ``HyperMAE`` says more).
         num_classes: encoder CLS head classes, 0 = none (ignored by HyperMAE).
     """
 
@@ -306,6 +308,7 @@ class ModelConfig:
     loss_balance: str | None = None
     loss_group_weights: dict[str, float] | None = None
     metadata_dropout: dict[str, float] | None = None
+    context: str | None = None
     num_classes: int = 0
 
     def validate(self) -> None:
@@ -321,6 +324,8 @@ class ModelConfig:
                 raise ValueError(f"{key}: must lie in [0, 1), got {value}")
         if self.patch_embed not in (None, "linear", "spectral"):
             raise ValueError(f"patch_embed: expected 'linear' or 'spectral', got {self.patch_embed!r}")
+        if self.context not in (None, "tile", "pixel"):
+            raise ValueError(f"context: expected 'tile' or 'pixel', got {self.context!r}")
         if self.loss_balance not in (None, "group", "pixel"):
             raise ValueError(f"loss_balance: expected 'group' or 'pixel', got {self.loss_balance!r}")
         unknown = sorted(set(self.loss_group_weights or {}) - set(LOSS_GROUPS))
