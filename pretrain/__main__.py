@@ -29,7 +29,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Load the config (exit 2 with one line on a config error), then run: 0 done, 3 stopped by the guard."""
+    """Load the config and run: 0 done, 2 (one line) on a config or data error, 3 stopped by the guard."""
     args = parse_args(argv)
     from gfm.train.config import TrainConfig
 
@@ -47,9 +47,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(dump_yaml(cfg), end="")
         return 0
 
+    from gfm.data import LoaderError
     from gfm.train import run_guarded
 
-    return run_guarded(cfg, prog="gfm pretrain")
+    try:
+        return run_guarded(cfg, prog="gfm pretrain")
+    except ConfigError as e:  # found once the run starts: init_weights that do not fit the model
+        print(f"gfm pretrain: config error: {e}", file=sys.stderr)
+        return 2
+    except LoaderError as e:  # shards that cannot feed the batches asked for
+        print(f"gfm pretrain: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

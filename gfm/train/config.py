@@ -163,6 +163,11 @@ class TrainConfig:
         run_dir: where the resolved config, DeepSpeed JSON, metrics, pictures and checkpoints go.
         steps: optimizer steps to train for.
         seed: seeds parameters, masking and the synthetic stream.
+        init_weights: continued pretraining: start the model from these weights instead of random ones
+            (a shipped model's short name, a pretraining run, checkpoint, ``model.safetensors``, export or
+            Hub id, as ``encoder.weights`` of fine-tuning takes them). The architecture must be the same
+            (a strict load; masking and loss settings may differ); the optimizer, schedule and step
+            counter start fresh. A resumed run takes its weights from its checkpoint instead.
         data: the batches (:class:`DataConfig`).
         model: the model and its masking (``gfm.model.registry.ModelConfig``: ``mask_ratio``,
             ``obs_mask_ratio``; ``grad_checkpointing`` is activation checkpointing); ``name`` must be a
@@ -176,6 +181,7 @@ class TrainConfig:
     run_dir: str = "runs/default"
     steps: int = 1000
     seed: int = 0
+    init_weights: str = ""
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -192,5 +198,16 @@ class TrainConfig:
         known = list_models()
         if self.model.name not in known:
             raise ConfigError(f"model.name: unknown model {self.model.name!r} (known: {', '.join(known)})")
+        if self.init_weights:
+            from gfm.hub.base import HubError
+            from gfm.pretrained import resolve
+
+            try:
+                resolve(self.init_weights)
+            except HubError as e:
+                raise ConfigError(f"init_weights: {e}") from None
+        if self.model.context == "pixel" and self.logging.images_every:
+            raise ConfigError("logging.images_every: reconstruction pictures show tiles, but model.context=pixel "
+                              "makes every pixel its own sample; set logging.images_every=0")
         if self.schedule.warmup_steps > self.steps:
             raise ConfigError(f"schedule.warmup_steps: {self.schedule.warmup_steps} exceeds steps={self.steps}")

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from gfm import distributed as gdist
-from gfm.config import save_yaml
+from gfm.config import ConfigError, save_yaml
 from gfm.train.checkpoint import resolve_resume
 from gfm.train.config import TrainConfig
 from gfm.train.module import TrainModule
@@ -32,6 +32,38 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def load_init_weights(model: nn.Module, weights: str) -> str:
+    """Load ``weights`` (any source :func:`gfm.hub.sources.resolve_source` knows) into ``model``, strictly.
+
+    Continued pretraining: the model must have the architecture the weights were saved from. Returns one
+    line saying what was loaded.
+
+    Raises:
+        ConfigError: the weights cannot be read, or do not fit ``model`` (missing, unexpected and
+            mis-shaped keys are listed), naming ``init_weights``.
+    """
+    from gfm.hub.base import HubError  # the submodules, not the package face: gfm.hub's adapters reach finetune
+    from gfm.hub.sources import load_state_dict, resolve_source
+
+    try:
+        source = resolve_source(weights)
+        state = load_state_dict(source)
+    except HubError as e:
+        raise ConfigError(f"init_weights: {e}") from None
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or shapes:
+        parts = [f"{len(v)} {what}: {', '.join(v[:4])}{' ...' if len(v) > 4 else ''}"
+                 for what, v in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)) if v]
+        raise ConfigError(f"init_weights: {weights} does not fit model {model.__class__.__name__} "
+                          f"({'; '.join(parts)}); the model section must describe the weights' architecture")
+    model.load_state_dict(state, strict=True)
+    step = f", step {source.step}" if source.step is not None else ""
+    return f"init: {len(state)} tensors from {source.describe()} ({source.kind}{step})"
 
 
 def run(
@@ -74,6 +106,8 @@ def run(
     seed_everything(cfg.seed)
     if model is None:
         model = cfg.model.build()
+    if cfg.init_weights and resume_path is None:
+        gdist.print0(load_init_weights(model, cfg.init_weights))
     n_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
     module = TrainModule(model, cfg, load_universal=universal)
     module.write_deepspeed_config(run_dir)
