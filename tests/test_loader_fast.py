@@ -358,3 +358,12 @@ def test_torch_sees_one_storage_per_batch(built: Path) -> None:
     storages = {t.untyped_storage().data_ptr() for t in batch.tensors().values()}
     assert len(storages) == 1 and batch.pixels.dtype == torch.float32
     loader.close()
+
+
+def test_a_stream_too_short_for_one_batch_names_samples_per_epoch(built: Path) -> None:
+    # 49 tiles over 2 ranks cannot fill batches of 32; the message names the default and what it ignores
+    with pytest.raises(LoaderError, match=r"no full batch: samples_per_epoch=49 over 2 ranks.*a larger "
+                                          r"samples_per_epoch \(default: the index's 49 samples, not counting "
+                                          r"oversample\)"):
+        cfg(built, mode="resampled", batch_size=32, oversample={"synth": 4}).build(0, 2)
+    assert cfg(built, mode="resampled", batch_size=32, samples_per_epoch=128).build(0, 2).batches_per_epoch == 2

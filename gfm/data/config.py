@@ -207,9 +207,13 @@ class LoaderConfig:
             per_slot = wanted // (slots * self.batch_size)
             what = f"samples_per_epoch={wanted} over {world_size} ranks × {workers} workers"
         if per_slot < 1:
+            hint = " or mode='resampled'" if exact else ""
+            if not exact and self.samples_per_epoch is None:
+                hint += (f", or a larger samples_per_epoch (default: the index's {idx.samples} samples"
+                         + (", not counting oversample" if self.oversample else "") + ")")
             raise LoaderError(
                 f"rank {rank} would get no full batch: {what}, batch_size={self.batch_size}; use fewer "
-                "ranks or workers, a smaller batch, more data" + (" or mode='resampled'" if exact else "")
+                f"ranks or workers, a smaller batch, more data{hint}"
             )
         if exact:
             dropped = shards.total - per_slot * self.batch_size * slots
