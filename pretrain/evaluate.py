@@ -47,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from gfm.hub.base import HubError  # the submodules, not the package: gfm.hub's adapters reach fine-tuning
     from gfm.hub.sources import load_state_dict, resolve_source
     from gfm.index import read as read_index
-    from gfm.model import ModelConfig
+    from gfm.model import HyperMAE, ModelConfig
     from gfm.train.heldout import heldout_reconstruction, table, write_table
     from gfm.train.pictures import render
 
@@ -57,6 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         model.load_state_dict(load_state_dict(source), strict=True)
         if not hasattr(model, "tile_mean_loss"):
             raise SystemExit(f"pretrain.evaluate: {a.model} is not a pretraining (HyperMAE) model")
+        if isinstance(model, HyperMAE) and model.context == "pixel":  # the tile-mean reference and pictures need tiles
+            print("pretrain.evaluate: the model was pretrained in pixel context; evaluated on whole tiles")
+            model.context = "tile"
         loader = LoaderConfig(shards=a.heldout, norm_index=a.norm_index, mode="epoch", batch_size=a.batch_size,
                               num_workers=0, crop_size=a.crop or None, hflip=False, vflip=False, rot90=False,
                               shuffle_buffer=0, seed=a.seed).build(0, 1)
@@ -74,17 +77,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_table(report, out, {"model": str(a.model), "step": source.step, "heldout": a.heldout})
         print(f"wrote {out}")
     if a.pictures:
-        seen: set[int] = set()
+        seen: set[tuple[str, int]] = set()
+        named: set[str] = set()
         generator = torch.Generator().manual_seed(a.seed)
         for batch in loader:
-            if batch.pixels.shape[1] in seen:
-                continue
-            seen.add(batch.pixels.shape[1])
             sensors = "+".join(sorted({names.get(int(c), "?") for c in batch.sensor[0].tolist()})) \
                 if batch.sensor is not None else "unknown"
+            bands = batch.pixels.shape[1]
+            if (sensors, bands) in seen:
+                continue
+            seen.add((sensors, bands))
+            # one picture per sensor set and band count: a second band set of a sensor (Landsat's 3 and 11
+            # bands) gets its count in the name instead of overwriting the first
+            name = f"heldout_{sensors}.png" if sensors not in named else f"heldout_{sensors}_{bands}bands.png"
+            named.add(sensors)
             with torch.no_grad():
                 out_batch = model(batch, generator)
-            path = render(batch, out_batch, Path(a.pictures) / f"heldout_{sensors}.png", source.step or 0)
+            path = render(batch, out_batch, Path(a.pictures) / name, source.step or 0)
             print(f"wrote {path}")
     return 0
 
