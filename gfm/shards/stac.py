@@ -130,10 +130,9 @@ def _scene(item: Any, base: str, wanted: Sequence[str] | None, out: StacScenes) 
             raise InputError(f"{where}: none of its assets ({', '.join(k for k, _ in chosen)}) is a band of "
                              f"{preset.name}; choose them with {{assets}}", assets=None)
     else:
-        sensor = _own_sensor(item, chosen, where, out)
-        for key, asset in chosen:
-            names = [b.name for b in _asset_bands(item, key, asset, sensor.name, where)]
-            files.append(FileSpec(_href(item, asset, base), sensor.name, names, _nodata(asset)))
+        sensor, per_asset = _own_sensor(item, chosen, where, out)
+        for (_, asset), bands in zip(chosen, per_asset):
+            files.append(FileSpec(_href(item, asset, base), sensor.name, [b.name for b in bands], _nodata(asset)))
     return SceneSpec(id=item.id, dates=[DateSpec(date, files)])
 
 
@@ -280,14 +279,19 @@ def _asset_bands(item: Any, key: str, asset: Any, sensor: str, where: str) -> li
     return bands
 
 
-def _own_sensor(item: Any, chosen: list[tuple[str, Any]], where: str, out: StacScenes) -> Sensor:
-    """The sensor the chosen assets describe, registered as ``stac_<collection>`` (the same for every item)."""
+def _own_sensor(
+    item: Any, chosen: list[tuple[str, Any]], where: str, out: StacScenes
+) -> tuple[Sensor, list[list[Band]]]:
+    """The sensor the chosen assets describe, and each chosen asset's bands.
+
+    The sensor is registered as ``stac_<collection>``, the same for every item.
+    """
     label = item.collection_id or item.properties.get("constellation") or item.properties.get("platform") or "items"
     name = "stac_" + (re.sub(r"[^A-Za-z0-9]+", "_", str(label)).strip("_").lower() or "items")
-    bands: list[Band] = []
+    per_asset = [_asset_bands(item, key, asset, name, where) for key, asset in chosen]
+    bands = [b for asset_bands in per_asset for b in asset_bands]
     scales: set[tuple[float, float]] = set()
-    for key, asset in chosen:
-        bands += _asset_bands(item, key, asset, name, where)
+    for _, asset in chosen:
         for rb in _raster_bands(asset):
             scales.add((float(rb.get("scale", 1.0)), float(rb.get("offset", 0.0))))
     if len(scales) > 1:
@@ -309,5 +313,5 @@ def _own_sensor(item: Any, chosen: list[tuple[str, Any]], where: str, out: StacS
         out.sensors[name] = sensor
         out.notices.append(f"notice: sensor {name} described by the STAC items' eo:bands ({len(bands)} bands: "
                            f"{', '.join(b.name for b in bands)})")
-    return sensor
+    return sensor, per_asset
 
