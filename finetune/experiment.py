@@ -398,9 +398,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     shared = Path(a.shared).resolve()  # the manifests written under --out name files by absolute path
     curve = (curve_rows(Path(a.pretrain_run), [int(s) for s in a.curve_steps.split(",")])
              if a.pretrain_run and "indian_pines" in names else [])
+    # the Indian Pines rows beyond the task's own: the curve's checkpoints, and the adapted encoder
+    weighted = [(row, ckpt) for _, row, ckpt in curve]
     if a.adapted and "indian_pines" in names:
-        curve.append((-1, ADAPTED, str(Path(a.adapted).resolve())))
-    extra = {"indian_pines": [row for _, row, _ in curve]}
+        weighted.append((ADAPTED, str(Path(a.adapted).resolve())))
+    extra = {"indian_pines": [row for row, _ in weighted]}
     only = {r.strip() for r in a.rows.split(",")} if a.rows else None
 
     def chosen(row: Row) -> bool:
@@ -425,19 +427,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                     if chosen(row):
                         run_row(out, task, row, shards, seed, a.encoder)
                 if task.name == "indian_pines":
-                    for _, row, ckpt in curve:
+                    for row, weights in weighted:
                         if chosen(row):
-                            run_row(out, task, row, shards, seed, ckpt)
+                            run_row(out, task, row, shards, seed, weights)
         print(f"experiment done in {time.time() - t0:.0f} s")
         gdist.destroy()
     results = collect(out, tasks, extra)
     summary = summarize(results)
     points = []
     ip = summary.get("indian_pines", {})
-    if a.pretrain_run and curve and "scratch + lora" in ip and "pretrained + lora" in ip:
+    if curve and "scratch + lora" in ip and "pretrained + lora" in ip:
         final = _final_step(Path(a.pretrain_run))
         points = [(0, *ip["scratch + lora"]["oa"])]
-        points += [(s, *ip[row.name]["oa"]) for s, row, _ in curve if row.name in ip and s >= 0]
+        points += [(s, *ip[row.name]["oa"]) for s, row, _ in curve if row.name in ip]
         if final is not None:
             points.append((final, *ip["pretrained + lora"]["oa"]))
     text = "\n\n".join(table(t, summary.get(t.name, {}), results.get(t.name, {})) for t in tasks)
