@@ -78,7 +78,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"wrote {out}")
     if a.pictures:
         seen: set[tuple[str, int]] = set()
-        named: set[str] = set()
         generator = torch.Generator().manual_seed(a.seed)
         for batch in loader:
             sensors = "+".join(sorted({names.get(int(c), "?") for c in batch.sensor[0].tolist()})) \
@@ -86,11 +85,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             bands = batch.pixels.shape[1]
             if (sensors, bands) in seen:
                 continue
-            seen.add((sensors, bands))
             # one picture per sensor set and band count: a second band set of a sensor (Landsat's 3 and 11
             # bands) gets its count in the name instead of overwriting the first
-            name = f"heldout_{sensors}.png" if sensors not in named else f"heldout_{sensors}_{bands}bands.png"
-            named.add(sensors)
+            first = all(s != sensors for s, _ in seen)
+            name = f"heldout_{sensors}.png" if first else f"heldout_{sensors}_{bands}bands.png"
+            seen.add((sensors, bands))
             with torch.no_grad():
                 out_batch = model(batch, generator)
             path = render(batch, out_batch, Path(a.pictures) / name, source.step or 0)

@@ -390,7 +390,7 @@ class LESSViT(nn.Module):
         """
         if not isinstance(self.patch_embed, SpectralPatchEmbed):
             return 0
-        rows = -(-num_obs // self.spectral_patch)
+        rows = self.grid_size(num_obs, 1)[0]
         distinct = num_obs + (rows * self.spectral_patch > num_obs)
         return self.patch_embed.flops(0, distinct)
 
