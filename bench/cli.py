@@ -11,6 +11,7 @@ BENCHES = {
     "loader": "loader: raw tar vs gfm pipeline (0/1/2 workers) vs rasterio windows per sample",
     "torchgeo": "loader vs torchgeo (RasterDataset + RandomGeoSampler) on one Sentinel-2 scene: GeoTIFF, JPEG 2000",
     "model": "LESS vs dense joint attention: time and peak memory over C",
+    "paths": "the LESS block's reference path (what CUDA runs) vs the CPU fast paths, by grid size",
     "train": "training step: samples/s, FLOP utilisation, 1 vs 2 ranks, LESS vs dense, eager vs compiled",
     "gpu": "the prepared GPU check (<= 8 min on one GPU; --dry on CPU): NCCL/ZeRO path, MFU, LESS vs dense, loader",
     "finetune": "fine-tuning step: time and peak memory of LoRA vs full fine-tuning",

@@ -19,6 +19,8 @@ observations. Rows:
   a CPU): the ``less`` row with ``forward_features`` through ``torch.compile`` (inductor), what
   ``engine.compile`` does in training. Its time is taken after two compiling steps; its peak memory is
   not reported (the compiler's own high-water mark hides the step's on the CPU);
+- ``less-ref``: the ``less`` row on the reference path of :mod:`gfm.model.attention` (CPU fast paths of
+  :mod:`gfm.model.fused` off; what CUDA runs): the fast paths' gain on this machine shows;
 - ``less-mkl`` (only when named in ``--rows``): the ``less`` row with PyTorch's oneDNN paths off
   (``torch.backends.mkldnn.enabled = False``), so the MLP's products run through ``F.linear``'s BLAS
   (MKL on x86) instead of oneDNN's kernel: the kernel's share of the ``less`` time shows;
@@ -48,13 +50,15 @@ mem_ratio_c200=... growth_13_200=... flops_growth_13_200=... rank8_cost_c200=...
 authors_time_c200=... authors_mem_c200=...
 authors_time_c13=... authors_mem_c13=... authors_vs_compiled_c13=... authors_vs_compiled_c200=...
 authors_src_time_c13=... authors_src_time_c200=... authors_src_mem_c13=... authors_src_mem_c200=...
-onednn_gain_c13=... onednn_gain_c200=... shared_authors_time_c13=... shared_authors_time_c200=...
-shared_authors_src_time_c13=... shared_authors_src_time_c200=... shared_onednn_gain_c13=...
-shared_onednn_gain_c200=...``
+onednn_gain_c13=... onednn_gain_c200=... fused_gain_c4=... fused_mem_c4=... (and c13, c200)
+shared_authors_time_c13=... shared_authors_time_c200=... shared_authors_src_time_c13=...
+shared_authors_src_time_c200=... shared_onednn_gain_c13=... shared_onednn_gain_c200=...
+shared_fused_gain_c13=... shared_fused_gain_c200=...``
 (dense = the fused-attention reference; ``rank8_cost`` to ``authors_mem`` are ratios to the ``less`` row at
 C = 200 and ``authors_*_c13`` at C = 13, ``authors_vs_compiled`` the ``authors`` time over the
 ``less-compiled`` time, ``authors_src_*`` the ``authors-src`` row over the ``less`` row: above 1, gfm is
-the cheaper; ``onednn_gain_*`` the ``less-mkl`` time over the ``less`` time; ``shared_*`` the same
+the cheaper; ``onednn_gain_*`` the ``less-mkl`` time over the ``less`` time; ``fused_gain_*`` and
+``fused_mem_*`` the ``less-ref`` time and peak over the ``less`` ones; ``shared_*`` the same
 ratios of the ``shared s`` medians; ``nan`` for rows or sizes not run).
 """
 
@@ -88,6 +92,7 @@ ROWS: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
     ("less-compiled", "less_vit_tiny", "auto", {"perception_radius_m": 0.0, "compiled": True}),
     ("authors-src", "less_vit_tiny", "auto", {"perception_radius_m": 0.0, "authors_src": True}),
     ("less-mkl", "less_vit_tiny", "auto", {"perception_radius_m": 0.0, "onednn": False}),
+    ("less-ref", "less_vit_tiny", "auto", {"perception_radius_m": 0.0, "fused": False}),
 )
 #: rows run unless ``--rows`` says otherwise (compiling every configuration takes minutes on a CPU)
 OPT_IN_ROWS = ("less-compiled", "authors-src", "less-mkl")
@@ -121,14 +126,17 @@ class _Configuration:
     compiled: bool
     onednn: bool
     sdpa: str
+    fast: bool
 
     def run(self) -> None:
-        """One step with the row's own settings (oneDNN on or off, attention backend)."""
+        """One step with the row's own settings (oneDNN on or off, attention backend, fast paths or reference)."""
         import torch
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
+        from gfm.model import fused
+
         torch.backends.mkldnn.enabled = self.onednn  # type: ignore[assignment]  # a ContextProp
-        with sdpa_kernel(SDPBackend.MATH) if self.sdpa == "math" else _nullcontext():
+        with sdpa_kernel(SDPBackend.MATH) if self.sdpa == "math" else _nullcontext(), fused.use_fused(self.fast):
             self.step()
 
 
@@ -144,6 +152,7 @@ def _configuration(args: argparse.Namespace, model_name: str, sdpa: str, kwargs:
     compiled = bool(kwargs.pop("compiled", False))
     source = bool(kwargs.pop("authors_src", False))
     onednn = bool(kwargs.pop("onednn", True))
+    fast = bool(kwargs.pop("fused", True))
     model = cast(LESSViT, create_model(model_name, depth=args.depth, patch_size=8, **kwargs))
     B, C, S = args.batch_size, args.channels, 64
     flops = model.flops(B, C, S)  # gfm's count, taken before the authors' blocks replace gfm's
@@ -163,7 +172,7 @@ def _configuration(args: argparse.Namespace, model_name: str, sdpa: str, kwargs:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    return _Configuration(step, flops, device, compiled, onednn, sdpa)
+    return _Configuration(step, flops, device, compiled, onednn, sdpa, fast)
 
 
 def _enough(times: list[float], args: argparse.Namespace) -> bool:
@@ -436,7 +445,11 @@ def main(argv: list[str] | None = None) -> None:
             keys[f"authors_src_{key}_c{c}"] = ratio("authors-src", "less", c, field)
     for c in (13, 200):
         keys[f"onednn_gain_c{c}"] = ratio("less-mkl", "less", c, "time_s")
-    for row, key in (("authors", "authors_time"), ("authors-src", "authors_src_time"), ("less-mkl", "onednn_gain")):
+    for c in (4, 13, 200):
+        keys[f"fused_gain_c{c}"] = ratio("less-ref", "less", c, "time_s")
+        keys[f"fused_mem_c{c}"] = ratio("less-ref", "less", c, "peak_mb")
+    for row, key in (("authors", "authors_time"), ("authors-src", "authors_src_time"), ("less-mkl", "onednn_gain"),
+                     ("less-ref", "fused_gain")):
         for c in (13, 200):
             keys[f"shared_{key}_c{c}"] = _ratio(shared.get((row, c), math.nan), shared.get(("less", c), math.nan))
     print("RESULT " + " ".join(f"{k}={v:.2f}" for k, v in keys.items()))

@@ -69,16 +69,16 @@ def per_sample_paths(enabled: bool) -> Iterator[None]:
     if not enabled:
         yield
         return
-    from gfm.model import attention
+    from gfm.model import fused
     from gfm.model.embed import SpectralPatchEmbed
 
-    threshold, slot_weights = attention._BATCHED_GRID_ELEMENTS, SpectralPatchEmbed.slot_weights
-    attention._BATCHED_GRID_ELEMENTS = 0
+    threshold, slot_weights = fused._BATCHED_GRID_ELEMENTS, SpectralPatchEmbed.slot_weights
+    fused._BATCHED_GRID_ELEMENTS = 0
     SpectralPatchEmbed.slot_weights = SpectralPatchEmbed.weights  # type: ignore[method-assign]
     try:
         yield
     finally:
-        attention._BATCHED_GRID_ELEMENTS, SpectralPatchEmbed.slot_weights = threshold, slot_weights  # type: ignore[method-assign]
+        fused._BATCHED_GRID_ELEMENTS, SpectralPatchEmbed.slot_weights = threshold, slot_weights  # type: ignore[method-assign]
 
 
 def main(argv: list[str] | None = None) -> int:

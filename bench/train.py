@@ -13,11 +13,14 @@ Rows:
 - ``less 1 rank`` / ``less 2 ranks``: HyperMAE on LESS ViT-Tiny; scaling = 2-rank samples/s ÷ (2 × 1-rank);
 - ``dense 1 rank``: the same HyperMAE with the dense joint-attention reference encoder;
 - ``less compiled``: ``less 1 rank`` with ``engine.compile=true`` (each LESS block compiled by
-  inductor; the compile happens in the first logging window, which is not timed).
+  inductor; the compile happens in the first logging window, which is not timed);
+- ``less reference``: ``less 1 rank`` on the reference path of :mod:`gfm.model.attention` (``GFM_FUSED=0``:
+  the CPU fast paths of :mod:`gfm.model.fused` off; what CUDA runs).
 
 Run: ``python -m bench.train`` (``--steps``, ``--precision``, ``--tile``, ``--rows``). The last line is
 ``RESULT flop_util=<tiny, 1 rank> scaling_2=<2-rank samples/s ÷ (2 × 1-rank)>
-compiled_speedup=<less compiled ÷ less 1 rank samples/s>``.
+compiled_speedup=<less compiled ÷ less 1 rank samples/s> fused_speedup=<less 1 rank ÷ less reference samples/s>``.
+FLOP utilisation counts the model's FLOPs (the reference path's) whichever path runs.
 """
 
 from __future__ import annotations
@@ -61,16 +64,18 @@ def worker(argv: list[str]) -> int:
     return run_guarded(cfg, model=model, prog="bench.train")
 
 
-#: (row, attention, ranks, extra config overrides)
-ROWS: tuple[tuple[str, str, int, tuple[str, ...]], ...] = (
-    ("less 1 rank", "less", 1, ()),
-    ("less 2 ranks", "less", 2, ()),
-    ("dense 1 rank", "dense", 1, ()),
-    ("less compiled", "less", 1, ("engine.compile=true",)),
+#: (row, attention, ranks, extra config overrides, extra environment)
+ROWS: tuple[tuple[str, str, int, tuple[str, ...], dict[str, str]], ...] = (
+    ("less 1 rank", "less", 1, (), {}),
+    ("less 2 ranks", "less", 2, (), {}),
+    ("dense 1 rank", "dense", 1, (), {}),
+    ("less compiled", "less", 1, ("engine.compile=true",), {}),
+    ("less reference", "less", 1, (), {"GFM_FUSED": "0"}),
 )
 
 
-def measure(args: argparse.Namespace, attention: str, nproc: int, extra: tuple[str, ...] = ()) -> dict[str, float]:
+def measure(args: argparse.Namespace, attention: str, nproc: int, extra: tuple[str, ...] = (),
+            environ: dict[str, str] | None = None) -> dict[str, float]:
     """Run one configuration in fresh processes; its mean throughput and FLOP utilisation after warm-up."""
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         run_dir = Path(tmp) / "run"
@@ -80,7 +85,7 @@ def measure(args: argparse.Namespace, attention: str, nproc: int, extra: tuple[s
         else:
             torchrun = str(Path(sys.executable).with_name("torchrun"))
             cmd = [torchrun, "--standalone", f"--nproc_per_node={nproc}", *cmd_args]
-        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads_per_rank), PYTHONPATH=str(REPO))
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads_per_rank), PYTHONPATH=str(REPO), **(environ or {}))
         proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=args.timeout)
         if proc.returncode != 0:
             raise RuntimeError(f"{attention} × {nproc} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
@@ -118,9 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--rows: unknown {sorted(unknown)} (known: {', '.join(r[0] for r in ROWS)})")
     load_before = os.getloadavg()[0]
     results = {}
-    for name, attention, nproc, extra in ROWS:
+    for name, attention, nproc, extra, environ in ROWS:
         if name in wanted:
-            results[name] = r = measure(args, attention, nproc, extra)
+            results[name] = r = measure(args, attention, nproc, extra, environ)
             print(f"  {name}: {r['samples_per_s']:.2f} samples/s", file=sys.stderr, flush=True)
 
     nan = {"samples_per_s": math.nan, "flop_util": math.nan}
@@ -135,8 +140,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['peak'] / 1e9:>18.1f} {r['flop_util']:>10.3f}")
     ratio = one["samples_per_s"] / results.get("dense 1 rank", nan)["samples_per_s"]
     compiled = results.get("less compiled", nan)["samples_per_s"] / one["samples_per_s"]
-    print(f"scaling 2 ranks: {scaling:.2f}; LESS / dense samples/s: {ratio:.2f}; compiled / eager: {compiled:.2f}")
-    print(f"RESULT flop_util={one['flop_util']:.4f} scaling_2={scaling:.3f} compiled_speedup={compiled:.3f}")
+    fast = one["samples_per_s"] / results.get("less reference", nan)["samples_per_s"]
+    print(f"scaling 2 ranks: {scaling:.2f}; LESS / dense samples/s: {ratio:.2f}; compiled / eager: {compiled:.2f}; "
+          f"fast paths / reference: {fast:.2f}")
+    print(f"RESULT flop_util={one['flop_util']:.4f} scaling_2={scaling:.3f} compiled_speedup={compiled:.3f} "
+          f"fused_speedup={fast:.3f}")
     return 0
 
 

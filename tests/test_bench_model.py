@@ -99,3 +99,13 @@ def test_rounds_keep_the_best_time_and_the_largest_peak() -> None:
     assert bench_model._merge(bench_model._merge(None, a), b) == {"status": "ok", "time_s": 1.5, "peak_mb": 12.0}
     assert bench_model._merge(a, {"status": "OOM"})["status"] == "OOM"
     assert bench_model._merge({"status": "TIMEOUT"}, a)["status"] == "TIMEOUT"
+
+
+def test_paths_bench_times_both_paths(capsys: pytest.CaptureFixture[str]) -> None:
+    """``bench.paths`` smoke: both paths timed on two small grids, one RESULT key per grid."""
+    from bench import paths
+
+    assert paths.main(["--grids", "16:3:2,2:5:9", "--steps", "1"]) == 0
+    out = capsys.readouterr().out
+    result = dict(kv.split("=") for kv in out.strip().splitlines()[-1].removeprefix("RESULT ").split())
+    assert set(result) == {"ref_over_fast_3x2", "ref_over_fast_5x9"} and all(float(v) > 0 for v in result.values())

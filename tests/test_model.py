@@ -22,6 +22,7 @@ from gfm.model import (
     SegmentationHead,
     UPerHead,
     create_model,
+    fused,
     list_models,
 )
 from gfm.model.attention import (
@@ -707,7 +708,8 @@ def test_flops_match_counter(builder):
     B, C, H = 2, 7, 24
     batch = make_batch(B=B, C=C, H=H, W=H)
     batch.valid[:, 1, :8, :8] = False  # masks on: their cost is elementwise, as counted
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad(), \
+                fused.use_fused(False):
         model(batch)  # the math backend shows attention to the counter
     measured = counter.get_total_flops()
     assert abs(model.flops(B, C, H) - measured) / measured < 1e-3
@@ -786,7 +788,8 @@ def test_spectral_patch_embedding_trains_in_every_model_and_counts_its_flops():
     plain = make_batch(B=2, C=7, H=24, W=24)
     for model in (tiny_encoder(patch_embed="spectral", spectral_patch=3).eval(),
                   tiny_mae(patch_embed="spectral", spectral_patch=3).eval()):
-        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad(), \
+                fused.use_fused(False):
             model(plain)
         measured = counter.get_total_flops()
         assert abs(model.flops(2, 7, 24) - measured) / measured < 1e-3
