@@ -12,9 +12,22 @@ its own time box (a part that fails, hangs or runs out of memory records its err
   MFU = analytic training FLOPs (3 × forward) per second ÷ that peak;
 - ``less_vs_dense``: forward + backward time and peak memory of LESS and of the dense joint-attention
   reference at C = 200 observations (base width, 4 blocks);
+- ``agreement``: one LESS encoder (tiny width, the same seeded weights and batch) forward + backward on
+  the CPU's reference path in fp32 against every other way gfm runs it here: the CPU fast paths
+  (:mod:`gfm.model.fused`), CPU bf16 autocast, and on a GPU CUDA fp32 and bf16 autocast; max absolute and
+  relative (to the reference's largest magnitude) differences of the output grid and of all gradients;
 - ``loader``: synthetic 13-band shards written by ``gfm.shards.build`` into a temporary directory, then
   the shard loader with one worker per CPU core delivering batches to the GPU; samples/s against the
   rate the eager LESS-B step consumes (``loader_headroom`` > 1: the loader keeps up).
+
+Before any part, the check makes its imports work (:func:`prepare`). A lent GPU machine has CUDA
+PyTorch but not DeepSpeed, webdataset or rasterio, and no network; ``python -m bench.gpu_wheels``, run
+where a registry can be reached, gathers their wheels into :data:`WHEELS` (``bench/wheels/``, carried
+along). The check installs those of them this interpreter lacks into a scratch folder with ``pip install
+--no-index --no-deps --target``, puts it on ``PYTHONPATH`` for every part (torchrun's workers too),
+then imports every module the chosen parts need (:data:`PART_MODULES`) in a fresh process; a missing
+wheel or module stops it with one line and exit code 2 before any part has spent time. So does a missing
+CUDA device, unless ``--dry-if-no-gpu`` asks for the dry mode instead.
 
 ``--dry`` runs the same code on the CPU with tiny sizes (gloo instead of NCCL, the measured matmul
 peak instead of a datasheet one), which is what the tests run. The JSON (``--out``, default
@@ -25,20 +38,31 @@ measured; the table is printed and written beside it (``.txt``).
 from __future__ import annotations
 
 import argparse
+import hashlib
+import importlib
+import importlib.metadata
+import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+import zipfile
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+#: The wheels a GPU machine lacks, gathered by ``python -m bench.gpu_wheels`` (git-ignored, carried along).
+WHEELS = REPO / "bench" / "wheels"
+MANIFEST = "manifest.json"
+#: What to run, where a package registry can be reached, to (re)build :data:`WHEELS`.
+GATHER = ".venv/bin/python -m bench.gpu_wheels"
 
 #: Datasheet bf16 dense tensor-core peaks (FLOP/s, without sparsity), matched in order against the
 #: device name (most specific first): NVIDIA H100 / H200 / A100 product briefs.
@@ -107,7 +131,7 @@ GPU = Sizes(
     mfu_warmup=3, mfu_steps=10,
     dense_width="base", dense_depth=4, dense_batch=4, dense_channels=200, dense_tile=64,
     cube_side=2048, loader_tile=64, loader_batch=64, loader_seconds=25.0,
-    boxes={"train": 100, "mfu_eager": 60, "mfu_compiled": 150, "less_vs_dense": 60, "loader": 60},
+    boxes={"train": 100, "mfu_eager": 60, "mfu_compiled": 130, "less_vs_dense": 60, "loader": 60, "agreement": 20},
 )
 #: The same code on the CPU, sized for seconds (compiling is what takes longest); fp32 steps, since
 #: CPUs without bf16 matmul units run bf16 many times slower (and inductor compiles it slower too).
@@ -119,9 +143,21 @@ DRY = Sizes(
     mfu_tile=16, mfu_bands=4, mfu_batch=2, mfu_warmup=1, mfu_steps=2,
     dense_width="tiny", dense_depth=1, dense_batch=1, dense_channels=12, dense_tile=16,
     cube_side=128, loader_tile=16, loader_batch=8, loader_seconds=2.0, precision="fp32",
-    boxes={"train": 300, "mfu_eager": 120, "mfu_compiled": 600, "less_vs_dense": 120, "loader": 180},
+    boxes={"train": 300, "mfu_eager": 120, "mfu_compiled": 600, "less_vs_dense": 120, "loader": 180,
+           "agreement": 60},
 )
-PARTS = ("train", "mfu_eager", "mfu_compiled", "less_vs_dense", "loader")
+PARTS = ("train", "mfu_eager", "mfu_compiled", "less_vs_dense", "loader", "agreement")
+#: What each part imports, checked in a fresh process before any part runs (:func:`verify_imports`).
+PART_MODULES: dict[str, tuple[str, ...]] = {
+    "train": ("deepspeed", "pretrain.__main__", "gfm.distributed", "gfm.train.runner", "gfm.data.synthetic"),
+    "mfu_eager": ("gfm.model", "gfm.train.engine_config", "gfm.train.module", "gfm.train.flops",
+                  "gfm.data.synthetic"),
+    "mfu_compiled": ("gfm.model", "gfm.train.engine_config", "gfm.train.module", "gfm.train.flops",
+                     "gfm.data.synthetic"),
+    "less_vs_dense": ("gfm.model", "bench.model"),
+    "loader": ("rasterio", "webdataset", "gfm.shards", "gfm.data.config", "gfm.data.pipeline", "gfm.sensors"),
+    "agreement": ("gfm.model", "gfm.model.fused", "bench.model"),
+}
 #: A part whose box (or what is left of the budget) is shorter than this is skipped, not started.
 MIN_BOX_S = 5.0
 
@@ -186,15 +222,15 @@ def part_train(sizes: Sizes, work: Path) -> dict[str, Any]:
 
     run_dir = work / "train_run"
     peak = datasheet_peak(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
-    torchrun = str(Path(sys.executable).with_name("torchrun"))
-    cmd = [torchrun, "--standalone", "--nproc_per_node=1", "-m", "pretrain", f"run_dir={run_dir}",
-           f"steps={sizes.train_steps}", f"model.name={sizes.train_model}", "model.patch_size=8",
+    # torchrun as a module of this interpreter: its script need not lie beside it (a system python3)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m", "pretrain",
+           f"run_dir={run_dir}", f"steps={sizes.train_steps}", f"model.name={sizes.train_model}", "model.patch_size=8",
            "data.source=synthetic", f"data.synthetic.tile={sizes.train_tile}",
            f"data.synthetic.batch_size={sizes.train_batch}", "engine.zero_stage=1", "engine.precision=bf16",
            "schedule.warmup_steps=1", "checkpoint.every=0", "checkpoint.export=false",
            f"logging.every={max(1, sizes.train_steps // 3)}", "logging.progress=false", "logging.tensorboard=false",
            f"logging.peak_flops={peak or 0.0}"]
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=_pythonpath([REPO]))  # keeps the installed wheels' folder (prepare)
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
     out = proc.stdout + proc.stderr
     if proc.returncode != 0:
@@ -374,9 +410,42 @@ def part_loader(sizes: Sizes, work: Path) -> dict[str, Any]:
             "samples_per_s": rate}
 
 
+def part_agreement(sizes: Sizes, work: Path) -> dict[str, Any]:
+    """Differences from the CPU reference path in fp32: CPU fast paths, CPU bf16, CUDA fp32 and bf16."""
+    import torch
+
+    from bench.model import reflectance_batch
+    from gfm.model import create_model, fused
+
+    torch.manual_seed(0)
+    model = create_model("less_vit_tiny", depth=2, patch_size=8)
+    batch = reflectance_batch(2, 13, 32)
+
+    def run(device: str, fast: bool, bf16: bool) -> torch.Tensor:
+        m = model.to(device)
+        m.zero_grad(set_to_none=True)
+        with fused.use_fused(fast), torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            y = m.forward_features(batch.to(device))  # type: ignore[operator]
+        (y.float() * torch.linspace(-1, 1, y.shape[-1], device=device)).sum().backward()
+        grads = [p.grad.flatten() for p in m.parameters() if p.grad is not None]
+        return torch.cat([y.detach().float().flatten(), *grads]).double().cpu()
+
+    ref = run("cpu", False, False)
+    scale = ref.abs().max().item()
+    rows: dict[str, Any] = {}
+    ways = [("cpu fast fp32", "cpu", True, False), ("cpu bf16", "cpu", False, True)]
+    if torch.cuda.is_available():
+        ways += [("cuda fp32", "cuda", False, False), ("cuda bf16", "cuda", False, True)]
+    for name, device, fast, bf16 in ways:
+        diff = (run(device, fast, bf16) - ref).abs()
+        rows[name] = {"max_abs": diff.max().item(), "max_rel": diff.max().item() / scale,
+                      "mean_abs": diff.mean().item()}
+    return {"model": "less_vit_tiny depth 2", "batch": "2 × 13 bands × 32²", "values": ref.numel(), "rows": rows}
+
+
 PART_FUNCS: dict[str, Callable[[Sizes, Path], dict[str, Any]]] = {
     "train": part_train, "mfu_eager": part_mfu_eager, "mfu_compiled": part_mfu_compiled,
-    "less_vs_dense": part_less_vs_dense, "loader": part_loader,
+    "less_vs_dense": part_less_vs_dense, "loader": part_loader, "agreement": part_agreement,
 }
 
 
@@ -394,21 +463,257 @@ def run_part(name: str, dry: bool, result: Path) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
+# Setup: the wheels this machine lacks, installed into a scratch folder, and every import checked
+
+
+class SetupError(RuntimeError):
+    """The check cannot start (a wheel, a module or the GPU is missing); the message says which and what to run."""
+
+
+@dataclass
+class Setup:
+    """What :func:`prepare` did: the environment every part runs in and the wheels it installed.
+
+    Attributes:
+        env: the parts' environment: ``PYTHONPATH`` = ``target`` (if any), the repository, what was there.
+        target: the scratch folder the wheels went into (removed when the check ends), or None.
+        installed: ``name version`` of each wheel installed there.
+        seconds: time spent installing and checking imports.
+    """
+
+    env: dict[str, str]
+    target: Path | None
+    installed: list[str]
+    seconds: float
+
+
+def _pythonpath(first: Iterable[Path | str]) -> str:
+    """``first`` ahead of the ``PYTHONPATH`` this process was given, without repeats."""
+    paths = [str(x) for x in first] + os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    return os.pathsep.join(dict.fromkeys(x for x in paths if x))
+
+
+def _where(folder: Path) -> str:
+    return str(folder.relative_to(REPO)) if folder.is_relative_to(REPO) else str(folder)
+
+
+def _packaging() -> tuple[Any, Any]:
+    """``Requirement`` and ``canonicalize_name`` from packaging, or from the copy pip carries."""
+    for base in ("packaging", "pip._vendor.packaging"):
+        try:
+            return (importlib.import_module(f"{base}.requirements").Requirement,
+                    importlib.import_module(f"{base}.utils").canonicalize_name)
+        except ImportError:
+            continue
+    raise SetupError(f"{sys.executable} can import neither packaging nor pip, which reading {MANIFEST} needs")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_manifest(folder: Path) -> dict[str, Any] | None:
+    """``folder/manifest.json`` with every wheel it lists checked, or None when there is none.
+
+    The manifest (written by ``bench.gpu_wheels``) holds ``roots`` (the requirements to install from,
+    ``deepspeed>=0.15`` ...) and ``wheels``: rows of ``name`` (canonical), ``version``, ``file``, ``sha256``
+    and ``requires`` (that wheel's own requirements on the GPU machine, markers evaluated, extras dropped).
+    A wheel missing from ``folder`` or changed since is a :class:`SetupError` naming it and the command
+    that gathers it again.
+    """
+    path = folder / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest: dict[str, Any] = json.loads(path.read_text())
+        rows = [(str(r["name"]), str(r["file"]), str(r["sha256"]), list(r["requires"])) for r in manifest["wheels"]]
+        list(manifest["roots"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise SetupError(f"{path}: not a wheel manifest ({type(e).__name__}: {e}); gather it again with "
+                         f"`{GATHER}`") from e
+    bad = []
+    for _, file, sha256, _ in rows:
+        wheel = folder / file
+        if not wheel.is_file():
+            bad.append(f"{file} (missing)")
+        elif _sha256(wheel) != sha256:
+            bad.append(f"{file} (sha256 differs)")
+    if bad:
+        raise SetupError(f"{_where(folder)}: {len(bad)} of the {len(rows)} wheels in {MANIFEST} are not there as "
+                         f"gathered: {', '.join(bad)}; gather them with `{GATHER}` where a package registry can be "
+                         f"reached and carry {_where(folder)}/ along")
+    return manifest
+
+
+def _installed_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def plan_install(manifest: dict[str, Any],
+                 installed: Callable[[str], str | None] = _installed_version) -> list[dict[str, Any]]:
+    """The manifest's wheels that this interpreter needs, from the manifest's roots down.
+
+    Each requirement this interpreter does not already meet (``installed(name)`` gives the version it
+    has, or None) takes its wheel, and that wheel's own requirements are followed. A distribution this
+    interpreter has at a fitting version stays (its numpy, its typing-extensions), so the check measures
+    the machine's own stack; one it lacks, or has at a version that does not fit, comes from the manifest.
+    A requirement met neither way is a :class:`SetupError`.
+    """
+    Requirement, canonicalize_name = _packaging()
+    rows = {canonicalize_name(r["name"]): r for r in manifest["wheels"]}
+    chosen: dict[str, dict[str, Any]] = {}
+    todo = [(str(r), "the check") for r in manifest["roots"]]
+    while todo:
+        line, wanted_by = todo.pop(0)
+        req = Requirement(line)
+        name = canonicalize_name(req.name)
+        if name in chosen:
+            continue
+        have = installed(name)
+        if have is not None and req.specifier.contains(have, prereleases=True):
+            continue
+        if name not in rows:
+            raise SetupError(f"{wanted_by} needs {req}, which {sys.executable} "
+                             f"{'has at ' + have if have else 'lacks'} and the wheel folder does not hold")
+        chosen[name] = rows[name]
+        todo.extend((r, f"{name} {rows[name]['version']}") for r in rows[name]["requires"])
+    return sorted(chosen.values(), key=lambda r: str(r["name"]))
+
+
+def _unpack_wheel(wheel: Path, target: Path) -> None:
+    """What ``pip install --target`` does with ``wheel``, for an interpreter without pip.
+
+    Unpack it and lift ``*.data/purelib`` and ``*.data/platlib`` to the top (scripts and headers are not needed).
+    """
+    with zipfile.ZipFile(wheel) as z:
+        z.extractall(target)
+    for data in target.glob("*.data"):
+        for kind in ("purelib", "platlib"):
+            if (data / kind).is_dir():
+                shutil.copytree(data / kind, target, dirs_exist_ok=True)
+        shutil.rmtree(data)
+
+
+def install_wheels(wheels: list[Path], target: Path) -> None:
+    """``pip install --no-index --no-deps --target target`` of ``wheels`` with this interpreter.
+
+    Where the interpreter has no pip, :func:`_unpack_wheel` does it; a failure is a :class:`SetupError`
+    with pip's last lines.
+    """
+    target.mkdir(parents=True, exist_ok=True)
+    if importlib.util.find_spec("pip") is None:
+        for wheel in wheels:
+            _unpack_wheel(wheel, target)
+        return
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
+           "--disable-pip-version-check", "--target", str(target), *map(str, wheels)]
+    env = dict(os.environ, PIP_ROOT_USER_ACTION="ignore", PIP_NO_INPUT="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = " | ".join((proc.stdout + proc.stderr).strip().splitlines()[-3:])
+        raise SetupError(f"pip install --target {target} of {len(wheels)} wheel(s) exited {proc.returncode}: {tail}")
+
+
+_VERIFY = """
+import importlib, json, sys
+failed = {}
+for name in sys.argv[1:]:
+    try:
+        importlib.import_module(name)
+    except BaseException as e:  # whatever an import raises (ImportError, OSError of a shared library, ...)
+        failed[name] = (type(e).__name__ + ": " + str(e)).splitlines()[0][:300]
+print("gpu_check imports " + json.dumps(failed))
+"""
+
+
+def verify_imports(modules: Iterable[str], env: dict[str, str], timeout: float = 300.0) -> dict[str, str]:
+    """Import ``modules`` in a fresh process with ``env`` (as the parts will); the ones that fail, with why."""
+    names = list(dict.fromkeys(modules))
+    try:
+        proc = subprocess.run([sys.executable, "-c", _VERIFY, *names], env=env, cwd=REPO, capture_output=True,
+                              text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        raise SetupError(f"importing {', '.join(names)} took more than {timeout:.0f} s") from e
+    line = next((x for x in reversed(proc.stdout.splitlines()) if x.startswith("gpu_check imports ")), None)
+    if line is None:
+        tail = " | ".join((proc.stdout + proc.stderr).strip().splitlines()[-3:])
+        raise SetupError(f"importing {', '.join(names)} exited {proc.returncode} without a result: {tail}")
+    failed: dict[str, str] = json.loads(line.removeprefix("gpu_check imports "))
+    return failed
+
+
+def prepare(folder: Path, modules: Iterable[str], dry: bool = False) -> Setup:
+    """Install what this interpreter lacks from the wheel folder, then check that ``modules`` import.
+
+    Without a manifest in ``folder`` nothing is installed, which is enough where the project's ``.venv``
+    runs the check; with one, :func:`plan_install` picks the wheels and :func:`install_wheels` puts them
+    into a fresh scratch folder. Either way every module is imported in a fresh process with the parts'
+    environment before any part runs; a failure is a :class:`SetupError` naming the modules and what to do.
+    """
+    t0 = time.monotonic()
+    manifest = read_manifest(folder)
+    target: Path | None = None
+    installed: list[str] = []
+    if manifest is not None:
+        rows = plan_install(manifest)
+        if rows:
+            target = Path(tempfile.mkdtemp(prefix="gpu_check_site_"))
+            try:
+                install_wheels([folder / r["file"] for r in rows], target)
+            except BaseException:
+                shutil.rmtree(target, ignore_errors=True)
+                raise
+            installed = [f"{r['name']} {r['version']}" for r in rows]
+    env = dict(os.environ, PYTHONPATH=_pythonpath([*([target] if target else []), REPO]))
+    if dry:
+        env["CUDA_VISIBLE_DEVICES"] = ""  # the dry run is the CPU path even on a GPU machine
+    failed = verify_imports(modules, env)
+    if failed:
+        if target is not None:
+            shutil.rmtree(target, ignore_errors=True)
+        what = "; ".join(f"{m} ({why})" for m, why in failed.items())
+        if manifest is None:
+            raise SetupError(f"{_where(folder)}/{MANIFEST}: not found, and what the parts need does not import "
+                             f"here: {what}; gather the wheels with `{GATHER}` where a package registry can be "
+                             f"reached and carry {_where(folder)}/ along")
+        raise SetupError(f"what the parts need does not import after installing {len(installed)} wheel(s) from "
+                         f"{_where(folder)}: {what}")
+    return Setup(env, target, installed, time.monotonic() - t0)
+
+
+def cuda_device() -> str | None:
+    """The first CUDA device's name, or None when torch sees none."""
+    try:
+        import torch
+    except ImportError as e:
+        raise SetupError(f"{sys.executable} cannot import torch ({e}); the check measures the machine's own "
+                         "PyTorch") from e
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
+# ------------------------------------------------------------------------------------------------
 # Parent: run the parts, time-boxed, and report
 
 
-def environment() -> dict[str, Any]:
-    """Versions and the device, for the JSON header."""
+def environment(setup: Setup | None = None) -> dict[str, Any]:
+    """Versions and the device, for the JSON header (DeepSpeed's as the parts see it, wheels included)."""
     import torch
 
     env: dict[str, Any] = {"torch": torch.__version__, "cuda": torch.version.cuda, "cpus": os.cpu_count(),
                            "device": "cpu", "load_average": os.getloadavg()[0]}
-    try:
-        import deepspeed
-
-        env["deepspeed"] = deepspeed.__version__
-    except ImportError as e:
-        env["deepspeed"] = f"unavailable: {e}"
+    paths = ([str(setup.target)] if setup is not None and setup.target is not None else []) + sys.path
+    dist = next(iter(importlib.metadata.distributions(name="deepspeed", path=paths)), None)
+    env["deepspeed"] = dist.version if dist is not None else "not installed"
+    if setup is not None:
+        env["wheels_installed"] = setup.installed
+        env["setup_s"] = setup.seconds
     if torch.cuda.is_available():
         env["device"] = torch.cuda.get_device_name()
         env["gpu_memory_gb"] = torch.cuda.get_device_properties(0).total_memory / 2**30
@@ -425,8 +730,9 @@ def table(report: dict[str, Any]) -> str:
     """The report as a plain-text table (what is printed and written beside the JSON)."""
     p = report["parts"]
     env = report["environment"]
+    wheels = f", {len(env['wheels_installed'])} wheels installed" if env.get("wheels_installed") else ""
     lines = [f"gfm GPU check ({'dry, CPU' if report['dry'] else 'GPU'}): {env['device']}, torch {env['torch']}, "
-             f"deepspeed {env.get('deepspeed')}, {env['cpus']} CPUs, {report['total_s']:.0f} s"]
+             f"deepspeed {env.get('deepspeed')}{wheels}, {env['cpus']} CPUs, {report['total_s']:.0f} s"]
     lines.append(f"{'part':<15} {'status':<8} {'s':>6}  figures")
     for name in PARTS:
         r = p.get(name, {"status": "skipped"})
@@ -447,6 +753,9 @@ def table(report: dict[str, Any]) -> str:
                                  if row["status"] == "ok" else f"{model} {row['status']}")
                 figures = (f"C {r['channels']}, B {r['batch']}: " + "; ".join(cells)
                            + f"; dense/LESS time {_fmt(r['speedup'], '.2f')}, memory {_fmt(r['memory_ratio'], '.2f')}")
+            elif name == "agreement":
+                figures = "vs CPU reference fp32: " + "; ".join(
+                    f"{way} max abs {row['max_abs']:.2g} rel {row['max_rel']:.2g}" for way, row in r["rows"].items())
             elif name == "loader":
                 figures = (f"{r['workers']} workers, {r['bands']} bands {r['tile']}²: {r['samples_per_s']:.0f} "
                            f"samples/s to the device ({r['tiles_written']} tiles written in {r['build_s']:.0f} s)")
@@ -485,10 +794,18 @@ def derive(parts: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run every part (or ``--parts``) in its own time-boxed process; write the JSON and the table."""
+    """Install and check what the parts import, then run each part in its own time-boxed process.
+
+    Writes the JSON and the table. Exit 0 when every part is ok, 1 when one is not, 2 when the check cannot
+    start (one line on stderr says why: no GPU, a wheel or a module missing).
+    """
     p = argparse.ArgumentParser(prog="gfm bench gpu", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry", action="store_true", help="the same code on the CPU with tiny sizes")
+    p.add_argument("--dry-if-no-gpu", action="store_true",
+                   help="where torch sees no CUDA device, run --dry instead of stopping")
+    p.add_argument("--wheels", type=Path, default=WHEELS,
+                   help=f"wheel folder from `{GATHER}` (default: {_where(WHEELS)}); installed where needed")
     p.add_argument("--out", default="runs/gpu_check/gpu_check.json", help="JSON report (table beside it, .txt)")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")
     p.add_argument("--budget", type=float, default=None,
@@ -503,17 +820,37 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         p.error(f"--parts: unknown {unknown} (known: {', '.join(PARTS)})")
+    try:
+        if not args.dry and cuda_device() is None:
+            if not args.dry_if_no_gpu:
+                raise SetupError("no CUDA device: torch sees none here; run this on a GPU machine, or pass --dry "
+                                 "(or --dry-if-no-gpu) for the same code on the CPU at tiny sizes")
+            print("gpu check: no CUDA device; running the dry mode on the CPU (--dry-if-no-gpu)", file=sys.stderr)
+            args.dry = True
+        setup = prepare(args.wheels, [m for n in parts for m in PART_MODULES[n]], args.dry)
+    except SetupError as e:
+        print(f"gpu check: {e}", file=sys.stderr)
+        return 2
+    print(f"  setup: {len(setup.installed)} wheel(s) installed"
+          f"{f' into {setup.target}' if setup.target else ''}, imports ok ({setup.seconds:.0f} s)",
+          file=sys.stderr, flush=True)
+    try:
+        return _run(args, parts, setup)
+    finally:
+        if setup.target is not None:
+            shutil.rmtree(setup.target, ignore_errors=True)
+
+
+def _run(args: argparse.Namespace, parts: list[str], setup: Setup) -> int:
+    """The parts one after the other within the budget, the JSON after each, the table at the end."""
     sizes = DRY if args.dry else GPU
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the running part too (see _child)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     budget = args.budget if args.budget is not None else sum(sizes.boxes[n] for n in parts)
     start = time.monotonic()
-    report: dict[str, Any] = {"dry": args.dry, "environment": environment(), "sizes": asdict(sizes),
+    report: dict[str, Any] = {"dry": args.dry, "environment": environment(setup), "sizes": asdict(sizes),
                               "dense_channels": sizes.dense_channels, "parts": {}, "derived": {}, "total_s": 0.0}
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    if args.dry:
-        env["CUDA_VISIBLE_DEVICES"] = ""  # the dry run is the CPU path even on a GPU machine
     for name in parts:
         left = budget - (time.monotonic() - start)
         box = min(sizes.boxes[name], left)
@@ -521,7 +858,7 @@ def main(argv: list[str] | None = None) -> int:
         if box < MIN_BOX_S:
             result: dict[str, Any] = {"status": "skipped", "error": f"no time left in the {budget:.0f} s budget"}
         else:
-            result = _child(name, args.dry, box, env, out.parent)
+            result = _child(name, args.dry, box, setup.env, out.parent)
         result["wall_s"] = time.monotonic() - t0
         report["parts"][name] = result
         report["derived"] = derive(report["parts"])
