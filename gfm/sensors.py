@@ -36,6 +36,9 @@ KINDS: tuple[str, ...] = (
     "quality",  # quality / cloud mask band: used for validity, never an observation
 )
 KIND_CODE: dict[str, int] = {k: i for i, k in enumerate(KINDS)}
+#: Rows of the model's kind table: room for kinds added after a model was trained, so its exports keep
+#: loading. Kinds are only ever appended to :data:`KINDS` (a code never changes), at most this many.
+KIND_SLOTS = 32
 
 # Plausible centre-wavelength ranges in nanometres, per kind family.
 _OPTICAL_RANGE_NM = (300.0, 3_000.0)

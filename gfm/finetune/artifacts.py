@@ -44,6 +44,7 @@ from gfm.finetune.weights import (
     fingerprint,
     read_weights,
 )
+from gfm.model.embed import with_kind_room
 
 MANIFEST = "finetune.json"
 MANIFEST_FORMAT = 1
@@ -231,7 +232,7 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
     if not path.is_file():
         raise AdapterError(f"{path} is missing")
-    return load_file(str(path))
+    return with_kind_room(load_file(str(path)))
 
 
 def _strict(module: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:

@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from gfm.hub.base import COMPLETE, CONFIG_NAME, FORMAT, WEIGHTS_NAME, HubError, upcast
+from gfm.model.embed import with_kind_room
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -95,11 +96,14 @@ def _safetensors_metadata(path: Path) -> dict[str, str]:
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file as stored; a truncated or corrupt file is a one-line :class:`HubError`."""
+    """The tensors of a safetensors file as stored; a truncated or corrupt file is a one-line :class:`HubError`.
+
+    A kind table saved before it had room for more kinds is padded (:func:`~gfm.model.embed.with_kind_room`).
+    """
     from safetensors.torch import load_file
 
     try:
-        return load_file(str(path))
+        return with_kind_room(load_file(str(path)))
     except Exception as e:  # SafetensorError (bad header, truncated data) or OSError
         first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
         raise HubError(f"{path}: not a readable safetensors file ({first}); truncated or not written by "
@@ -239,7 +243,7 @@ def load_checkpoint_state_dict(path: Path) -> dict[str, torch.Tensor]:
     from gfm.hub.zero import ZERO12_MODEL_STATES, consolidate, load_weights_only
 
     if any(path.glob("*_optim_states.pt")):
-        return upcast(consolidate(path))
+        return with_kind_room(upcast(consolidate(path)))
     file = path / ZERO12_MODEL_STATES
     if not file.is_file():
         raise HubError(f"{path}: no {ZERO12_MODEL_STATES} and no *_optim_states.pt (is this a DeepSpeed checkpoint?)")
@@ -250,7 +254,7 @@ def load_checkpoint_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise HubError(f"{path}: a ZeRO 0 checkpoint without fp32 master weights holds only "
                        f"{next(v.dtype for v in module.values() if v.is_floating_point())} weights; export "
                        "the run's model.safetensors instead")
-    return upcast(module)
+    return with_kind_room(upcast(module))
 
 
 def load_state_dict(source: WeightsSource) -> dict[str, torch.Tensor]:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 
-from gfm.sensors import KINDS
+from gfm.sensors import KIND_SLOTS, KINDS
 
 #: Day length of the mean Gregorian year, for day-of-year and year features.
 DAYS_PER_YEAR = 365.2425
@@ -392,6 +392,43 @@ class PositionEmbed(Float64Buffers):
 # Channel and metadata
 
 
+#: the key suffix of the kind table in a state dict (:func:`with_kind_room`)
+KIND_TABLE = "kind_embed.weight"
+
+
+class KindEmbedding(nn.Embedding):
+    """The observation-kind table: :data:`~gfm.sensors.KIND_SLOTS` rows, one per kind code.
+
+    The rows of the kinds gfm knows (:data:`~gfm.sensors.KINDS`) are initialised as an ``nn.Embedding`` of
+    that many rows would be (the same random draws); the rest are zero, reserved for kinds added later: a
+    model trained before a kind existed keeps its shape, its exports keep loading strictly, and the new
+    kind adds nothing from the table until a model is trained with it.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(KIND_SLOTS, dim, _weight=torch.zeros(KIND_SLOTS, dim))
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 1.0) -> None:
+        """N(0, ``std``) for the known kinds' rows, zero for the reserved ones."""
+        with torch.no_grad():
+            self.weight.zero_()
+            nn.init.normal_(self.weight[: len(KINDS)], std=std)
+
+
+def with_kind_room(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with every kind table saved before it had room padded with zero rows to ``KIND_SLOTS``.
+
+    Models exported before the table was sized :data:`~gfm.sensors.KIND_SLOTS` hold one row per kind
+    then known (8); a zero row is what the reserved rows hold anyway. Other tensors are untouched; the
+    dict is updated in place and returned.
+    """
+    for key, table in state.items():
+        if key.endswith(KIND_TABLE) and table.ndim == 2 and table.shape[0] < KIND_SLOTS:
+            state[key] = torch.cat([table, table.new_zeros(KIND_SLOTS - table.shape[0], table.shape[1])])
+    return state
+
+
 class ChannelEmbed(Float64Buffers):
     """Embed an observation's spectral description: wavelength, bandwidth, kind → ``[B, G, D]``.
 
@@ -419,7 +456,7 @@ class ChannelEmbed(Float64Buffers):
         self.fc_bandwidth = nn.Linear(2 * num_spectral, hidden_dim, bias=False)
         self.unknown_wavelength = nn.Parameter(torch.zeros(hidden_dim))
         self.unknown_bandwidth = nn.Parameter(torch.zeros(hidden_dim))
-        self.kind_embed = nn.Embedding(len(KINDS), hidden_dim)
+        self.kind_embed = KindEmbedding(hidden_dim)
         self.act = act_layer()
         self.fc2 = nn.Linear(hidden_dim, embed_dim)
 

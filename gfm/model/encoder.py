@@ -23,6 +23,7 @@ from gfm.batch import Batch
 from gfm.model.attention import Block, GridMask, make_grid_mask
 from gfm.model.embed import (
     Descriptors,
+    KindEmbedding,
     PatchEmbed,
     PosChanEmbed,
     SpectralGroups,
@@ -424,6 +425,8 @@ def init_module_weights(module: nn.Module) -> None:
                 nn.init.ones_(m.weight)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+        elif isinstance(m, KindEmbedding):
+            m.reset_parameters(std=0.02)  # the reserved rows stay zero
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, std=0.02)
 
