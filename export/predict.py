@@ -22,7 +22,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from export.scene_args import add_model_arguments, add_scene_arguments, explain, open_scene_from, stats_from
+from export.scene_args import add_model_arguments, add_scene_arguments, explain
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -51,35 +51,26 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Predict; 0 on success, 2 with one line on stderr for a problem with the input."""
+    """Predict with :func:`gfm.predict`; 0 on success, 2 with one line on stderr for a problem with the input."""
     a = parse_args(argv)
-    from gfm.hub import HubError, input_bands
-    from gfm.infer.predict import PredictOptions, predict_scene
-    from gfm.infer.predictors import load_task_model, make_predictor
-    from gfm.infer.scenes import observation_bands
+    from gfm.hub import HubError
+    from gfm.infer.api import predict
     from gfm.outputs import OutputError, check_files
     from gfm.shards import ShardError
 
-    try:  # outputs first: a refused path costs no model load
+    try:  # outputs first, named by their flags: a refused path costs no model load
         check_files({"--out": a.out, "--probabilities": a.probabilities},
                     [*a.files, a.model, a.adapter, a.stats, a.wavelengths, a.fwhm])
-        loaded = load_task_model(a.model, a.adapter)
-        loaded.model.to(a.device)
-        predictor = make_predictor(loaded.model, loaded.info, a.window_batch, a.pixel_batch)
-        scene = open_scene_from(a)
-        config = loaded.config  # the export's statistics and band table
-        bands = input_bands(observation_bands(scene), config, stats_from(a),
-                            "drop" if a.drop_unknown_bands else "error", where=f"scene {scene.spec.id}: ")
-        for notice in scene.notices:  # once the scene is accepted: an error stays one line
-            print(notice, file=sys.stderr)
-        if bands.dropped:
-            print(f"notice: leaving out band(s) without statistics: {', '.join(bands.dropped)}", file=sys.stderr)
-        tile = a.tile or int((config.get("inputs") or {}).get("tile_size_trained") or 64)
-        opts = PredictOptions(tile=tile, overlap=a.overlap, batch_size=a.batch_size, block=a.block,
-                              probabilities=a.probabilities, region=tuple(a.region) if a.region else None,
-                              overwrite=a.overwrite, progress=not a.no_progress,
-                              device=a.device)
-        report = predict_scene(scene, predictor, bands, a.out, opts)
+        report = predict(
+            a.model, a.files, out=a.out, probabilities=a.probabilities, adapter=a.adapter, sensor=a.sensor,
+            bands=[b.strip() for b in a.bands.split(",")] if a.bands else None, wavelengths=a.wavelengths,
+            bandwidths=a.fwhm, date=a.date, gsd=a.gsd, nodata=a.nodata, cube_key=a.key, scene_id=a.scene_id,
+            resampling=a.resampling, sensors_yaml=a.sensors_yaml, stats=a.stats,
+            unknown="drop" if a.drop_unknown_bands else "error", tile=a.tile, overlap=a.overlap, block=a.block,
+            region=tuple(a.region) if a.region else None, batch_size=a.batch_size, pixel_batch=a.pixel_batch,
+            window_batch=a.window_batch, device=a.device, overwrite=a.overwrite, progress=not a.no_progress,
+            log=lambda notice: print(notice, file=sys.stderr),
+        ).report
     except (HubError, ShardError, OutputError) as e:
         print(explain("gfm predict", e), file=sys.stderr)
         return 2
