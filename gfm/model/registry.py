@@ -17,10 +17,10 @@ variant         D       depth  heads  rank  less_vit   dense_vit       hypermae
 ==============  ======  =====  =====  ====  =========  ==============  ==========
 tiny            192     12     3      1     6.2 M      5.5 M           6.8 M
 small           384     12     6      1     24.7 M     22.0 M          28.7 M
-base            768     12     12     1     98.4 M     87.6 M          128.3 M
-large           1024    24     16     1     344.9 M    306.8 M         375.0 M
-huge            1280    32     16     1     715.1 M    636.6 M         745.3 M
-paper_b (p 16)  768     12     12     8     128.9 M                    149.4 M
+base            768     12     12     1     98.4 M     87.6 M          128.4 M
+large           1024    24     16     1     344.9 M    306.8 M         375.1 M
+huge            1280    32     16     1     715.1 M    636.6 M         745.4 M
+paper_b (p 16)  768     12     12     8     129.0 M                    149.5 M
 ==============  ======  =====  =====  ====  =========  ==============  ==========
 
 LESS blocks carry ~12 % more parameters than dense ones (the summary-pooling projections). HyperMAE
@@ -207,31 +207,31 @@ def hypermae_less_small(**kw: Any) -> HyperMAE:
 
 @register_model(pretraining=True)
 def hypermae_less_base(**kw: Any) -> HyperMAE:
-    """HyperMAE on LESS ViT-Base, decoder D 512 × 8 blocks, 8 heads (128.3 M params)."""
+    """HyperMAE on LESS ViT-Base, decoder D 512 × 8 blocks, 8 heads (128.4 M params)."""
     return _hypermae("base", kw)
 
 
 @register_model(pretraining=True)
 def hypermae_less_large(**kw: Any) -> HyperMAE:
-    """HyperMAE on LESS ViT-Large, decoder D 512 × 8 blocks, 8 heads (375.0 M params)."""
+    """HyperMAE on LESS ViT-Large, decoder D 512 × 8 blocks, 8 heads (375.1 M params)."""
     return _hypermae("large", kw)
 
 
 @register_model(pretraining=True)
 def hypermae_less_huge(**kw: Any) -> HyperMAE:
-    """HyperMAE on LESS ViT-Huge, decoder D 512 × 8 blocks, 8 heads (745.3 M params)."""
+    """HyperMAE on LESS ViT-Huge, decoder D 512 × 8 blocks, 8 heads (745.4 M params)."""
     return _hypermae("huge", kw)
 
 
 @register_model
 def less_vit_paper_b(**kw: Any) -> LESSViT:
-    """The authors' launch encoder: LESS ViT-B, p 16, d_c 2, 12 heads × rank 8, 640 m field (128.9 M params)."""
+    """The authors' launch encoder: LESS ViT-B, p 16, d_c 2, 12 heads × rank 8, 640 m field (129.0 M params)."""
     return _encoder("paper_b", "less", kw)
 
 
 @register_model(pretraining=True)
 def less_paper_b(**kw: Any) -> HyperMAE:
-    """The authors' launch: :func:`less_vit_paper_b` + decoder 512 × 4, 16 heads × rank 8 (149.4 M params)."""
+    """The authors' launch: :func:`less_vit_paper_b` + decoder 512 × 4, 16 heads × rank 8 (149.5 M params)."""
     return _hypermae("paper_b", kw)
 
 
