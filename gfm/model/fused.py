@@ -341,8 +341,11 @@ def project_spatial_first(attn: _Attention, rows: int, cols: int) -> bool:
     rank. Only for a projection :func:`linear_parts` can take apart.
     """
     proj = linear_parts(attn.proj)
-    if proj is None:
-        return False
+    return proj is not None and _folding_pays(attn, proj, rows, cols)
+
+
+def _folding_pays(attn: _Attention, proj: LinearParts, rows: int, cols: int) -> bool:
+    """The comparison of :func:`project_spatial_first` for a projection already taken apart."""
     dim, r, w_c = proj.weight.shape[1], attn.rank, attn.num_heads * attn.spectral_head_dim
     return bool(r * cols * dim * dim + rows * cols * r * w_c * dim <= r * rows * cols * dim + rows * cols * dim * dim)
 
@@ -364,7 +367,6 @@ def _folded_projection(
     return torch.matmul(spectral, spatial)
 
 
-
 def project(attn: _Attention, a_c: torch.Tensor, a_s: torch.Tensor) -> torch.Tensor | None:
     """``proj`` of a ``LESSAttention``'s heads from its branch outputs, the projection folded first; or None.
 
@@ -374,10 +376,9 @@ def project(attn: _Attention, a_c: torch.Tensor, a_s: torch.Tensor) -> torch.Ten
     than kept. None when folding does not pay (:func:`project_spatial_first`) or the layer is wrapped.
     """
     rows, cols = a_c.shape[3], a_s.shape[3]
-    if not project_spatial_first(attn, rows, cols):
+    proj = linear_parts(attn.proj)  # taken apart once: for a LoRA layer it stacks the adapters' factors
+    if proj is None or not _folding_pays(attn, proj, rows, cols):
         return None
-    proj = linear_parts(attn.proj)
-    assert proj is not None
     weight = rearrange(proj.merged_weight(), "o (h i j) -> h i j o", h=attn.num_heads, i=attn.spectral_head_dim)
     spectral = rearrange(a_c, "b r h c i -> b c (r h i)") / attn.rank
     if torch.is_grad_enabled():
