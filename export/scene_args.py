@@ -69,10 +69,9 @@ def stats_from(a: argparse.Namespace) -> dict[str, dict[str, float]] | None:
     """``--stats`` as ``{"sensor/band": {"mean", "std"}}`` (with ``center_nm``/``fwhm_nm`` where the file has them)."""
     if not a.stats:
         return None
-    from gfm.hub import read_stats
+    from gfm.infer.api import stats_table
 
-    keep = ("mean", "std", "center_nm", "fwhm_nm")
-    return {k: {f: float(v[f]) for f in keep if v.get(f) is not None} for k, v in read_stats(a.stats).items()}
+    return stats_table(a.stats)
 
 
 def explain(prog: str, e: Exception) -> str:

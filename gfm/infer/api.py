@@ -200,7 +200,7 @@ def predict(
         ))
         opened = open_scene(spec, resampling=resampling)
     config = loaded.config  # the export's statistics and band table
-    matched = input_bands(observation_bands(opened), config, _stats(stats), unknown,
+    matched = input_bands(observation_bands(opened), config, stats_table(stats), unknown,
                           where=f"scene {opened.spec.id}: ")
     emit = log or _logger.info
     for notice in opened.notices:  # once the scene is accepted: an error stays one line
@@ -297,8 +297,11 @@ def _numbers(values: Sequence[float] | np.ndarray | str | Path) -> list[float]:
     return [float(v) for v in values]
 
 
-def _stats(stats: str | Path | Mapping[str, Mapping[str, Any]] | None) -> dict[str, dict[str, float]] | None:
-    """``stats`` as ``{"sensor/band": {"mean", "std"}}`` (with ``center_nm``/``fwhm_nm`` where given)."""
+def stats_table(stats: str | Path | Mapping[str, Mapping[str, Any]] | None) -> dict[str, dict[str, float]] | None:
+    """``stats`` (an ``index.json``/statistics file, or its mapping) as ``{"sensor/band": {"mean", "std"}}``.
+
+    ``center_nm``/``fwhm_nm`` are kept where given. ``gfm predict`` and ``gfm embed`` read ``--stats`` so.
+    """
     if stats is None:
         return None
     doc = read_stats(stats) if isinstance(stats, str | Path) else stats
